@@ -1,0 +1,45 @@
+//! # protocols — what edgefleet says on the wire
+//!
+//! This crate owns every type that crosses a process boundary in edgefleet, and
+//! nothing that does I/O: no sockets, no runtime, no clocks. Hub, edge node and
+//! simulator all speak through it.
+//!
+//! Where to start:
+//! - [`topic`]: the MQTT topic scheme (`edgefleet/v1/nodes/{node}/…`). No other
+//!   crate formats topic strings.
+//! - [`desired`] and [`device`]: what the hub wants a node to run: functions,
+//!   devices with their points, models, node config.
+//! - [`reported`], [`status`], [`event`]: what a node says about itself.
+//! - [`telemetry`] and [`ack`]: the data path and its cumulative acknowledgement.
+//! - [`codec`]: JSON for control-plane documents (with errors that name the
+//!   offending field), a compact columnar binary encoding for telemetry.
+//! - [`signing`]: Ed25519 signatures over desired-state documents.
+//! - [`validate`]: semantic checks whose errors name the field, e.g.
+//!   `devices[3].points[7].address: 70000 is out of range 0..=65535`.
+
+pub mod ack;
+pub mod codec;
+pub mod desired;
+pub mod device;
+pub mod event;
+pub mod reported;
+pub mod signing;
+pub mod status;
+pub mod telemetry;
+pub mod topic;
+pub mod validate;
+
+pub use ack::Ack;
+pub use codec::CodecError;
+pub use desired::{DesiredState, FunctionLimits, FunctionSpec, ModelRef, NodeConfig};
+pub use device::{
+    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, Point,
+    PointAddress, PointGroup, Signal, WordOrder,
+};
+pub use event::{Event, EventKind};
+pub use reported::{Backlog, DeviceStatus, FunctionStatus, ReportedState};
+pub use signing::{SignedDesired, SigningError};
+pub use status::{NodeState, NodeStatus};
+pub use telemetry::{Quality, Sample, TelemetryBatch};
+pub use topic::{TopicKind, Topics};
+pub use validate::{FieldError, ValidationErrors};

@@ -1,0 +1,74 @@
+//! Property tests: every encoding round-trips, and no input panics a decoder.
+
+use proptest::prelude::*;
+use protocols::codec::{decode_batch, decode_json, encode_batch, encode_json};
+use protocols::signing::SigningKey;
+use protocols::*;
+
+fn arb_sample() -> impl Strategy<Value = Sample> {
+    (any::<u32>(), 0..=i64::MAX as u64, any::<f64>(), any::<u8>()).prop_map(|(point, ts_ms, value, q)| Sample {
+        point,
+        ts_ms,
+        value,
+        quality: Quality(q),
+    })
+}
+
+fn arb_batch() -> impl Strategy<Value = TelemetryBatch> {
+    ("[a-z0-9._-]{1,64}", 0..u64::MAX / 2, prop::collection::vec(arb_sample(), 0..300)).prop_map(
+        |(stream, first_seq, samples)| TelemetryBatch { stream, first_seq, samples },
+    )
+}
+
+fn same_bits(a: &TelemetryBatch, b: &TelemetryBatch) -> bool {
+    a.stream == b.stream
+        && a.first_seq == b.first_seq
+        && a.samples.len() == b.samples.len()
+        && a.samples.iter().zip(&b.samples).all(|(x, y)| {
+            x.point == y.point && x.ts_ms == y.ts_ms && x.quality == y.quality && x.value.to_bits() == y.value.to_bits()
+        })
+}
+
+proptest! {
+    #[test]
+    fn telemetry_round_trips(b in arb_batch()) {
+        let bytes = encode_batch(&b);
+        let back = decode_batch(&bytes).unwrap();
+        prop_assert!(same_bits(&b, &back));
+    }
+
+    #[test]
+    fn telemetry_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_batch(&bytes);
+    }
+
+    #[test]
+    fn truncated_telemetry_is_an_error(b in arb_batch(), cut in 1usize..64) {
+        let bytes = encode_batch(&b);
+        let cut = cut.min(bytes.len());
+        prop_assert!(decode_batch(&bytes[..bytes.len() - cut]).is_err());
+    }
+
+    #[test]
+    fn ack_and_status_round_trip(stream in "[a-z]{1,20}", seq in any::<u64>(), node in "[a-z0-9-]{1,20}", at in any::<u64>(), online in any::<bool>()) {
+        let a = Ack { stream, up_to_seq: seq };
+        prop_assert_eq!(decode_json::<Ack>("ack", &encode_json("ack", &a).unwrap()).unwrap(), a);
+        let s = NodeStatus { node, state: if online { NodeState::Online } else { NodeState::Offline }, at_ms: at };
+        prop_assert_eq!(decode_json::<NodeStatus>("status", &encode_json("status", &s).unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn tampered_signatures_are_refused(rev in 1u64..1_000_000, flip in 0usize..64) {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let d = DesiredState { node: "n".into(), revision: rev, functions: vec![], devices: vec![], models: vec![], config: NodeConfig::default() };
+        let mut signed = SignedDesired::sign(&d, &key).unwrap();
+        prop_assert_eq!(signed.verify(&key.verifying_key()).unwrap(), d);
+        let mut payload = signed.payload.into_bytes();
+        let i = flip % payload.len();
+        payload[i] ^= 0x01;
+        signed.payload = String::from_utf8_lossy(&payload).into_owned();
+        prop_assert!(signed.verify(&key.verifying_key()).is_err());
+        let other = SigningKey::from_bytes(&[4; 32]);
+        prop_assert!(signed.verify(&other.verifying_key()).is_err());
+    }
+}

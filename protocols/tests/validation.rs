@@ -1,0 +1,103 @@
+//! Bad documents get errors that name the field.
+
+use protocols::codec::decode_desired;
+
+fn doc(devices: &str) -> String {
+    format!(r#"{{"node":"n1","revision":1,"devices":{devices}}}"#)
+}
+
+fn err(json: &str) -> String {
+    decode_desired(json.as_bytes()).unwrap_err().to_string()
+}
+
+#[test]
+fn out_of_range_address_names_its_path() {
+    let points: Vec<String> = (0..8)
+        .map(|i| {
+            let addr = if i == 7 { 70_000 } else { i };
+            format!(
+                r#"{{"index":{i},"name":"p{i}","address":{{"kind":"modbus","table":"holding","address":{addr}}}}}"#
+            )
+        })
+        .collect();
+    let dev = |id: u32, pts: &str| {
+        format!(
+            r#"{{"id":"d{id}","protocol":{{"kind":"modbus-tcp","host":"h"}},"groups":[{{"name":"g","interval_ms":100,"points":[{pts}]}}]}}"#
+        )
+    };
+    let ok_points = r#"{"index":100,"name":"x","address":{"kind":"modbus","table":"coil","address":1,"data_type":"bool"}}"#;
+    let devices = format!(
+        "[{},{},{},{}]",
+        dev(0, &ok_points.replace("100", "100")),
+        dev(1, &ok_points.replace("100", "101")),
+        dev(2, &ok_points.replace("100", "102")),
+        dev(3, &points.join(","))
+    );
+    let e = err(&doc(&devices));
+    assert!(
+        e.contains("devices[3].groups[0].points[7].address.address: 70000 is out of range 0..=65535"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_field_and_wrong_type_name_their_path() {
+    let e = err(r#"{"node":"n1","revision":1,"colour":"red"}"#);
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let e = err(&doc(
+        r#"[{"id":"d","protocol":{"kind":"synthetic"},"groups":[{"name":"g","interval_ms":"fast","points":[]}]}]"#,
+    ));
+    assert!(e.contains("devices[0].groups[0].interval_ms"), "{e}");
+}
+
+#[test]
+fn semantic_errors_are_all_reported() {
+    let e = err(&doc(
+        r#"[{"id":"bad/id","protocol":{"kind":"modbus-rtu","path":"","unit":0},"groups":[{"name":"g","interval_ms":1,"points":[
+            {"index":1,"name":"a","address":{"kind":"modbus","table":"coil","address":65535,"data_type":"f32"}},
+            {"index":1,"name":"a","address":{"kind":"opc-ua","node_id":"ns=1;s=x"}}]}]}]"#,
+    ));
+    for want in [
+        "devices[0].id: \"bad/id\" contains '/'",
+        "devices[0].protocol.path: must not be empty",
+        "devices[0].protocol.unit: 0 is out of range 1..=247",
+        "devices[0].groups[0].interval_ms: 1 is out of range",
+        "devices[0].groups[0].points[0].address.address: 65535 + 2 registers of F32 runs past 65535",
+        "devices[0].groups[0].points[0].address.data_type: Coil holds single bits",
+        "devices[0].groups[0].points[1].name: duplicate point name",
+        "devices[0].groups[0].points[1].address: a opc-ua address does not fit a modbus-rtu device",
+        "devices[0].groups[0].points[1].index: point index 1 is already used by devices[0].groups[0].points[0]",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+}
+
+#[test]
+fn functions_must_reference_defined_things() {
+    let json = r#"{"node":"n1","revision":0,"functions":[{"name":"f","module_sha256":"XYZ","module_size":0,
+        "inputs":[9],"granted_devices":["nope"],"granted_models":["m"],"outputs":[],"limits":{"memory_bytes":1,"fuel_per_call":0,"deadline_ms":0}}],
+        "config":{"batch_max_samples":0}}"#;
+    let e = err(json);
+    for want in [
+        "revision: revisions start at 1",
+        "functions[0].module_sha256: \"XYZ\" is not a lower-case hex sha256",
+        "functions[0].module_size: must be greater than 0",
+        "functions[0].inputs[0]: point index 9 is not defined by any device",
+        "functions[0].granted_devices[0]: device \"nope\" is not defined",
+        "functions[0].granted_models[0]: model \"m\" is not defined",
+        "functions[0].outputs: a function needs at least one output stream",
+        "functions[0].limits.memory_bytes: 1 is out of range",
+        "functions[0].limits.fuel_per_call: must be greater than 0",
+        "functions[0].limits.deadline_ms: 0 is out of range",
+        "config.batch_max_samples: 0 is out of range 1..=100000",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+}
+
+#[test]
+fn garbage_is_an_error_not_a_panic() {
+    for bad in [&b""[..], b"null", b"[]", b"{", b"\xff\xfe", b"{\"node\":1}"] {
+        assert!(decode_desired(bad).is_err());
+    }
+}

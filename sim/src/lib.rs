@@ -1,0 +1,1 @@
+//! fleet simulator (see issue 6).

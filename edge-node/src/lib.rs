@@ -1,1 +1,3 @@
 //! edge agent.
+pub mod clock;
+pub mod drivers;

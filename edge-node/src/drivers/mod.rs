@@ -1,0 +1,1 @@
+//! Southbound device drivers (see issue 5).

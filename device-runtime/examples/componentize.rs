@@ -24,7 +24,8 @@ fn main() -> anyhow::Result<()> {
     let core = std::fs::read(input).with_context(|| format!("reading {input}"))?;
     let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("wit");
     let component = componentize(&core, &wit)?;
-    std::fs::write(PathBuf::from(output), component).with_context(|| format!("writing {output}"))?;
+    std::fs::write(PathBuf::from(output), component)
+        .with_context(|| format!("writing {output}"))?;
     Ok(())
 }
 

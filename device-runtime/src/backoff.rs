@@ -18,8 +18,8 @@ impl Default for BackoffConfig {
     fn default() -> Self {
         Self {
             initial: Duration::from_millis(500),
-            max: Duration::from_secs(300),
-            reset_after: Duration::from_secs(600),
+            max: Duration::from_mins(5),
+            reset_after: Duration::from_mins(10),
         }
     }
 }
@@ -56,10 +56,7 @@ impl Backoff {
     /// `initial * 2^(failures-1)`, capped at `max`.
     pub fn delay(&self, config: &BackoffConfig) -> Duration {
         let exp = self.failures.saturating_sub(1).min(31);
-        config
-            .initial
-            .saturating_mul(1_u32 << exp)
-            .min(config.max)
+        config.initial.saturating_mul(1_u32 << exp).min(config.max)
     }
 
     /// Records a (re)start at `now_ms`.
@@ -89,8 +86,8 @@ mod tests {
     fn cfg() -> BackoffConfig {
         BackoffConfig {
             initial: Duration::from_millis(100),
-            max: Duration::from_millis(1000),
-            reset_after: Duration::from_millis(5000),
+            max: Duration::from_secs(1),
+            reset_after: Duration::from_secs(5),
         }
     }
 

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
 
 use crate::backoff::BackoffConfig;
 use crate::error::{RuntimeError, boxed};
@@ -69,7 +71,11 @@ impl Default for RuntimeConfig {
     }
 }
 
-pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
+/// Builds the engine; also returns a handle to its compile cache (if any)
+/// for hit/miss statistics.
+pub(crate) fn build_engine(
+    config: &RuntimeConfig,
+) -> Result<(Engine, Option<Cache>), RuntimeError> {
     let mut pool = PoolingAllocationConfig::new();
     let instances = config.pool.max_instances.max(1);
     let per = config.pool.max_core_instances_per_component.max(1);
@@ -96,6 +102,7 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
         .wasm_stack_switching(false)
         .wasm_component_model_async(false);
 
+    let mut cache_handle = None;
     if let Some(dir) = &config.cache_dir {
         std::fs::create_dir_all(dir).map_err(|source| RuntimeError::CacheDir {
             path: dir.clone(),
@@ -104,9 +111,11 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
         let mut cache_config = CacheConfig::new();
         cache_config.with_directory(dir);
         let cache = Cache::new(cache_config).map_err(|e| RuntimeError::Engine(boxed(e)))?;
+        cache_handle = Some(cache.clone());
         wasm.cache(Some(cache));
     }
-    Engine::new(&wasm).map_err(|e| RuntimeError::Engine(boxed(e)))
+    let engine = Engine::new(&wasm).map_err(|e| RuntimeError::Engine(boxed(e)))?;
+    Ok((engine, cache_handle))
 }
 
 /// Background thread that advances the engine epoch every `tick`.

@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
 
-use crate::bindings::edgefleet::device::{devices, kv, log, metrics, models, output, points, types};
+use crate::Batch;
+use crate::bindings::edgefleet::device::{
+    devices, kv, log, metrics, models, output, points, types,
+};
 use crate::capability::{Capabilities, CapabilityError, RegisterKind};
 use crate::spec::FunctionSpec;
-use crate::Batch;
 
 /// Longest log message kept; longer ones are truncated.
 const MAX_LOG_BYTES: usize = 4096;
@@ -190,7 +192,9 @@ impl devices::Host for HostState {
 impl output::Host for HostState {
     fn emit(&mut self, stream: u32, samples: types::Batch) -> CapResult<()> {
         let n = samples.points.len();
-        if samples.timestamps.len() != n || samples.values.len() != n || samples.qualities.len() != n
+        if samples.timestamps.len() != n
+            || samples.values.len() != n
+            || samples.qualities.len() != n
         {
             let reason = format!(
                 "column lengths differ: points {n}, timestamps {}, values {}, qualities {}",
@@ -231,7 +235,11 @@ impl kv::Host for HostState {
         if key.len() > MAX_KV_KEY_BYTES || value.len() > MAX_KV_VALUE_BYTES {
             return Ok(Err(types::CapabilityError::TooLarge));
         }
-        Ok(self.caps.kv.put(&self.spec.name, &key, &value).map_err(to_wit))
+        Ok(self
+            .caps
+            .kv
+            .put(&self.spec.name, &key, &value)
+            .map_err(to_wit))
     }
 
     fn delete(&mut self, key: String) -> CapResult<()> {

@@ -39,19 +39,19 @@ impl Instance {
     /// Instantiates from `pre` in a fresh store and runs `init(config)`.
     pub(crate) fn start(
         pre: &DeviceFunctionPre<HostState>,
-        spec: Arc<FunctionSpec>,
-        caps: Capabilities,
+        spec: &Arc<FunctionSpec>,
+        caps: &Capabilities,
         epoch_tick: std::time::Duration,
     ) -> Result<Self, LoadError> {
         let engine = pre.engine();
-        let mut store = Store::new(engine, HostState::new(spec.clone(), caps));
+        let mut store = Store::new(engine, HostState::new(spec.clone(), caps.clone()));
         store.limiter(|state| state);
         let tick_ms = epoch_tick.as_millis().max(1);
-        let epoch_ticks =
-            u64::try_from(spec.limits.epoch_deadline.as_millis().div_ceil(tick_ms)).unwrap_or(u64::MAX);
+        let epoch_ticks = u64::try_from(spec.limits.epoch_deadline.as_millis().div_ceil(tick_ms))
+            .unwrap_or(u64::MAX);
         let epoch_ticks = epoch_ticks.max(1);
         // Instantiation can run a start function: give it the per-call budget.
-        arm(&mut store, &spec, epoch_ticks).map_err(|e| LoadError::Instantiate(boxed(e)))?;
+        arm(&mut store, spec, epoch_ticks).map_err(|e| LoadError::Instantiate(boxed(e)))?;
         let bindings = pre
             .instantiate(&mut store)
             .map_err(|e| LoadError::Instantiate(boxed(e)))?;
@@ -129,7 +129,11 @@ impl Instance {
 }
 
 /// Sets the fuel budget and epoch deadline for the next call.
-fn arm(store: &mut Store<HostState>, spec: &FunctionSpec, epoch_ticks: u64) -> wasmtime::Result<()> {
+fn arm(
+    store: &mut Store<HostState>,
+    spec: &FunctionSpec,
+    epoch_ticks: u64,
+) -> wasmtime::Result<()> {
     store.set_fuel(spec.limits.fuel_per_call.unwrap_or(u64::MAX))?;
     store.set_epoch_deadline(epoch_ticks);
     store.epoch_deadline_trap();

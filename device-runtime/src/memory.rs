@@ -113,7 +113,10 @@ impl MemoryDevices {
 
     /// Sets the register image of `device` (address 0 first).
     pub fn set_registers(&self, device: impl Into<String>, registers: Vec<u16>) {
-        let mut map = self.registers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .registers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         map.insert(device.into(), registers);
     }
 
@@ -158,7 +161,10 @@ impl DeviceReader for MemoryDevices {
             address,
             count,
         });
-        let map = self.registers.lock().unwrap_or_else(PoisonError::into_inner);
+        let map = self
+            .registers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let regs = map.get(device).ok_or(CapabilityError::NotFound)?;
         let start = usize::from(address);
         let end = start + usize::from(count);

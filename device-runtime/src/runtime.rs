@@ -10,13 +10,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Cache, Engine};
 
 use crate::Batch;
 use crate::backoff::Backoff;
-use crate::bindings::edgefleet::device::{devices, kv, log, metrics, models, output, points, types};
 use crate::bindings::DeviceFunctionPre;
+use crate::bindings::edgefleet::device::{
+    devices, kv, log, metrics, models, output, points, types,
+};
 use crate::capability::Capabilities;
 use crate::engine::{EpochTicker, RuntimeConfig, build_engine};
 use crate::error::{BoxError, CallError, LoadError, RuntimeError, boxed};
@@ -35,7 +37,7 @@ pub trait ModuleSource {
     fn module_bytes(&self, digest: &str) -> Result<Vec<u8>, BoxError>;
 }
 
-impl ModuleSource for HashMap<String, Vec<u8>> {
+impl<S: std::hash::BuildHasher> ModuleSource for HashMap<String, Vec<u8>, S> {
     fn module_bytes(&self, digest: &str) -> Result<Vec<u8>, BoxError> {
         self.get(digest)
             .cloned()
@@ -234,6 +236,7 @@ struct Slot {
 /// [`status`](Self::status).
 pub struct DeviceRuntime {
     engine: Engine,
+    cache: Option<Cache>,
     config: RuntimeConfig,
     caps: Capabilities,
     components: HashMap<String, Component>,
@@ -255,10 +258,11 @@ impl DeviceRuntime {
     /// Builds the engine (pooling allocator, fuel, epochs, optional disk
     /// cache) and starts the epoch watchdog thread.
     pub fn new(config: RuntimeConfig, caps: Capabilities) -> Result<Self, RuntimeError> {
-        let engine = build_engine(&config)?;
+        let (engine, cache) = build_engine(&config)?;
         let ticker = EpochTicker::start(&engine, config.epoch_tick)?;
         Ok(Self {
             engine,
+            cache,
             config,
             caps,
             components: HashMap::new(),
@@ -275,8 +279,8 @@ impl DeviceRuntime {
 
     /// Compiled-code cache hits and misses so far (`None` without a cache).
     pub fn cache_stats(&self) -> Option<(usize, usize)> {
-        self.engine
-            .config_cache()
+        self.cache
+            .as_ref()
             .map(|c| (c.cache_hits(), c.cache_misses()))
     }
 
@@ -347,7 +351,7 @@ impl DeviceRuntime {
                         digest: spec.module_digest.clone(),
                         source,
                     };
-                    self.load_failed(spec, &err);
+                    self.load_failed(&spec.name, &spec.module_digest, &err);
                     report.failed.push((spec.name.clone(), err));
                     continue;
                 }
@@ -378,16 +382,15 @@ impl DeviceRuntime {
         bytes: &[u8],
         now_ms: u64,
     ) -> Result<Option<CallOutput>, LoadError> {
-        let result = self.start_slot(spec.clone(), bytes, now_ms);
-        let slot = match result {
+        let name = spec.name.clone();
+        let digest = spec.module_digest.clone();
+        let slot = match self.start_slot(spec, bytes, now_ms) {
             Ok(slot) => slot,
             Err(err) => {
-                self.load_failed(&spec, &err);
+                self.load_failed(&name, &digest, &err);
                 return Err(err);
             }
         };
-        let name = spec.name.clone();
-        let digest = spec.module_digest.clone();
         let old = self.functions.insert(name.clone(), slot);
         let Some(old) = old else {
             tracing::info!(function = %name, %digest, "function loaded");
@@ -403,7 +406,7 @@ impl DeviceRuntime {
             from: old.spec.module_digest.clone(),
             to: digest,
         });
-        Ok(self.flush_slot(old))
+        Ok(flush_slot(old))
     }
 
     /// Flushes and drops function `name`. Returns its flush output.
@@ -414,7 +417,7 @@ impl DeviceRuntime {
             function: name.to_owned(),
             digest: slot.spec.module_digest.clone(),
         });
-        self.flush_slot(slot)
+        flush_slot(slot)
     }
 
     /// Runs `batch` through function `name`.
@@ -510,7 +513,7 @@ impl DeviceRuntime {
         let component = self.compile(&spec.module_digest, bytes)?;
         let pre = self.link(&spec, &component)?;
         let spec = Arc::new(spec);
-        let instance = Instance::start(&pre, spec.clone(), self.caps.clone(), self.config.epoch_tick)?;
+        let instance = Instance::start(&pre, &spec, &self.caps, self.config.epoch_tick)?;
         let mut backoff = Backoff::default();
         backoff.on_start(now_ms);
         Ok(Slot {
@@ -569,27 +572,14 @@ impl DeviceRuntime {
         DeviceFunctionPre::new(instance_pre).map_err(link)
     }
 
-    fn load_failed(&mut self, spec: &FunctionSpec, err: &LoadError) {
+    fn load_failed(&mut self, name: &str, digest: &str, err: &LoadError) {
         let error = render(err);
-        tracing::warn!(function = %spec.name, digest = %spec.module_digest, %error, "function load failed");
+        tracing::warn!(function = %name, %digest, %error, "function load failed");
         self.events.push(RuntimeEvent::LoadFailed {
-            function: spec.name.clone(),
-            digest: spec.module_digest.clone(),
+            function: name.to_owned(),
+            digest: digest.to_owned(),
             error,
         });
-    }
-
-    fn flush_slot(&mut self, mut slot: Slot) -> Option<CallOutput> {
-        let SlotState::Running(instance) = &mut slot.state else {
-            return None;
-        };
-        match instance.flush() {
-            Ok(emitted) => Some(to_output(&slot.spec, emitted)),
-            Err(err) => {
-                tracing::warn!(function = %slot.spec.name, error = %render(&err), "flush failed");
-                None
-            }
-        }
     }
 
     /// Restarts `name` if it is due; errors if it is unknown or not due.
@@ -608,7 +598,7 @@ impl DeviceRuntime {
                 attempt: slot.backoff.failures(),
             });
         }
-        match Instance::start(&slot.pre, slot.spec.clone(), self.caps.clone(), self.config.epoch_tick) {
+        match Instance::start(&slot.pre, &slot.spec, &self.caps, self.config.epoch_tick) {
             Ok(instance) => {
                 slot.state = SlotState::Running(Box::new(instance));
                 slot.restarts += 1;
@@ -701,6 +691,19 @@ impl DeviceRuntime {
     }
 }
 
+fn flush_slot(mut slot: Slot) -> Option<CallOutput> {
+    let SlotState::Running(instance) = &mut slot.state else {
+        return None;
+    };
+    match instance.flush() {
+        Ok(emitted) => Some(to_output(&slot.spec, emitted)),
+        Err(err) => {
+            tracing::warn!(function = %slot.spec.name, error = %render(&err), "flush failed");
+            None
+        }
+    }
+}
+
 fn to_output(spec: &FunctionSpec, emitted: Emitted) -> CallOutput {
     let streams = spec
         .outputs
@@ -746,7 +749,9 @@ fn check_component_header(bytes: &[u8]) -> Result<(), LoadError> {
                 Ok(())
             }
         }
-        _ => Err(LoadError::Malformed("not a WebAssembly binary (bad magic)".into())),
+        _ => Err(LoadError::Malformed(
+            "not a WebAssembly binary (bad magic)".into(),
+        )),
     }
 }
 

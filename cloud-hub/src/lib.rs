@@ -1,1 +1,20 @@
-//! cloud hub.
+//! # cloud-hub — the edgefleet control plane
+//!
+//! Owns the fleet's desired state and what comes back from the edge: the node
+//! registry ([`registry`]), signing ([`keys`]), the telemetry sink with dedup
+//! and cumulative acks ([`sink`]), the REST API ([`api`]) and, in standalone
+//! mode, an embedded MQTT broker ([`broker`]).
+//!
+//! Start at [`app::App::start`]; configuration is [`config::HubConfig`].
+
+pub mod api;
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod registry;
+pub mod sink;
+
+pub use app::{App, Hub, HubError};
+pub use config::HubConfig;

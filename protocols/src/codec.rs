@@ -6,7 +6,7 @@
 //!
 //! # Telemetry wire format (version 1)
 //! One version byte `0x01`, then a [postcard] encoding of a columnar batch:
-//! stream, first sequence number, sample count, point indexes and timestamps
+//! stream, first sequence number, distance from the floor, sample count, point indexes and timestamps
 //! as zig-zag varint deltas from the previous sample, qualities run-length
 //! encoded, values as raw little-endian f64. Typical batches cost 10–12 bytes
 //! per sample; see `BENCHMARKS.md`.
@@ -98,6 +98,8 @@ pub fn decode_desired(bytes: &[u8]) -> Result<DesiredState, CodecError> {
 struct WireBatch<'a> {
     stream: &'a str,
     first_seq: u64,
+    /// `first_seq - floor_seq` (never negative)
+    floor_gap: u64,
     count: u32,
     /// zig-zag delta from the previous point index (first from 0)
     point_deltas: Vec<i64>,
@@ -133,6 +135,7 @@ pub fn encode_batch(batch: &TelemetryBatch) -> Vec<u8> {
     let wire = WireBatch {
         stream: &batch.stream,
         first_seq: batch.first_seq,
+        floor_gap: batch.first_seq.saturating_sub(batch.floor_seq),
         count: u32::try_from(n).unwrap_or(u32::MAX),
         point_deltas,
         ts_deltas,
@@ -210,6 +213,12 @@ pub fn decode_batch(bytes: &[u8]) -> Result<TelemetryBatch, CodecError> {
     Ok(TelemetryBatch {
         stream: wire.stream.to_owned(),
         first_seq: wire.first_seq,
+        floor_seq: wire.first_seq.checked_sub(wire.floor_gap).ok_or_else(|| {
+            CodecError::TelemetryShape(format!(
+                "floor gap {} is larger than first_seq {}",
+                wire.floor_gap, wire.first_seq
+            ))
+        })?,
         samples,
     })
 }

@@ -33,7 +33,7 @@ pub use ack::Ack;
 pub use codec::CodecError;
 pub use desired::{DesiredState, FunctionLimits, FunctionSpec, ModelRef, NodeConfig};
 pub use device::{
-    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, Point,
+    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, OpcUaSecurity, Point,
     PointAddress, PointGroup, Signal, WordOrder,
 };
 pub use event::{Event, EventKind};

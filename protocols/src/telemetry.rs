@@ -4,6 +4,7 @@
 //! - Sequence numbers are per (node, stream), start at 1 and have no gaps: sample
 //!   `i` of a batch has sequence number `first_seq + i`.
 //! - A batch never spans streams.
+//! - `floor_seq <= first_seq`; the floor never decreases for a stream.
 //! - The hub acknowledges cumulatively ([`crate::Ack`]); the edge deletes a
 //!   sample only once an ack covers its sequence number.
 
@@ -66,6 +67,11 @@ pub struct TelemetryBatch {
     pub stream: String,
     /// Sequence number of `samples[0]`.
     pub first_seq: u64,
+    /// Every sequence number below `floor_seq` that the hub has not received
+    /// was dropped by the edge's overflow policy and will never be sent; the
+    /// hub counts those as known drops and moves its watermark past them.
+    /// Always `<= first_seq`.
+    pub floor_seq: u64,
     /// The samples, in sequence order.
     pub samples: Vec<Sample>,
 }

@@ -156,6 +156,7 @@ fn sample_batch() -> TelemetryBatch {
     TelemetryBatch {
         stream: "filtered".into(),
         first_seq: 1_000,
+        floor_seq: 990,
         samples: (0..10)
             .map(|i| Sample {
                 point: 1 + (i % 3),

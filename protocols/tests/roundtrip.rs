@@ -15,14 +15,15 @@ fn arb_sample() -> impl Strategy<Value = Sample> {
 }
 
 fn arb_batch() -> impl Strategy<Value = TelemetryBatch> {
-    ("[a-z0-9._-]{1,64}", 0..u64::MAX / 2, prop::collection::vec(arb_sample(), 0..300)).prop_map(
-        |(stream, first_seq, samples)| TelemetryBatch { stream, first_seq, samples },
+    ("[a-z0-9._-]{1,64}", 0..u64::MAX / 2, any::<u64>(), prop::collection::vec(arb_sample(), 0..300)).prop_map(
+        |(stream, first_seq, floor, samples)| TelemetryBatch { stream, first_seq, floor_seq: floor % (first_seq + 1), samples },
     )
 }
 
 fn same_bits(a: &TelemetryBatch, b: &TelemetryBatch) -> bool {
     a.stream == b.stream
         && a.first_seq == b.first_seq
+        && a.floor_seq == b.floor_seq
         && a.samples.len() == b.samples.len()
         && a.samples.iter().zip(&b.samples).all(|(x, y)| {
             x.point == y.point && x.ts_ms == y.ts_ms && x.quality == y.quality && x.value.to_bits() == y.value.to_bits()

@@ -1,0 +1,226 @@
+//! Hub configuration: typed, documented, with defaults.
+//!
+//! Layering: defaults < TOML file < environment (`EDGEFLEET_HUB_…`) < flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use protocols::validate::{Collector, Path, ValidationErrors, check_name};
+use serde::{Deserialize, Serialize};
+
+/// Everything the hub needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Directory of the registry database, signing key and sink.
+    pub data_dir: PathBuf,
+    /// Address of the REST API.
+    pub http_listen: SocketAddr,
+    /// MQTT topic root shared with the edge nodes.
+    pub topic_root: String,
+    /// Embedded broker (standalone mode). When `None`, connect to `mqtt`.
+    pub embedded_broker: Option<EmbeddedBroker>,
+    /// External broker connection (ignored when the broker is embedded).
+    pub mqtt: MqttConfig,
+    /// Acks are coalesced: at most one per stream per interval, after a flush.
+    #[serde(with = "humantime_serde")]
+    pub ack_interval: Duration,
+    /// When set, telemetry is consumed through the shared subscription group
+    /// `$share/{group}/…` so several hub replicas split the load.
+    pub shared_group: Option<String>,
+    /// sled page cache in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data/hub"),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            topic_root: protocols::Topics::DEFAULT_ROOT.into(),
+            embedded_broker: Some(EmbeddedBroker::default()),
+            mqtt: MqttConfig::default(),
+            ack_interval: Duration::from_millis(200),
+            shared_group: None,
+            cache_capacity_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// The embedded rumqttd broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedBroker {
+    /// MQTT listen address.
+    pub listen: SocketAddr,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+}
+
+impl Default for EmbeddedBroker {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 20_000,
+        }
+    }
+}
+
+/// External broker connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id; fixed so the session persists.
+    pub client_id: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "cloud-hub".into(),
+        }
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not fit the schema (the message names the field).
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment variable has a bad value.
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        /// Variable.
+        name: String,
+        /// Value.
+        value: String,
+        /// Problem.
+        reason: String,
+    },
+    /// Values parse but are invalid.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] ValidationErrors),
+}
+
+impl HubConfig {
+    /// Loads defaults < file < environment (through `env`, so tests need not
+    /// touch the process environment).
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg: Self = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            None => Self::default(),
+        };
+        let addr = |name: &str, v: String| {
+            v.parse::<SocketAddr>().map_err(|e| ConfigError::Env {
+                name: name.into(),
+                value: v.clone(),
+                reason: e.to_string(),
+            })
+        };
+        if let Some(v) = env("EDGEFLEET_HUB_DATA_DIR") {
+            cfg.data_dir = v.into();
+        }
+        if let Some(v) = env("EDGEFLEET_HUB_HTTP_LISTEN") {
+            cfg.http_listen = addr("EDGEFLEET_HUB_HTTP_LISTEN", v)?;
+        }
+        if let Some(v) = env("EDGEFLEET_HUB_MQTT_LISTEN") {
+            let listen = addr("EDGEFLEET_HUB_MQTT_LISTEN", v)?;
+            cfg.embedded_broker.get_or_insert_with(EmbeddedBroker::default).listen = listen;
+        }
+        if let Some(v) = env("EDGEFLEET_TOPIC_ROOT") {
+            cfg.topic_root = v;
+        }
+        Ok(cfg)
+    }
+
+    /// Every problem, each naming its field.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut c = Collector::new();
+        let root = Path::Root;
+        if self.data_dir.as_os_str().is_empty() {
+            c.push(&root.field("data_dir"), "must not be empty");
+        }
+        if self.topic_root.is_empty() || self.topic_root.contains(['+', '#']) {
+            c.push(&root.field("topic_root"), format!("{:?} must be non-empty and free of + and #", self.topic_root));
+        }
+        if self.ack_interval.is_zero() || self.ack_interval > Duration::from_secs(10) {
+            c.push(&root.field("ack_interval"), "must be between 1ms and 10s");
+        }
+        if let Some(g) = &self.shared_group {
+            check_name(&mut c, &root.field("shared_group"), g);
+        }
+        let m = root.field("mqtt");
+        check_name(&mut c, &m.field("client_id"), &self.mqtt.client_id);
+        if self.embedded_broker.is_none() && self.mqtt.port == 0 {
+            c.push(&m.field("port"), "0 is not a usable port");
+        }
+        if let Some(b) = &self.embedded_broker {
+            if b.max_connections == 0 {
+                c.push(&root.field("embedded_broker").field("max_connections"), "must be greater than 0");
+            }
+        }
+        if self.cache_capacity_bytes < 1024 * 1024 {
+            c.push(&root.field("cache_capacity_bytes"), "must be at least 1048576");
+        }
+        c.finish()
+    }
+
+    /// Where the hub's MQTT client connects.
+    pub fn broker_address(&self) -> (String, u16) {
+        match &self.embedded_broker {
+            Some(b) => (b.listen.ip().to_string(), b.listen.port()),
+            None => (self.mqtt.host.clone(), self.mqtt.port),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_unknown_fields_are_named() {
+        HubConfig::default().validate().unwrap();
+        let e = toml::from_str::<HubConfig>("http_listn = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("unknown field `http_listn`"), "{e}");
+        let e = HubConfig::load(None, |k| (k == "EDGEFLEET_HUB_HTTP_LISTEN").then(|| "nope".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("EDGEFLEET_HUB_HTTP_LISTEN"), "{e}");
+    }
+}

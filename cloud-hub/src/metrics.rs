@@ -1,0 +1,87 @@
+//! The hub's counters, in one place, rendered as Prometheus text at `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use serde::Serialize;
+
+/// Telemetry counters of one node (in memory; stream watermarks are durable).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeTelemetry {
+    /// Batches received.
+    pub batches: u64,
+    /// New samples stored.
+    pub samples: u64,
+    /// Duplicate samples dropped.
+    pub duplicates: u64,
+    /// Payloads that did not decode.
+    pub bad_payloads: u64,
+}
+
+/// Hub-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Messages on topics the hub does not handle.
+    pub unexpected_messages: AtomicU64,
+    /// Reported/status/event documents that did not decode.
+    pub bad_documents: AtomicU64,
+    /// Acks published.
+    pub acks_published: AtomicU64,
+    /// Desired documents published.
+    pub desired_published: AtomicU64,
+    /// Events received.
+    pub events: AtomicU64,
+    nodes: Mutex<BTreeMap<String, NodeTelemetry>>,
+}
+
+impl Metrics {
+    /// Increments a hub-wide counter.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Updates one node's telemetry counters.
+    pub fn node(&self, node: &str, f: impl FnOnce(&mut NodeTelemetry)) {
+        let mut m = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        f(m.entry(node.to_owned()).or_default());
+    }
+
+    /// One node's telemetry counters.
+    pub fn node_telemetry(&self, node: &str) -> NodeTelemetry {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        for (name, c) in [
+            ("edgefleet_hub_unexpected_messages_total", &self.unexpected_messages),
+            ("edgefleet_hub_bad_documents_total", &self.bad_documents),
+            ("edgefleet_hub_acks_published_total", &self.acks_published),
+            ("edgefleet_hub_desired_published_total", &self.desired_published),
+            ("edgefleet_hub_events_total", &self.events),
+        ] {
+            let _ = writeln!(s, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+        }
+        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        for (metric, get) in [
+            ("edgefleet_hub_telemetry_batches_total", (|t: &NodeTelemetry| t.batches) as fn(&NodeTelemetry) -> u64),
+            ("edgefleet_hub_telemetry_samples_total", |t| t.samples),
+            ("edgefleet_hub_telemetry_duplicates_total", |t| t.duplicates),
+            ("edgefleet_hub_telemetry_bad_payloads_total", |t| t.bad_payloads),
+        ] {
+            let _ = writeln!(s, "# TYPE {metric} counter");
+            for (node, t) in nodes.iter() {
+                let _ = writeln!(s, "{metric}{{node=\"{node}\"}} {}", get(t));
+            }
+        }
+        s
+    }
+}

@@ -1,0 +1,396 @@
+//! Agent configuration: typed, documented, with defaults.
+//!
+//! Layering: built-in defaults < TOML file < environment (`EDGEFLEET_…`) <
+//! command-line flags. [`EdgeConfig::validate`] returns every problem with the
+//! field that has it; the binary exits with status 64 on any.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use protocols::validate::{Collector, Path, ValidationErrors, check_name};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{OutboxLimits, OverflowPolicy, StoreConfig};
+
+/// Everything the agent needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// This node's name; also its MQTT client id unless `mqtt.client_id` is set.
+    pub node: String,
+    /// Directory of the sled database and artifacts.
+    pub data_dir: PathBuf,
+    /// Broker connection.
+    pub mqtt: MqttConfig,
+    /// Hub trust and topic scheme.
+    pub hub: HubConfig,
+    /// Outbox capacity and group commit.
+    pub outbox: OutboxConfig,
+    /// Upstream pacing.
+    pub uplink: UplinkConfig,
+    /// sled page cache in bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            node: "edge-1".into(),
+            data_dir: PathBuf::from("data/edge-1"),
+            mqtt: MqttConfig::default(),
+            hub: HubConfig::default(),
+            outbox: OutboxConfig::default(),
+            uplink: UplinkConfig::default(),
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// MQTT broker connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Client id (default: the node name). Fixed, so the session persists.
+    pub client_id: Option<String>,
+    /// Keep-alive interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// TLS; plain TCP when absent.
+    pub tls: Option<TlsConfig>,
+    /// Shortest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay (jittered exponential backoff in between).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: None,
+            keep_alive: Duration::from_secs(15),
+            tls: None,
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// TLS files (PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate(s) that sign the broker's certificate.
+    pub ca_file: PathBuf,
+    /// Client certificate for mTLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key for mTLS.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Hub trust and topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// MQTT topic root shared with the hub.
+    pub topic_root: String,
+    /// Hex Ed25519 public key of the hub. When unset the first key that signs
+    /// a desired document is pinned on disk (trust on first use) and logged.
+    pub public_key: Option<String>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            topic_root: protocols::Topics::DEFAULT_ROOT.into(),
+            public_key: None,
+        }
+    }
+}
+
+/// Outbox capacity and durability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Expected post-filter rate (samples/s), used to size the default capacity.
+    pub expected_rate: u64,
+    /// Capacity in bytes per stream; default: 48 h at `expected_rate`, 12 bytes
+    /// per sample, times 1.5 margin.
+    pub max_bytes: Option<u64>,
+    /// Samples older than this are dropped.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// `drop-oldest` (default) or `reject-new`.
+    pub policy: OverflowPolicy,
+    /// Group-commit interval: the loss window on a crash.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            expected_rate: 100,
+            max_bytes: None,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            policy: OverflowPolicy::DropOldest,
+            flush_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// Effective byte capacity per stream.
+    pub fn effective_max_bytes(&self) -> u64 {
+        self.max_bytes
+            .unwrap_or_else(|| self.expected_rate.saturating_mul(48 * 3600 * 12 * 3 / 2))
+    }
+}
+
+/// Upstream pacing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Backlog drain rate, samples/s per stream (live data is not limited).
+    pub drain_rate: u64,
+    /// Samples published but not yet acked, per stream (drain only).
+    pub max_in_flight_samples: u64,
+    /// With unacked data and no ack progress for this long, resend from the last ack.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            drain_rate: 20_000,
+            max_in_flight_samples: 100_000,
+            ack_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message names the field).
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment variable has a value of the wrong type.
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        /// Variable name.
+        name: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Values parse but are invalid.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] ValidationErrors),
+}
+
+impl EdgeConfig {
+    /// Parses TOML text (unknown fields are errors).
+    pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Loads defaults < file (if given) < environment from `env` (a lookup
+    /// function, so tests need not touch the process environment).
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Self::default(),
+        };
+        cfg.apply_env(env)?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("EDGEFLEET_NODE") {
+            self.node = v;
+        }
+        if let Some(v) = env("EDGEFLEET_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = env("EDGEFLEET_MQTT_HOST") {
+            self.mqtt.host = v;
+        }
+        if let Some(v) = env("EDGEFLEET_MQTT_PORT") {
+            self.mqtt.port = v.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                name: "EDGEFLEET_MQTT_PORT".into(),
+                value: v.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        if let Some(v) = env("EDGEFLEET_HUB_PUBLIC_KEY") {
+            self.hub.public_key = Some(v);
+        }
+        if let Some(v) = env("EDGEFLEET_TOPIC_ROOT") {
+            self.hub.topic_root = v;
+        }
+        Ok(())
+    }
+
+    /// Every problem, each naming its field.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut c = Collector::new();
+        let root = Path::Root;
+        check_name(&mut c, &root.field("node"), &self.node);
+        if self.data_dir.as_os_str().is_empty() {
+            c.push(&root.field("data_dir"), "must not be empty");
+        }
+        let m = root.field("mqtt");
+        if self.mqtt.host.trim().is_empty() {
+            c.push(&m.field("host"), "must not be empty");
+        }
+        if self.mqtt.port == 0 {
+            c.push(&m.field("port"), "0 is not a usable port");
+        }
+        if let Some(id) = &self.mqtt.client_id {
+            check_name(&mut c, &m.field("client_id"), id);
+        }
+        if self.mqtt.keep_alive < Duration::from_secs(5) {
+            c.push(&m.field("keep_alive"), "must be at least 5s (rumqttc minimum)");
+        }
+        if self.mqtt.reconnect_min.is_zero() || self.mqtt.reconnect_min > self.mqtt.reconnect_max {
+            c.push(&m.field("reconnect_min"), "must be > 0 and <= reconnect_max");
+        }
+        if let Some(tls) = &self.mqtt.tls {
+            let t = m.field("tls");
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                c.push(&t.field("key_file"), "cert_file and key_file go together");
+            }
+        }
+        let h = root.field("hub");
+        if self.hub.topic_root.is_empty() || self.hub.topic_root.contains(['+', '#']) {
+            c.push(&h.field("topic_root"), format!("{:?} must be non-empty and free of + and #", self.hub.topic_root));
+        }
+        if let Some(k) = &self.hub.public_key {
+            if protocols::signing::key_from_hex(k).is_err() {
+                c.push(&h.field("public_key"), format!("{k:?} is not 64 hex characters of an Ed25519 key"));
+            }
+        }
+        let o = root.field("outbox");
+        if self.outbox.effective_max_bytes() < 64 * 1024 {
+            c.push(&o.field("max_bytes"), "must be at least 65536");
+        }
+        if self.outbox.flush_interval.is_zero() || self.outbox.flush_interval > Duration::from_secs(10) {
+            c.push(&o.field("flush_interval"), "must be between 1ms and 10s");
+        }
+        if self.outbox.max_age < Duration::from_secs(60) {
+            c.push(&o.field("max_age"), "must be at least 60s");
+        }
+        let u = root.field("uplink");
+        if self.uplink.drain_rate == 0 {
+            c.push(&u.field("drain_rate"), "must be greater than 0");
+        }
+        if self.uplink.max_in_flight_samples == 0 {
+            c.push(&u.field("max_in_flight_samples"), "must be greater than 0");
+        }
+        if self.cache_capacity_bytes < 1024 * 1024 {
+            c.push(&root.field("cache_capacity_bytes"), "must be at least 1048576");
+        }
+        c.finish()
+    }
+
+    /// The MQTT client id.
+    pub fn client_id(&self) -> &str {
+        self.mqtt.client_id.as_deref().unwrap_or(&self.node)
+    }
+
+    /// Store settings derived from this config.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            path: self.data_dir.join("db"),
+            cache_capacity_bytes: self.cache_capacity_bytes,
+            outbox: OutboxLimits {
+                max_bytes: self.outbox.effective_max_bytes(),
+                max_age: self.outbox.max_age,
+                policy: self.outbox.policy,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_size_48h() {
+        let c = EdgeConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.outbox.effective_max_bytes(), 100 * 48 * 3600 * 18);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let e = EdgeConfig::from_toml("node = \"n\"\n[mqtt]\nhots = \"x\"\n", std::path::Path::new("e.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `hots`"), "{e}");
+        let e = EdgeConfig::from_toml("[outbox]\nflush_interval = \"soon\"\n", std::path::Path::new("e.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flush_interval"), "{e}");
+        let mut c = EdgeConfig::default();
+        c.node = "a/b".into();
+        c.mqtt.port = 0;
+        c.hub.public_key = Some("zz".into());
+        let e = c.validate().unwrap_err().to_string();
+        for want in ["node: \"a/b\" contains '/'", "mqtt.port: 0", "hub.public_key: \"zz\""] {
+            assert!(e.contains(want), "{want} not in {e}");
+        }
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = |k: &str| match k {
+            "EDGEFLEET_NODE" => Some("from-env".to_owned()),
+            "EDGEFLEET_MQTT_PORT" => Some("1999".to_owned()),
+            _ => None,
+        };
+        let c = EdgeConfig::load(None, env).unwrap();
+        assert_eq!((c.node.as_str(), c.mqtt.port), ("from-env", 1999));
+        let bad = |k: &str| (k == "EDGEFLEET_MQTT_PORT").then(|| "x".to_owned());
+        let e = EdgeConfig::load(None, bad).unwrap_err().to_string();
+        assert!(e.contains("EDGEFLEET_MQTT_PORT"), "{e}");
+    }
+}

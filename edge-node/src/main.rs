@@ -1,0 +1,136 @@
+//! `edge-node`: the agent binary. Parses flags and config, starts tracing,
+//! runs [`edge_node::Agent`] until Ctrl-C / SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edge_node::{Agent, Clock, EdgeConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edge-node", version, about = "edgefleet agent for factory gateways")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        /// TOML config file (defaults are used for anything it leaves out).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Node name (overrides file and EDGEFLEET_NODE).
+        #[arg(long)]
+        node: Option<String>,
+        /// Data directory (overrides file and EDGEFLEET_DATA_DIR).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Broker as host:port (overrides file and EDGEFLEET_MQTT_HOST/PORT).
+        #[arg(long)]
+        mqtt: Option<String>,
+    },
+    /// Print the effective configuration (defaults < file < env < flags) and exit.
+    Config {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load(config: Option<&std::path::Path>) -> Result<EdgeConfig, String> {
+    EdgeConfig::load(config, |k| std::env::var(k).ok()).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttc=warn,sled=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let (cfg, run) = match cli.cmd {
+        Cmd::Config { config } => (load(config.as_deref()), false),
+        Cmd::Run { config, node, data_dir, mqtt } => {
+            let cfg = load(config.as_deref()).and_then(|mut c| {
+                if let Some(n) = node {
+                    c.node = n;
+                }
+                if let Some(d) = data_dir {
+                    c.data_dir = d;
+                }
+                if let Some(m) = mqtt {
+                    let (h, p) = m
+                        .rsplit_once(':')
+                        .ok_or_else(|| format!("--mqtt {m:?}: expected host:port"))?;
+                    c.mqtt.host = h.to_owned();
+                    c.mqtt.port = p.parse().map_err(|e| format!("--mqtt {m:?}: port: {e}"))?;
+                }
+                Ok(c)
+            });
+            (cfg, true)
+        }
+    };
+    let cfg = match cfg.and_then(|c| c.validate().map(|()| c).map_err(|e| format!("invalid configuration: {e}"))) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edge-node: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if !run {
+        println!("{}", toml::to_string_pretty(&cfg).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edge-node: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let cancel = CancellationToken::new();
+        let agent = match Agent::start(cfg, Clock::system(), cancel.clone()).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("edge-node: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            cancel.cancel();
+        });
+        match agent.run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("edge-node: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

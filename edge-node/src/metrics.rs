@@ -1,0 +1,64 @@
+//! The agent's counters, in one place. They go into reported state
+//! (`counters`) and the log; names are stable and documented here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Monotonic counters of one agent.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// All counters by name.
+            pub fn snapshot(&self) -> BTreeMap<String, u64> {
+                let mut m = BTreeMap::new();
+                $(m.insert(stringify!($name).to_owned(), self.$name.load(Ordering::Relaxed));)*
+                m
+            }
+        }
+    };
+}
+
+counters! {
+    /// Samples received from drivers.
+    samples_in,
+    /// Samples appended to an outbox.
+    samples_appended,
+    /// Samples that could not be appended (store error) — never silent.
+    samples_append_failed,
+    /// Samples with no destination (no function and no raw stream).
+    samples_unrouted,
+    /// Telemetry batches published.
+    batches_published,
+    /// Samples published (including resends).
+    samples_published,
+    /// Times the uplink rewound to the last ack and resent.
+    resends,
+    /// Acks applied.
+    acks,
+    /// Samples released by acks.
+    samples_acked,
+    /// Incoming messages that did not decode.
+    bad_messages,
+    /// Desired documents refused (stale, unsigned, invalid).
+    desired_rejected,
+    /// Desired revisions applied.
+    desired_applied,
+    /// Events that could not be queued for publishing.
+    events_dropped,
+    /// Broker connections made.
+    connects,
+    /// Broker connections lost or refused.
+    disconnects,
+}
+
+impl Counters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

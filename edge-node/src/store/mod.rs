@@ -1,0 +1,318 @@
+//! All on-disk state of an edge node, in one sled database.
+//!
+//! Nothing outside this module sees a sled type. Trees:
+//! - `desired`: the current and previous signed desired-state documents;
+//! - `outbox/{stream}`: telemetry waiting for the hub's ack (see [`outbox`]);
+//! - `kv/{function}`: device-function key-value state;
+//! - `artifacts`: index of downloaded blobs (the blobs are files named by digest);
+//! - `meta`: the pinned hub key and bookkeeping.
+//!
+//! # Durability and the loss window
+//! sled buffers writes in memory and writes them out on `flush`. This module
+//! flushes synchronously for desired state and artifacts (rare, must survive),
+//! and in group commits for the outbox: a committer calls [`Store::commit`]
+//! every `flush_interval` (default 100 ms), and the uplink only publishes
+//! samples that a completed commit covers. Consequences:
+//! - a `kill -9` or power cut loses at most the samples appended during the
+//!   last `flush_interval`, and those were never published, so the hub never
+//!   sees a sequence number twice with different samples and never sees a gap;
+//! - the loss is counted: each commit records the time it covered, and on the
+//!   next start the agent reports the window between the last durable commit
+//!   and the restart as a `crash-recovery` event;
+//! - sled does not `fsync` on every flush; an OS crash (not a process crash)
+//!   can lose more. That is sled's documented limit, measured by our crash tests.
+
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use protocols::SignedDesired;
+
+pub use outbox::{Outbox, OutboxLimits, OutboxStats, OverflowPolicy};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the database lock.
+    #[error("store at {path} is locked by another process (is another edge-node running with the same data_dir?)")]
+    Locked {
+        /// Database directory.
+        path: PathBuf,
+    },
+    /// The database could not be opened (corrupt, unreadable, disk full…).
+    #[error("cannot open store at {path}: {source}")]
+    Open {
+        /// Database directory.
+        path: PathBuf,
+        /// The sled error.
+        #[source]
+        source: sled::Error,
+    },
+    /// A read or write failed (disk full, I/O error, corruption).
+    #[error("store {op} failed: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The sled error.
+        #[source]
+        source: sled::Error,
+    },
+    /// A stored record could not be decoded.
+    #[error("store record {what} is corrupt: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+pub(crate) fn io(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Io { op, source }
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Database directory.
+    pub path: PathBuf,
+    /// sled page cache size in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Outbox capacity.
+    pub outbox: OutboxLimits,
+}
+
+/// The edge node's database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: sled::Db,
+    desired: sled::Tree,
+    meta: sled::Tree,
+    path: PathBuf,
+    outbox_limits: OutboxLimits,
+    outboxes: Mutex<HashMap<String, Outbox>>,
+}
+
+const CURRENT: &[u8] = b"current";
+const PREVIOUS: &[u8] = b"previous";
+const HUB_KEY: &[u8] = b"hub_key";
+const LAST_COMMIT_MS: &[u8] = b"last_commit_ms";
+
+impl Store {
+    /// Opens (or creates) the database.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.cache_capacity_bytes)
+            // We flush ourselves (group commit); sled's own timer stays as a backstop.
+            .flush_every_ms(Some(1_000))
+            .open()
+            .map_err(|source| match &source {
+                sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: config.path.clone(),
+                    }
+                }
+                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked {
+                        path: config.path.clone(),
+                    }
+                }
+                _ => StoreError::Open {
+                    path: config.path.clone(),
+                    source,
+                },
+            })?;
+        let desired = db.open_tree("desired").map_err(io("open desired tree"))?;
+        let meta = db.open_tree("meta").map_err(io("open meta tree"))?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                desired,
+                meta,
+                path: config.path.clone(),
+                outbox_limits: config.outbox.clone(),
+                outboxes: Mutex::new(HashMap::new()),
+            }),
+        };
+        // Re-open every outbox that has data so backlog stats are right from the start.
+        for name in store.inner.db.tree_names() {
+            if let Some(stream) = name.strip_prefix(b"outbox/") {
+                let stream = String::from_utf8_lossy(stream).into_owned();
+                store.outbox(&stream)?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// Database directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The current desired document, if any was ever accepted.
+    pub fn desired_current(&self) -> Result<Option<SignedDesired>, StoreError> {
+        self.read_desired(CURRENT)
+    }
+
+    /// The desired document before the current one.
+    pub fn desired_previous(&self) -> Result<Option<SignedDesired>, StoreError> {
+        self.read_desired(PREVIOUS)
+    }
+
+    fn read_desired(&self, key: &[u8]) -> Result<Option<SignedDesired>, StoreError> {
+        let Some(v) = self.inner.desired.get(key).map_err(io("read desired"))? else {
+            return Ok(None);
+        };
+        SignedDesired::decode(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                what: format!("desired/{}", String::from_utf8_lossy(key)),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Makes `doc` the current desired document (the old one becomes previous)
+    /// and waits until it is on disk. Call before acting on it.
+    pub async fn put_desired(&self, doc: &SignedDesired) -> Result<(), StoreError> {
+        let bytes = doc.encode().map_err(|e| StoreError::Corrupt {
+            what: "desired (encoding)".into(),
+            detail: e.to_string(),
+        })?;
+        let mut batch = sled::Batch::default();
+        if let Some(old) = self.inner.desired.get(CURRENT).map_err(io("read desired"))? {
+            batch.insert(PREVIOUS, old);
+        }
+        batch.insert(CURRENT, bytes);
+        self.inner
+            .desired
+            .apply_batch(batch)
+            .map_err(io("write desired"))?;
+        self.commit().await
+    }
+
+    /// The hub public key this node trusts (hex), if pinned.
+    pub fn hub_key(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .inner
+            .meta
+            .get(HUB_KEY)
+            .map_err(io("read hub key"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Pins the hub public key (trust on first use) and waits until it is on disk.
+    pub async fn pin_hub_key(&self, hex: &str) -> Result<(), StoreError> {
+        self.inner
+            .meta
+            .insert(HUB_KEY, hex.as_bytes())
+            .map_err(io("write hub key"))?;
+        self.commit().await
+    }
+
+    /// The outbox of `stream`, created on first use.
+    pub fn outbox(&self, stream: &str) -> Result<Outbox, StoreError> {
+        let mut map = self
+            .inner
+            .outboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(o) = map.get(stream) {
+            return Ok(o.clone());
+        }
+        let tree = self
+            .inner
+            .db
+            .open_tree(format!("outbox/{stream}"))
+            .map_err(io("open outbox tree"))?;
+        let o = Outbox::open(stream, tree, self.inner.outbox_limits.clone())?;
+        map.insert(stream.to_owned(), o.clone());
+        Ok(o)
+    }
+
+    /// Every outbox opened so far (all that have data, plus new ones).
+    pub fn outboxes(&self) -> Vec<Outbox> {
+        let map = self
+            .inner
+            .outboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut v: Vec<Outbox> = map.values().cloned().collect();
+        v.sort_by(|a, b| a.stream().cmp(b.stream()));
+        v
+    }
+
+    /// Group commit: flushes everything written so far and then marks every
+    /// outbox's appended samples as durable (publishable).
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let outboxes = self.outboxes();
+        let marks: Vec<u64> = outboxes.iter().map(Outbox::appended_seq).collect();
+        self.inner
+            .db
+            .flush_async()
+            .await
+            .map_err(io("flush"))?;
+        for (o, m) in outboxes.iter().zip(marks) {
+            o.mark_durable(m);
+        }
+        Ok(())
+    }
+
+    /// Records the time a commit covered (for crash-window reporting).
+    pub fn record_commit_time(&self, now_ms: u64) -> Result<(), StoreError> {
+        self.inner
+            .meta
+            .insert(LAST_COMMIT_MS, &now_ms.to_be_bytes())
+            .map_err(io("write commit time"))?;
+        Ok(())
+    }
+
+    /// The time the last commit covered, if any.
+    pub fn last_commit_time(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .inner
+            .meta
+            .get(LAST_COMMIT_MS)
+            .map_err(io("read commit time"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok().map(u64::from_be_bytes)))
+    }
+
+    /// Reads a function's key-value entry.
+    pub fn kv_get(&self, function: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.kv_tree(function)?;
+        Ok(t.get(key).map_err(io("kv get"))?.map(|v| v.to_vec()))
+    }
+
+    /// Writes a function's key-value entry (durable at the next commit).
+    pub fn kv_put(&self, function: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.kv_tree(function)?
+            .insert(key, value)
+            .map_err(io("kv put"))?;
+        Ok(())
+    }
+
+    /// Deletes a function's key-value entry.
+    pub fn kv_delete(&self, function: &str, key: &[u8]) -> Result<(), StoreError> {
+        self.kv_tree(function)?.remove(key).map_err(io("kv delete"))?;
+        Ok(())
+    }
+
+    fn kv_tree(&self, function: &str) -> Result<sled::Tree, StoreError> {
+        self.inner
+            .db
+            .open_tree(format!("kv/{function}"))
+            .map_err(io("open kv tree"))
+    }
+
+    /// Bytes the database uses on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.db.size_on_disk().map_err(io("size on disk"))
+    }
+}

@@ -210,11 +210,25 @@ pub struct FunctionStatus {
     pub counters: BTreeMap<String, u64>,
 }
 
+/// Whether a function has a live instance.
 enum SlotState {
+    /// Live; calls go to this instance.
     Running(Box<Instance>),
+    /// Crashed; no instance until `due_ms`, then [`DeviceRuntime::ensure_running`]
+    /// starts a fresh one from `Slot::pre`.
     Restarting { due_ms: u64, last_error: String },
 }
 
+/// One loaded function.
+///
+/// # Invariants
+/// - `pre` was linked for exactly `spec` (its grants), so a restart needs no
+///   new link and can never gain capabilities.
+/// - A `Running` instance has never returned a fatal [`CallError`]; the
+///   first fatal error moves the slot to `Restarting` and drops the
+///   instance.
+/// - Statistics (`samples_*`, `counters`, `restarts`) belong to the slot,
+///   not the instance, so they survive restarts but restart on a hot swap.
 struct Slot {
     spec: Arc<FunctionSpec>,
     pre: DeviceFunctionPre<HostState>,

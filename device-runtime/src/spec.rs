@@ -34,6 +34,12 @@ pub struct Limits {
     /// Cap on the guest's linear memory, in bytes. Growing beyond it traps
     /// with [`CallError::MemoryLimit`](crate::CallError::MemoryLimit). Must
     /// not exceed [`PoolConfig::max_memory_bytes`](crate::PoolConfig).
+    ///
+    /// Size it for the largest batch: the input batch is copied into guest
+    /// memory (21 bytes per sample) and the reference guests buffer their
+    /// output the same way, so allow about 50 bytes per sample of the
+    /// largest batch plus per-point state. The 16 MiB default fits batches
+    /// of about 300 000 samples.
     pub memory_bytes: u64,
     /// Fuel (roughly: wasm instructions) per call; `None` means unlimited
     /// (the epoch deadline still applies).

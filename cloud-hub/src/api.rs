@@ -127,13 +127,21 @@ fn view(hub: &Hub, node: String, rec: crate::registry::NodeRecord) -> NodeView {
 
 async fn list_nodes(State(hub): State<Arc<Hub>>) -> Result<Json<Vec<NodeView>>, ApiError> {
     let all = hub.registry.all().map_err(ApiError::internal)?;
-    Ok(Json(all.into_iter().map(|(n, r)| view(&hub, n, r)).collect()))
+    Ok(Json(
+        all.into_iter().map(|(n, r)| view(&hub, n, r)).collect(),
+    ))
 }
 
-async fn get_node(State(hub): State<Arc<Hub>>, Path(node): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn get_node(
+    State(hub): State<Arc<Hub>>,
+    Path(node): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     match hub.registry.get(&node).map_err(ApiError::internal)? {
         Some(r) => Ok(Json(view(&hub, node, r))),
-        None => Err(ApiError(StatusCode::NOT_FOUND, format!("node {node:?} is not known"))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("node {node:?} is not known"),
+        )),
     }
 }
 
@@ -153,10 +161,12 @@ async fn put_desired(
         )));
     }
     match hub.set_desired(&desired).await {
-        Ok(()) => Ok(Json(serde_json::json!({"node": node, "revision": desired.revision}))),
-        Err(crate::app::HubError::Registry(e @ crate::registry::RegistryError::StaleRevision { .. })) => {
-            Err(ApiError(StatusCode::CONFLICT, format!("revision: {e}")))
-        }
+        Ok(()) => Ok(Json(
+            serde_json::json!({"node": node, "revision": desired.revision}),
+        )),
+        Err(crate::app::HubError::Registry(
+            e @ crate::registry::RegistryError::StaleRevision { .. },
+        )) => Err(ApiError(StatusCode::CONFLICT, format!("revision: {e}"))),
         Err(e) => Err(ApiError::internal(e)),
     }
 }
@@ -199,11 +209,20 @@ async fn samples(
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
     let limit = q.limit.unwrap_or(10_000);
     if !(1..=1_000_000).contains(&limit) {
-        return Err(ApiError::bad(format!("limit: {limit} is out of range 1..=1000000")));
+        return Err(ApiError::bad(format!(
+            "limit: {limit} is out of range 1..=1000000"
+        )));
     }
     let samples = hub
         .sink
-        .query(&node, &stream, q.from_seq.unwrap_or(1), q.from_ms, q.to_ms, limit)
+        .query(
+            &node,
+            &stream,
+            q.from_seq.unwrap_or(1),
+            q.from_ms,
+            q.to_ms,
+            limit,
+        )
         .map_err(ApiError::internal)?;
     let next_seq = (samples.len() == limit).then(|| samples.last().map_or(1, |s| s.seq + 1));
     Ok(Json(SamplePage { samples, next_seq }))

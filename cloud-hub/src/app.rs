@@ -15,7 +15,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use protocols::codec::{decode_batch, decode_json, encode_json};
 use protocols::signing::SigningKey;
-use protocols::{Ack, DesiredState, Event, NodeStatus, ReportedState, SignedDesired, TopicKind, Topics};
+use protocols::{
+    Ack, DesiredState, Event, NodeStatus, ReportedState, SignedDesired, TopicKind, Topics,
+};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -93,15 +95,26 @@ impl Hub {
     /// Signs, stores (durably) and publishes a node's new desired state.
     pub async fn set_desired(&self, desired: &DesiredState) -> Result<(), HubError> {
         let doc = SignedDesired::sign(desired, &self.key)?;
-        self.registry.set_desired(&desired.node, desired.revision, doc.clone())?;
-        self.db.flush_async().await.map_err(|e| HubError::Sink(SinkError::Db { op: "flush", source: e }))?;
+        self.registry
+            .set_desired(&desired.node, desired.revision, doc.clone())?;
+        self.db.flush_async().await.map_err(|e| {
+            HubError::Sink(SinkError::Db {
+                op: "flush",
+                source: e,
+            })
+        })?;
         self.publish_desired(&desired.node, &doc).await
     }
 
     async fn publish_desired(&self, node: &str, doc: &SignedDesired) -> Result<(), HubError> {
         let payload = doc.encode()?;
         self.client
-            .publish(self.topics.node(node, TopicKind::Desired), QoS::AtLeastOnce, true, payload)
+            .publish(
+                self.topics.node(node, TopicKind::Desired),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            )
             .await
             .map_err(|e| HubError::Mqtt(e.to_string()))?;
         Metrics::inc(&self.metrics.desired_published);
@@ -153,10 +166,14 @@ impl App {
         }
         let mqtt_addr = cfg.broker_address();
         let topics = Topics::new(&cfg.topic_root);
-        let mut opts = MqttOptions::new(cfg.mqtt.client_id.clone(), mqtt_addr.0.clone(), mqtt_addr.1);
+        let mut opts =
+            MqttOptions::new(cfg.mqtt.client_id.clone(), mqtt_addr.0.clone(), mqtt_addr.1);
         opts.set_clean_session(false);
         opts.set_keep_alive(std::time::Duration::from_secs(15));
-        opts.set_max_packet_size(crate::broker::MAX_PAYLOAD_BYTES, crate::broker::MAX_PAYLOAD_BYTES);
+        opts.set_max_packet_size(
+            crate::broker::MAX_PAYLOAD_BYTES,
+            crate::broker::MAX_PAYLOAD_BYTES,
+        );
         opts.set_inflight(500);
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         let hub = Arc::new(Hub {
@@ -171,10 +188,14 @@ impl App {
 
         let listener = tokio::net::TcpListener::bind(cfg.http_listen)
             .await
-            .map_err(|source| HubError::Http { addr: cfg.http_listen, source })?;
-        let http_addr = listener
-            .local_addr()
-            .map_err(|source| HubError::Http { addr: cfg.http_listen, source })?;
+            .map_err(|source| HubError::Http {
+                addr: cfg.http_listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| HubError::Http {
+            addr: cfg.http_listen,
+            source,
+        })?;
 
         let mut tasks = JoinSet::new();
         let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Bytes)>(4096);
@@ -222,18 +243,32 @@ impl App {
                         () = cancel.cancelled() => return Ok(()),
                         ev = ctl_rx.recv() => ev,
                     };
-                    let Some(Control::Connected) = ev else { return Ok(()) };
+                    let Some(Control::Connected) = ev else {
+                        return Ok(());
+                    };
                     let telemetry = match &shared {
                         Some(g) => hub.topics.shared_all_nodes(g, TopicKind::Telemetry),
                         None => hub.topics.all_nodes(TopicKind::Telemetry),
                     };
                     let filters = vec![
                         SubscribeFilter::new(telemetry, QoS::AtLeastOnce),
-                        SubscribeFilter::new(hub.topics.all_nodes(TopicKind::Reported), QoS::AtLeastOnce),
-                        SubscribeFilter::new(hub.topics.all_nodes(TopicKind::Status), QoS::AtLeastOnce),
-                        SubscribeFilter::new(hub.topics.all_nodes(TopicKind::Events), QoS::AtLeastOnce),
+                        SubscribeFilter::new(
+                            hub.topics.all_nodes(TopicKind::Reported),
+                            QoS::AtLeastOnce,
+                        ),
+                        SubscribeFilter::new(
+                            hub.topics.all_nodes(TopicKind::Status),
+                            QoS::AtLeastOnce,
+                        ),
+                        SubscribeFilter::new(
+                            hub.topics.all_nodes(TopicKind::Events),
+                            QoS::AtLeastOnce,
+                        ),
                     ];
-                    hub.client.subscribe_many(filters).await.map_err(|e| HubError::Mqtt(e.to_string()))?;
+                    hub.client
+                        .subscribe_many(filters)
+                        .await
+                        .map_err(|e| HubError::Mqtt(e.to_string()))?;
                     // The broker may have lost retained messages (rumqttd keeps
                     // them in memory): publish every node's desired state again.
                     for (node, rec) in hub.registry.all()? {
@@ -254,7 +289,9 @@ impl App {
                         () = cancel.cancelled() => return Ok(()),
                         m = msg_rx.recv() => m,
                     };
-                    let Some((topic, payload)) = msg else { return Ok(()) };
+                    let Some((topic, payload)) = msg else {
+                        return Ok(());
+                    };
                     handle_message(&hub, &topic, &payload)?;
                 }
             });
@@ -270,9 +307,20 @@ impl App {
                         () = tokio::time::sleep(every) => {}
                     }
                     for (node, stream, up_to) in hub.sink.flush_and_collect_acks().await? {
-                        let payload = encode_json("ack", &Ack { stream, up_to_seq: up_to })?;
+                        let payload = encode_json(
+                            "ack",
+                            &Ack {
+                                stream,
+                                up_to_seq: up_to,
+                            },
+                        )?;
                         hub.client
-                            .publish(hub.topics.node(&node, TopicKind::Ack), QoS::AtLeastOnce, false, payload)
+                            .publish(
+                                hub.topics.node(&node, TopicKind::Ack),
+                                QoS::AtLeastOnce,
+                                false,
+                                payload,
+                            )
                             .await
                             .map_err(|e| HubError::Mqtt(e.to_string()))?;
                         Metrics::inc(&hub.metrics.acks_published);
@@ -287,11 +335,20 @@ impl App {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move { cancel.cancelled().await })
                     .await
-                    .map_err(|source| HubError::Http { addr: http_addr, source })
+                    .map_err(|source| HubError::Http {
+                        addr: http_addr,
+                        source,
+                    })
             });
         }
         info!(http = %http_addr, mqtt = ?mqtt_addr, "cloud-hub running");
-        Ok(Self { hub, tasks, http_addr, mqtt_addr, cancel })
+        Ok(Self {
+            hub,
+            tasks,
+            http_addr,
+            mqtt_addr,
+            cancel,
+        })
     }
 
     /// The bound HTTP address.
@@ -326,7 +383,8 @@ impl App {
 }
 
 fn free_port(addr: SocketAddr) -> Result<SocketAddr, HubError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| crate::broker::BrokerError::Bind { addr, source })?;
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|source| crate::broker::BrokerError::Bind { addr, source })?;
     l.local_addr()
         .map_err(|source| HubError::Broker(crate::broker::BrokerError::Bind { addr, source }))
 }

@@ -35,10 +35,12 @@ pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 pub fn start(cfg: &EmbeddedBroker) -> Result<(), BrokerError> {
     // rumqttd reports bind failures only in its log; check first so the user
     // gets an error that names the field.
-    drop(TcpListener::bind(cfg.listen).map_err(|source| BrokerError::Bind {
-        addr: cfg.listen,
-        source,
-    })?);
+    drop(
+        TcpListener::bind(cfg.listen).map_err(|source| BrokerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?,
+    );
     let server = ServerSettings {
         name: "edgefleet-v4".into(),
         listen: cfg.listen,

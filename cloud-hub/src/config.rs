@@ -160,7 +160,9 @@ impl HubConfig {
         }
         if let Some(v) = env("EDGEFLEET_HUB_MQTT_LISTEN") {
             let listen = addr("EDGEFLEET_HUB_MQTT_LISTEN", v)?;
-            cfg.embedded_broker.get_or_insert_with(EmbeddedBroker::default).listen = listen;
+            cfg.embedded_broker
+                .get_or_insert_with(EmbeddedBroker::default)
+                .listen = listen;
         }
         if let Some(v) = env("EDGEFLEET_TOPIC_ROOT") {
             cfg.topic_root = v;
@@ -176,7 +178,13 @@ impl HubConfig {
             c.push(&root.field("data_dir"), "must not be empty");
         }
         if self.topic_root.is_empty() || self.topic_root.contains(['+', '#']) {
-            c.push(&root.field("topic_root"), format!("{:?} must be non-empty and free of + and #", self.topic_root));
+            c.push(
+                &root.field("topic_root"),
+                format!(
+                    "{:?} must be non-empty and free of + and #",
+                    self.topic_root
+                ),
+            );
         }
         if self.ack_interval.is_zero() || self.ack_interval > Duration::from_secs(10) {
             c.push(&root.field("ack_interval"), "must be between 1ms and 10s");
@@ -189,13 +197,19 @@ impl HubConfig {
         if self.embedded_broker.is_none() && self.mqtt.port == 0 {
             c.push(&m.field("port"), "0 is not a usable port");
         }
-        if let Some(b) = &self.embedded_broker {
-            if b.max_connections == 0 {
-                c.push(&root.field("embedded_broker").field("max_connections"), "must be greater than 0");
-            }
+        if let Some(b) = &self.embedded_broker
+            && b.max_connections == 0
+        {
+            c.push(
+                &root.field("embedded_broker").field("max_connections"),
+                "must be greater than 0",
+            );
         }
         if self.cache_capacity_bytes < 1024 * 1024 {
-            c.push(&root.field("cache_capacity_bytes"), "must be at least 1048576");
+            c.push(
+                &root.field("cache_capacity_bytes"),
+                "must be at least 1048576",
+            );
         }
         c.finish()
     }
@@ -216,11 +230,15 @@ mod tests {
     #[test]
     fn defaults_validate_and_unknown_fields_are_named() {
         HubConfig::default().validate().unwrap();
-        let e = toml::from_str::<HubConfig>("http_listn = \"x\"").unwrap_err().to_string();
-        assert!(e.contains("unknown field `http_listn`"), "{e}");
-        let e = HubConfig::load(None, |k| (k == "EDGEFLEET_HUB_HTTP_LISTEN").then(|| "nope".into()))
+        let e = toml::from_str::<HubConfig>("http_listn = \"x\"")
             .unwrap_err()
             .to_string();
+        assert!(e.contains("unknown field `http_listn`"), "{e}");
+        let e = HubConfig::load(None, |k| {
+            (k == "EDGEFLEET_HUB_HTTP_LISTEN").then(|| "nope".into())
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("EDGEFLEET_HUB_HTTP_LISTEN"), "{e}");
     }
 }

@@ -29,13 +29,18 @@ pub enum KeyError {
 pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeyError> {
     let path = dir.join("hub-signing.key");
     let shown = path.display().to_string();
-    let io = |source| KeyError::Io { path: shown.clone(), source };
+    let io = |source| KeyError::Io {
+        path: shown.clone(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let bytes: [u8; 32] = hex::decode(text.trim())
                 .ok()
                 .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| KeyError::Malformed { path: shown.clone() })?;
+                .ok_or_else(|| KeyError::Malformed {
+                    path: shown.clone(),
+                })?;
             Ok(SigningKey::from_bytes(&bytes))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -43,7 +43,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn,sled=warn".into()),
         )
         .init();
-    let Cmd::Serve { config, data_dir, http, mqtt } = Cli::parse().cmd;
+    let Cmd::Serve {
+        config,
+        data_dir,
+        http,
+        mqtt,
+    } = Cli::parse().cmd;
     let cfg = HubConfig::load(config.as_deref(), |k| std::env::var(k).ok())
         .map_err(|e| e.to_string())
         .map(|mut c| {
@@ -54,11 +59,17 @@ fn main() -> ExitCode {
                 c.http_listen = h;
             }
             if let Some(m) = mqtt {
-                c.embedded_broker.get_or_insert_with(Default::default).listen = m;
+                c.embedded_broker
+                    .get_or_insert_with(Default::default)
+                    .listen = m;
             }
             c
         })
-        .and_then(|c| c.validate().map(|()| c).map_err(|e| format!("invalid configuration: {e}")));
+        .and_then(|c| {
+            c.validate()
+                .map(|()| c)
+                .map_err(|e| format!("invalid configuration: {e}"))
+        });
     let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
@@ -66,7 +77,10 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cloud-hub: cannot start runtime: {e}");
@@ -82,7 +96,12 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        println!("cloud-hub: REST API on http://{}  MQTT on {}:{}", app.http_addr(), app.mqtt_addr().0, app.mqtt_addr().1);
+        println!(
+            "cloud-hub: REST API on http://{}  MQTT on {}:{}",
+            app.http_addr(),
+            app.mqtt_addr().0,
+            app.mqtt_addr().1
+        );
         tokio::spawn(async move {
             let _ = tokio::signal::ctrl_c().await;
             cancel.cancel();

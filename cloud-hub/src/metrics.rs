@@ -62,20 +62,35 @@ impl Metrics {
         use std::fmt::Write as _;
         let mut s = String::new();
         for (name, c) in [
-            ("edgefleet_hub_unexpected_messages_total", &self.unexpected_messages),
+            (
+                "edgefleet_hub_unexpected_messages_total",
+                &self.unexpected_messages,
+            ),
             ("edgefleet_hub_bad_documents_total", &self.bad_documents),
             ("edgefleet_hub_acks_published_total", &self.acks_published),
-            ("edgefleet_hub_desired_published_total", &self.desired_published),
+            (
+                "edgefleet_hub_desired_published_total",
+                &self.desired_published,
+            ),
             ("edgefleet_hub_events_total", &self.events),
         ] {
-            let _ = writeln!(s, "# TYPE {name} counter\n{name} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         for (metric, get) in [
-            ("edgefleet_hub_telemetry_batches_total", (|t: &NodeTelemetry| t.batches) as fn(&NodeTelemetry) -> u64),
+            (
+                "edgefleet_hub_telemetry_batches_total",
+                (|t: &NodeTelemetry| t.batches) as fn(&NodeTelemetry) -> u64,
+            ),
             ("edgefleet_hub_telemetry_samples_total", |t| t.samples),
             ("edgefleet_hub_telemetry_duplicates_total", |t| t.duplicates),
-            ("edgefleet_hub_telemetry_bad_payloads_total", |t| t.bad_payloads),
+            ("edgefleet_hub_telemetry_bad_payloads_total", |t| {
+                t.bad_payloads
+            }),
         ] {
             let _ = writeln!(s, "# TYPE {metric} counter");
             for (node, t) in nodes.iter() {

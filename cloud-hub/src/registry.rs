@@ -63,7 +63,9 @@ impl Registry {
     /// Opens the `nodes` tree of `db`.
     pub fn open(db: &sled::Db) -> Result<Self, RegistryError> {
         Ok(Self {
-            nodes: db.open_tree("nodes").map_err(|source| RegistryError::Db { op: "open", source })?,
+            nodes: db
+                .open_tree("nodes")
+                .map_err(|source| RegistryError::Db { op: "open", source })?,
             lock: Mutex::new(()),
         })
     }
@@ -77,10 +79,12 @@ impl Registry {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&v).map(Some).map_err(|e| RegistryError::Corrupt {
-            node: node.into(),
-            detail: e.to_string(),
-        })
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| RegistryError::Corrupt {
+                node: node.into(),
+                detail: e.to_string(),
+            })
     }
 
     /// Every node, by name.
@@ -113,12 +117,20 @@ impl Registry {
         })?;
         self.nodes
             .insert(node, bytes)
-            .map_err(|source| RegistryError::Db { op: "insert", source })?;
+            .map_err(|source| RegistryError::Db {
+                op: "insert",
+                source,
+            })?;
         Ok(out)
     }
 
     /// Stores a new desired document; refuses a revision that is not newer.
-    pub fn set_desired(&self, node: &str, revision: u64, doc: SignedDesired) -> Result<(), RegistryError> {
+    pub fn set_desired(
+        &self,
+        node: &str,
+        revision: u64,
+        doc: SignedDesired,
+    ) -> Result<(), RegistryError> {
         self.update(node, |rec| {
             if revision <= rec.desired_revision {
                 return Err(RegistryError::StaleRevision {

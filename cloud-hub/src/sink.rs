@@ -114,15 +114,24 @@ fn decode(seq: u64, b: &[u8]) -> Option<StoredSample> {
 impl Sink {
     /// Opens the sink in `db`, restoring stream watermarks.
     pub fn open(db: &sled::Db) -> Result<Self, SinkError> {
-        let meta = db.open_tree("sink-meta").map_err(db_err("open sink-meta"))?;
+        let meta = db
+            .open_tree("sink-meta")
+            .map_err(db_err("open sink-meta"))?;
         let mut streams = HashMap::new();
         for kv in &meta {
             let (k, v) = kv.map_err(db_err("scan sink-meta"))?;
             let name = String::from_utf8_lossy(&k).into_owned();
-            let Some((node, stream)) = name.split_once('/') else { continue };
+            let Some((node, stream)) = name.split_once('/') else {
+                continue;
+            };
             let stats: StreamStats = serde_json::from_slice(&v).unwrap_or_default();
-            let tree = db.open_tree(format!("sink/{name}")).map_err(db_err("open stream"))?;
-            streams.insert((node.to_owned(), stream.to_owned()), StreamEntry { tree, stats });
+            let tree = db
+                .open_tree(format!("sink/{name}"))
+                .map_err(db_err("open stream"))?;
+            streams.insert(
+                (node.to_owned(), stream.to_owned()),
+                StreamEntry { tree, stats },
+            );
         }
         Ok(Self {
             db: db.clone(),
@@ -144,9 +153,17 @@ impl Sink {
                 .db
                 .open_tree(format!("sink/{node}/{}", batch.stream))
                 .map_err(db("open stream"))?;
-            map.insert(k.clone(), StreamEntry { tree, stats: StreamStats::default() });
+            map.insert(
+                k.clone(),
+                StreamEntry {
+                    tree,
+                    stats: StreamStats::default(),
+                },
+            );
         }
-        let Some(e) = map.get_mut(&k) else { return Ok(Ingested::default()) };
+        let Some(e) = map.get_mut(&k) else {
+            return Ok(Ingested::default());
+        };
         let st = &mut e.stats;
         let mut out = Ingested::default();
         let mut wb = sled::Batch::default();
@@ -170,7 +187,10 @@ impl Sink {
         // Declared drops below the floor are final: move past them.
         if batch.floor_seq > st.contiguous + 1 {
             let gap = batch.floor_seq - st.contiguous - 1;
-            let present = e.tree.range(key(st.contiguous + 1)..key(batch.floor_seq)).count() as u64;
+            let present = e
+                .tree
+                .range(key(st.contiguous + 1)..key(batch.floor_seq))
+                .count() as u64;
             st.dropped_by_edge += gap.saturating_sub(present);
             st.contiguous = batch.floor_seq - 1;
         }
@@ -200,7 +220,9 @@ impl Sink {
             let mut s = stats.clone();
             s.acked = s.contiguous;
             let v = serde_json::to_vec(&s).unwrap_or_default();
-            self.meta.insert(format!("{node}/{stream}"), v).map_err(db("write stream meta"))?;
+            self.meta
+                .insert(format!("{node}/{stream}"), v)
+                .map_err(db("write stream meta"))?;
         }
         self.db.flush_async().await.map_err(db("flush"))?;
         let mut map = self.lock();
@@ -244,7 +266,9 @@ impl Sink {
         let mut out = Vec::new();
         for kv in tree.range(key(from_seq)..) {
             let (k, v) = kv.map_err(db("query"))?;
-            let Some(seq) = <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes) else { continue };
+            let Some(seq) = <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes) else {
+                continue;
+            };
             let Some(s) = decode(seq, &v) else { continue };
             if from_ms.is_some_and(|f| s.ts_ms < f) || to_ms.is_some_and(|t| s.ts_ms >= t) {
                 continue;

@@ -55,7 +55,11 @@ pub struct Agent {
 
 impl Agent {
     /// Opens the store, restores the last desired state and spawns all tasks.
-    pub async fn start(cfg: EdgeConfig, clock: Clock, cancel: CancellationToken) -> Result<Self, AgentError> {
+    pub async fn start(
+        cfg: EdgeConfig,
+        clock: Clock,
+        cancel: CancellationToken,
+    ) -> Result<Self, AgentError> {
         let store_cfg = cfg.store_config();
         let store = {
             let c = store_cfg.clone();
@@ -132,7 +136,7 @@ impl Agent {
             samples: samples_tx,
             device_cancel: cancel.child_token(),
         };
-        control.restore().await?;
+        control.restore()?;
         {
             let cancel = cancel.clone();
             tasks.spawn(async move {
@@ -145,7 +149,11 @@ impl Agent {
                 r
             });
         }
-        Ok(Self { tasks, cancel, store })
+        Ok(Self {
+            tasks,
+            cancel,
+            store,
+        })
     }
 
     /// The agent's store (for tests and tools).
@@ -157,7 +165,9 @@ impl Agent {
     pub async fn run(mut self) -> Result<(), AgentError> {
         let mut first_err = None;
         while let Some(joined) = self.tasks.join_next().await {
-            let r = joined.map_err(|e| AgentError::Task(e.to_string())).and_then(|r| r);
+            let r = joined
+                .map_err(|e| AgentError::Task(e.to_string()))
+                .and_then(|r| r);
             if let Err(e) = r {
                 warn!(error = %e, "agent task failed; stopping");
                 if first_err.is_none() {
@@ -173,13 +183,21 @@ impl Agent {
     }
 }
 
-async fn committer(store: Store, clock: Clock, every: Duration, cancel: CancellationToken) -> Result<(), StoreError> {
+async fn committer(
+    store: Store,
+    clock: Clock,
+    every: Duration,
+    cancel: CancellationToken,
+) -> Result<(), StoreError> {
     loop {
         let stop = tokio::select! {
             () = cancel.cancelled() => true,
             () = tokio::time::sleep(every) => false,
         };
-        let pending = store.outboxes().iter().any(|o| o.appended_seq() > o.durable_seq());
+        let pending = store
+            .outboxes()
+            .iter()
+            .any(|o| o.appended_seq() > o.durable_seq());
         if pending || stop {
             store.record_commit_time(clock.now_ms())?;
             store.commit().await?;
@@ -209,7 +227,7 @@ struct Control {
 
 impl Control {
     /// Loads the trusted key and re-applies the last accepted desired state.
-    async fn restore(&mut self) -> Result<(), AgentError> {
+    fn restore(&mut self) -> Result<(), AgentError> {
         let pinned = match &self.cfg.hub.public_key {
             Some(k) => Some(k.clone()),
             None => self.store.hub_key()?,
@@ -221,7 +239,9 @@ impl Control {
                     info!(node = %self.cfg.node, revision = desired.revision, "re-applying desired state from disk");
                     self.apply(desired);
                 }
-                Err(e) => warn!(error = %e, "stored desired state does not verify; waiting for the hub"),
+                Err(e) => {
+                    warn!(error = %e, "stored desired state does not verify; waiting for the hub")
+                }
             }
         }
         if let Some(last) = self.store.last_commit_time()? {
@@ -279,15 +299,23 @@ impl Control {
             LinkEvent::Connected { session_present } => {
                 Counters::add(&self.counters.connects, 1);
                 info!(node = %self.cfg.node, session_present, "connected to broker");
-                let subs = [TopicKind::Desired, TopicKind::Ack]
-                    .map(|k| rumqttc::SubscribeFilter::new(self.topics.node(&self.cfg.node, k), QoS::AtLeastOnce));
+                let subs = [TopicKind::Desired, TopicKind::Ack].map(|k| {
+                    rumqttc::SubscribeFilter::new(
+                        self.topics.node(&self.cfg.node, k),
+                        QoS::AtLeastOnce,
+                    )
+                });
                 let _ = self.client.try_subscribe_many(subs);
                 let status = NodeStatus {
                     node: self.cfg.node.clone(),
                     state: NodeState::Online,
                     at_ms: self.clock.now_ms(),
                 };
-                self.try_publish(TopicKind::Status, true, encode_json("status", &status).unwrap_or_default());
+                self.try_publish(
+                    TopicKind::Status,
+                    true,
+                    encode_json("status", &status).unwrap_or_default(),
+                );
                 self.conn.send_modify(|c| {
                     c.up = true;
                     c.epoch += 1;
@@ -304,7 +332,9 @@ impl Control {
                 }
             }
             LinkEvent::Message { topic, payload } => match self.topics.parse(&topic) {
-                Some((node, TopicKind::Desired)) if node == self.cfg.node => self.on_desired(&payload).await?,
+                Some((node, TopicKind::Desired)) if node == self.cfg.node => {
+                    self.on_desired(&payload).await?
+                }
                 Some((node, TopicKind::Ack)) if node == self.cfg.node => self.on_ack(&payload)?,
                 _ => {
                     Counters::add(&self.counters.bad_messages, 1);
@@ -374,7 +404,11 @@ impl Control {
             }
         };
         if desired.node != self.cfg.node {
-            reject(self, Some(desired.revision), format!("document is for node {:?}", desired.node));
+            reject(
+                self,
+                Some(desired.revision),
+                format!("document is for node {:?}", desired.node),
+            );
             return Ok(());
         }
         let applied = self.applied.as_ref().map_or(0, |d| d.revision);
@@ -394,14 +428,18 @@ impl Control {
         let revision = desired.revision;
         self.apply(desired);
         Counters::add(&self.counters.desired_applied, 1);
-        self.event(EventKind::DesiredApplied { revision }, format!("applied revision {revision}"));
+        self.event(
+            EventKind::DesiredApplied { revision },
+            format!("applied revision {revision}"),
+        );
         self.report();
         Ok(())
     }
 
     /// Reconciles drivers and routing with `desired`.
     fn apply(&mut self, desired: DesiredState) {
-        let wanted: BTreeMap<&str, &Device> = desired.devices.iter().map(|d| (d.id.as_str(), d)).collect();
+        let wanted: BTreeMap<&str, &Device> =
+            desired.devices.iter().map(|d| (d.id.as_str(), d)).collect();
         let stale: Vec<String> = self
             .devices
             .iter()
@@ -415,7 +453,12 @@ impl Control {
         }
         for d in &desired.devices {
             if !self.devices.contains_key(&d.id) {
-                let h = drivers::spawn(d.clone(), self.samples.clone(), self.clock, self.device_cancel.child_token());
+                let h = drivers::spawn(
+                    d.clone(),
+                    self.samples.clone(),
+                    self.clock,
+                    self.device_cancel.child_token(),
+                );
                 self.devices.insert(d.id.clone(), (d.clone(), h));
             }
         }
@@ -437,7 +480,11 @@ impl Control {
             state: NodeState::Offline,
             at_ms: self.clock.now_ms(),
         };
-        self.try_publish(TopicKind::Status, true, encode_json("status", &status).unwrap_or_default());
+        self.try_publish(
+            TopicKind::Status,
+            true,
+            encode_json("status", &status).unwrap_or_default(),
+        );
     }
 
     fn reported(&self) -> ReportedState {
@@ -452,8 +499,11 @@ impl Control {
                 backlog.oldest_age_ms = backlog.oldest_age_ms.max(now.saturating_sub(ts));
             }
         }
-        let devices: BTreeMap<String, DeviceStatus> =
-            self.devices.iter().map(|(id, (_, h))| (id.clone(), h.status())).collect();
+        let devices: BTreeMap<String, DeviceStatus> = self
+            .devices
+            .iter()
+            .map(|(id, (_, h))| (id.clone(), h.status()))
+            .collect();
         ReportedState {
             node: self.cfg.node.clone(),
             applied_revision: self.applied.as_ref().map_or(0, |d| d.revision),
@@ -468,7 +518,11 @@ impl Control {
 
     fn report(&self) {
         let r = self.reported();
-        self.try_publish(TopicKind::Reported, true, encode_json("reported", &r).unwrap_or_default());
+        self.try_publish(
+            TopicKind::Reported,
+            true,
+            encode_json("reported", &r).unwrap_or_default(),
+        );
     }
 
     fn event(&self, kind: EventKind, message: String) {
@@ -482,14 +536,22 @@ impl Control {
     }
 
     fn publish_event(&self, ev: &Event) {
-        self.try_publish(TopicKind::Events, false, encode_json("event", ev).unwrap_or_default());
+        self.try_publish(
+            TopicKind::Events,
+            false,
+            encode_json("event", ev).unwrap_or_default(),
+        );
     }
 
     /// Control traffic never waits behind telemetry: it is queued without
     /// blocking, and counted if the queue is full.
     fn try_publish(&self, kind: TopicKind, retain: bool, payload: Vec<u8>) {
         let topic = self.topics.node(&self.cfg.node, kind);
-        if self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload).is_err() {
+        if self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .is_err()
+        {
             Counters::add(&self.counters.events_dropped, 1);
         }
     }

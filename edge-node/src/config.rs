@@ -253,11 +253,13 @@ impl EdgeConfig {
             self.mqtt.host = v;
         }
         if let Some(v) = env("EDGEFLEET_MQTT_PORT") {
-            self.mqtt.port = v.parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
-                name: "EDGEFLEET_MQTT_PORT".into(),
-                value: v.clone(),
-                reason: e.to_string(),
-            })?;
+            self.mqtt.port = v
+                .parse()
+                .map_err(|e: std::num::ParseIntError| ConfigError::Env {
+                    name: "EDGEFLEET_MQTT_PORT".into(),
+                    value: v.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         if let Some(v) = env("EDGEFLEET_HUB_PUBLIC_KEY") {
             self.hub.public_key = Some(v);
@@ -287,10 +289,16 @@ impl EdgeConfig {
             check_name(&mut c, &m.field("client_id"), id);
         }
         if self.mqtt.keep_alive < Duration::from_secs(5) {
-            c.push(&m.field("keep_alive"), "must be at least 5s (rumqttc minimum)");
+            c.push(
+                &m.field("keep_alive"),
+                "must be at least 5s (rumqttc minimum)",
+            );
         }
         if self.mqtt.reconnect_min.is_zero() || self.mqtt.reconnect_min > self.mqtt.reconnect_max {
-            c.push(&m.field("reconnect_min"), "must be > 0 and <= reconnect_max");
+            c.push(
+                &m.field("reconnect_min"),
+                "must be > 0 and <= reconnect_max",
+            );
         }
         if let Some(tls) = &self.mqtt.tls {
             let t = m.field("tls");
@@ -300,18 +308,29 @@ impl EdgeConfig {
         }
         let h = root.field("hub");
         if self.hub.topic_root.is_empty() || self.hub.topic_root.contains(['+', '#']) {
-            c.push(&h.field("topic_root"), format!("{:?} must be non-empty and free of + and #", self.hub.topic_root));
+            c.push(
+                &h.field("topic_root"),
+                format!(
+                    "{:?} must be non-empty and free of + and #",
+                    self.hub.topic_root
+                ),
+            );
         }
-        if let Some(k) = &self.hub.public_key {
-            if protocols::signing::key_from_hex(k).is_err() {
-                c.push(&h.field("public_key"), format!("{k:?} is not 64 hex characters of an Ed25519 key"));
-            }
+        if let Some(k) = &self.hub.public_key
+            && protocols::signing::key_from_hex(k).is_err()
+        {
+            c.push(
+                &h.field("public_key"),
+                format!("{k:?} is not 64 hex characters of an Ed25519 key"),
+            );
         }
         let o = root.field("outbox");
         if self.outbox.effective_max_bytes() < 64 * 1024 {
             c.push(&o.field("max_bytes"), "must be at least 65536");
         }
-        if self.outbox.flush_interval.is_zero() || self.outbox.flush_interval > Duration::from_secs(10) {
+        if self.outbox.flush_interval.is_zero()
+            || self.outbox.flush_interval > Duration::from_secs(10)
+        {
             c.push(&o.field("flush_interval"), "must be between 1ms and 10s");
         }
         if self.outbox.max_age < Duration::from_secs(60) {
@@ -325,7 +344,10 @@ impl EdgeConfig {
             c.push(&u.field("max_in_flight_samples"), "must be greater than 0");
         }
         if self.cache_capacity_bytes < 1024 * 1024 {
-            c.push(&root.field("cache_capacity_bytes"), "must be at least 1048576");
+            c.push(
+                &root.field("cache_capacity_bytes"),
+                "must be at least 1048576",
+            );
         }
         c.finish()
     }
@@ -362,20 +384,32 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_name_the_field() {
-        let e = EdgeConfig::from_toml("node = \"n\"\n[mqtt]\nhots = \"x\"\n", std::path::Path::new("e.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = EdgeConfig::from_toml(
+            "node = \"n\"\n[mqtt]\nhots = \"x\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown field `hots`"), "{e}");
-        let e = EdgeConfig::from_toml("[outbox]\nflush_interval = \"soon\"\n", std::path::Path::new("e.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = EdgeConfig::from_toml(
+            "[outbox]\nflush_interval = \"soon\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("flush_interval"), "{e}");
-        let mut c = EdgeConfig::default();
-        c.node = "a/b".into();
+        let mut c = EdgeConfig {
+            node: "a/b".into(),
+            ..EdgeConfig::default()
+        };
         c.mqtt.port = 0;
         c.hub.public_key = Some("zz".into());
         let e = c.validate().unwrap_err().to_string();
-        for want in ["node: \"a/b\" contains '/'", "mqtt.port: 0", "hub.public_key: \"zz\""] {
+        for want in [
+            "node: \"a/b\" contains '/'",
+            "mqtt.port: 0",
+            "hub.public_key: \"zz\"",
+        ] {
             assert!(e.contains(want), "{want} not in {e}");
         }
     }

@@ -110,8 +110,8 @@ fn tls_config(tls: &TlsConfig) -> Result<rumqttc::TlsConfiguration, LinkError> {
                 .map_err(|e| err("cert_file", cert, e.to_string()))?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| err("cert_file", cert, e.to_string()))?;
-            let key_der =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| err("key_file", key, e.to_string()))?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| err("key_file", key, e.to_string()))?;
             builder
                 .with_client_auth_cert(certs, key_der)
                 .map_err(|e| err("key_file", key, e.to_string()))?

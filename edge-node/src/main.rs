@@ -9,7 +9,11 @@ use edge_node::{Agent, Clock, EdgeConfig};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "edge-node", version, about = "edgefleet agent for factory gateways")]
+#[command(
+    name = "edge-node",
+    version,
+    about = "edgefleet agent for factory gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -55,7 +59,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (cfg, run) = match cli.cmd {
         Cmd::Config { config } => (load(config.as_deref()), false),
-        Cmd::Run { config, node, data_dir, mqtt } => {
+        Cmd::Run {
+            config,
+            node,
+            data_dir,
+            mqtt,
+        } => {
             let cfg = load(config.as_deref()).and_then(|mut c| {
                 if let Some(n) = node {
                     c.node = n;
@@ -75,7 +84,11 @@ fn main() -> ExitCode {
             (cfg, true)
         }
     };
-    let cfg = match cfg.and_then(|c| c.validate().map(|()| c).map_err(|e| format!("invalid configuration: {e}"))) {
+    let cfg = match cfg.and_then(|c| {
+        c.validate()
+            .map(|()| c)
+            .map_err(|e| format!("invalid configuration: {e}"))
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edge-node: {e}");
@@ -86,7 +99,10 @@ fn main() -> ExitCode {
         println!("{}", toml::to_string_pretty(&cfg).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("edge-node: cannot start runtime: {e}");
@@ -119,13 +135,14 @@ fn main() -> ExitCode {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

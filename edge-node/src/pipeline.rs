@@ -63,7 +63,9 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Pipeline")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,7 +78,8 @@ impl Pipeline {
     ) -> Result<(), crate::store::StoreError> {
         let mut buffers: HashMap<String, Buffer> = HashMap::new();
         let mut routing = self.routing.borrow_and_update().clone();
-        let mut tick = tokio::time::interval(routing.batch_max_age.max(Duration::from_millis(10)) / 2);
+        let mut tick =
+            tokio::time::interval(routing.batch_max_age.max(Duration::from_millis(10)) / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -144,8 +147,14 @@ impl Pipeline {
         Ok(())
     }
 
-    fn flush(&self, buffers: &mut HashMap<String, Buffer>, stream: &str) -> Result<(), crate::store::StoreError> {
-        let Some(buf) = buffers.get_mut(stream) else { return Ok(()) };
+    fn flush(
+        &self,
+        buffers: &mut HashMap<String, Buffer>,
+        stream: &str,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(buf) = buffers.get_mut(stream) else {
+            return Ok(());
+        };
         if buf.samples.is_empty() {
             return Ok(());
         }

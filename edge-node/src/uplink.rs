@@ -197,11 +197,11 @@ async fn step(
             }
         }
     }
-    if let Some(lf) = cur.live_from {
-        if cur.sent + 1 >= lf {
-            cur.sent = cur.sent.max(cur.live_sent);
-            cur.live_from = None;
-        }
+    if let Some(lf) = cur.live_from
+        && cur.sent + 1 >= lf
+    {
+        cur.sent = cur.sent.max(cur.live_sent);
+        cur.live_from = None;
     }
     Ok(sent_any)
 }

@@ -1,6 +1,13 @@
 //! Walking skeleton: a real hub (embedded broker, sled registry, REST API) and a
 //! real edge node in one process, talking MQTT over 127.0.0.1.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
 use std::time::Duration;
 
 use cloud_hub::api::{NodeView, SamplePage};
@@ -54,7 +61,12 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     let app = App::start(hub_cfg, cancel.clone()).await.unwrap();
     let base = format!("http://{}", app.http_addr());
     let (host, port) = app.mqtt_addr();
-    let hub_key: serde_json::Value = reqwest::get(format!("{base}/v1/hub")).await.unwrap().json().await.unwrap();
+    let hub_key: serde_json::Value = reqwest::get(format!("{base}/v1/hub"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let hub_task = tokio::spawn(app.run());
 
     let mut edge_cfg = EdgeConfig::default();
@@ -64,7 +76,9 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     edge_cfg.mqtt.port = port;
     edge_cfg.hub.public_key = Some(hub_key["public_key"].as_str().unwrap().to_owned());
     edge_cfg.validate().unwrap();
-    let agent = Agent::start(edge_cfg, Clock::system(), cancel.clone()).await.unwrap();
+    let agent = Agent::start(edge_cfg, Clock::system(), cancel.clone())
+        .await
+        .unwrap();
     let edge_task = tokio::spawn(agent.run());
 
     let http = reqwest::Client::new();
@@ -81,7 +95,9 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
 
     assert!(put(desired(1, 1)).await.status().is_success());
     wait_for("revision 1 applied", || async {
-        node(base.clone()).await.filter(|n| n.reported.as_ref().is_some_and(|r| r.applied_revision == 1))
+        node(base.clone())
+            .await
+            .filter(|n| n.reported.as_ref().is_some_and(|r| r.applied_revision == 1))
     })
     .await;
 
@@ -91,7 +107,10 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     let r = put(bad).await;
     assert_eq!(r.status(), 400);
     let text = r.text().await.unwrap();
-    assert!(text.contains("devices[0].groups[0].interval_ms: 1 is out of range"), "{text}");
+    assert!(
+        text.contains("devices[0].groups[0].interval_ms: 1 is out of range"),
+        "{text}"
+    );
     let r = put(desired(1, 2)).await;
     assert_eq!(r.status(), 409, "{}", r.text().await.unwrap());
 
@@ -100,7 +119,9 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
         node(base.clone()).await.filter(|n| {
             n.reported.as_ref().is_some_and(|r| r.applied_revision == 2)
                 && n.telemetry.samples >= 100
-                && n.status.as_ref().is_some_and(|s| s.state == protocols::NodeState::Online)
+                && n.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == protocols::NodeState::Online)
         })
     })
     .await;
@@ -110,17 +131,25 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     // The edge's outbox drains as the hub acks.
     wait_for("acks reach the edge", || async {
         let n = node(base.clone()).await?;
-        (n.reported?.counters.get("samples_acked").copied().unwrap_or(0) > 0).then_some(())
+        (n.reported?
+            .counters
+            .get("samples_acked")
+            .copied()
+            .unwrap_or(0)
+            > 0)
+        .then_some(())
     })
     .await;
 
     // Every stored sample is there once, sequence numbers gap-free from 1.
-    let page: SamplePage = reqwest::get(format!("{base}/v1/nodes/n1/streams/raw/samples?limit=1000000"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: SamplePage = reqwest::get(format!(
+        "{base}/v1/nodes/n1/streams/raw/samples?limit=1000000"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert!(page.samples.len() >= 100);
     for (i, s) in page.samples.iter().enumerate() {
         assert_eq!(s.seq, i as u64 + 1, "gap or duplicate at position {i}");
@@ -129,6 +158,14 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     assert!(page.samples.iter().any(|s| s.point == 2));
 
     cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), edge_task).await.unwrap().unwrap().unwrap();
-    tokio::time::timeout(Duration::from_secs(10), hub_task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), edge_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), hub_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

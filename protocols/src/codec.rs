@@ -152,9 +152,8 @@ pub fn encode_batch(batch: &TelemetryBatch) -> Vec<u8> {
 
 /// Decodes a telemetry batch, checking that its columns agree.
 pub fn decode_batch(bytes: &[u8]) -> Result<TelemetryBatch, CodecError> {
-    let (version, body) = match bytes.split_first() {
-        Some((&v, body)) => (v, body),
-        None => return Err(CodecError::TelemetryVersion(None)),
+    let Some((&version, body)) = bytes.split_first() else {
+        return Err(CodecError::TelemetryVersion(None));
     };
     if version != TELEMETRY_V1 {
         return Err(CodecError::TelemetryVersion(Some(version)));
@@ -167,7 +166,11 @@ pub fn decode_batch(bytes: &[u8]) -> Result<TelemetryBatch, CodecError> {
         )));
     }
     let runs: u64 = wire.quality_runs.iter().map(|&(_, r)| u64::from(r)).sum();
-    if wire.point_deltas.len() != n || wire.ts_deltas.len() != n || wire.values.len() != n || runs != n as u64 {
+    if wire.point_deltas.len() != n
+        || wire.ts_deltas.len() != n
+        || wire.values.len() != n
+        || runs != n as u64
+    {
         return Err(CodecError::TelemetryShape(format!(
             "columns disagree: count {n}, points {}, timestamps {}, values {}, qualities {runs}",
             wire.point_deltas.len(),

@@ -167,7 +167,10 @@ impl DesiredState {
             let mp = models.index(mi);
             check_name(&mut c, &mp.field("name"), &m.name);
             if !model_names.insert(m.name.as_str()) {
-                c.push(&mp.field("name"), format!("duplicate model name {:?}", m.name));
+                c.push(
+                    &mp.field("name"),
+                    format!("duplicate model name {:?}", m.name),
+                );
             }
             check_sha256(&mut c, &mp.field("sha256"), &m.sha256);
         }
@@ -178,7 +181,10 @@ impl DesiredState {
             let fp = functions.index(fi);
             check_name(&mut c, &fp.field("name"), &f.name);
             if !function_names.insert(f.name.as_str()) {
-                c.push(&fp.field("name"), format!("duplicate function name {:?}", f.name));
+                c.push(
+                    &fp.field("name"),
+                    format!("duplicate function name {:?}", f.name),
+                );
             }
             check_sha256(&mut c, &fp.field("module_sha256"), &f.module_sha256);
             if f.module_size == 0 {
@@ -187,7 +193,10 @@ impl DesiredState {
             let inputs = fp.field("inputs");
             for (ii, i) in f.inputs.iter().enumerate() {
                 if !point_indexes.contains_key(i) {
-                    c.push(&inputs.index(ii), format!("point index {i} is not defined by any device"));
+                    c.push(
+                        &inputs.index(ii),
+                        format!("point index {i} is not defined by any device"),
+                    );
                 }
             }
             let gd = fp.field("granted_devices");
@@ -213,7 +222,10 @@ impl DesiredState {
             if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&f.limits.memory_bytes) {
                 c.push(
                     &lp.field("memory_bytes"),
-                    format!("{} is out of range 65536..=4294967296", f.limits.memory_bytes),
+                    format!(
+                        "{} is out of range 65536..=4294967296",
+                        f.limits.memory_bytes
+                    ),
                 );
             }
             if f.limits.fuel_per_call == 0 {
@@ -231,19 +243,28 @@ impl DesiredState {
         if !(1..=100_000).contains(&self.config.batch_max_samples) {
             c.push(
                 &cp.field("batch_max_samples"),
-                format!("{} is out of range 1..=100000", self.config.batch_max_samples),
+                format!(
+                    "{} is out of range 1..=100000",
+                    self.config.batch_max_samples
+                ),
             );
         }
         if !(1..=3_600_000).contains(&self.config.batch_max_age_ms) {
             c.push(
                 &cp.field("batch_max_age_ms"),
-                format!("{} is out of range 1..=3600000", self.config.batch_max_age_ms),
+                format!(
+                    "{} is out of range 1..=3600000",
+                    self.config.batch_max_age_ms
+                ),
             );
         }
         if !(100..=3_600_000).contains(&self.config.report_interval_ms) {
             c.push(
                 &cp.field("report_interval_ms"),
-                format!("{} is out of range 100..=3600000", self.config.report_interval_ms),
+                format!(
+                    "{} is out of range 100..=3600000",
+                    self.config.report_interval_ms
+                ),
             );
         }
         if let Some(s) = &self.config.raw_stream {
@@ -253,7 +274,9 @@ impl DesiredState {
     }
 
     /// All points of all devices, in document order.
-    pub fn points(&self) -> impl Iterator<Item = (&Device, &crate::device::PointGroup, &crate::device::Point)> {
+    pub fn points(
+        &self,
+    ) -> impl Iterator<Item = (&Device, &crate::device::PointGroup, &crate::device::Point)> {
         self.devices.iter().flat_map(|d| {
             d.groups
                 .iter()
@@ -263,7 +286,14 @@ impl DesiredState {
 }
 
 fn check_sha256(c: &mut Collector, path: &Path<'_>, value: &str) {
-    if value.len() != 64 || !value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        c.push(path, format!("{value:?} is not a lower-case hex sha256 digest (64 characters)"));
+    if value.len() != 64
+        || !value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        c.push(
+            path,
+            format!("{value:?} is not a lower-case hex sha256 digest (64 characters)"),
+        );
     }
 }

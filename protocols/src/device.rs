@@ -295,7 +295,10 @@ impl Device {
             let gp = groups.index(gi);
             check_name(c, &gp.field("name"), &g.name);
             if !group_names.insert(g.name.as_str()) {
-                c.push(&gp.field("name"), format!("duplicate group name {:?}", g.name));
+                c.push(
+                    &gp.field("name"),
+                    format!("duplicate group name {:?}", g.name),
+                );
             }
             if !(10..=86_400_000).contains(&g.interval_ms) {
                 c.push(
@@ -310,7 +313,10 @@ impl Device {
             for (pi, p) in g.points.iter().enumerate() {
                 let pp = points.index(pi);
                 if !point_names.insert(p.name.as_str()) {
-                    c.push(&pp.field("name"), format!("duplicate point name {:?}", p.name));
+                    c.push(
+                        &pp.field("name"),
+                        format!("duplicate point name {:?}", p.name),
+                    );
                 }
                 p.validate_at(c, &pp, &self.protocol);
             }
@@ -329,12 +335,19 @@ impl DeviceProtocol {
                     c.push(&path.field("port"), "0 is not a usable port");
                 }
             }
-            Self::ModbusRtu { path: dev, unit, baud } => {
+            Self::ModbusRtu {
+                path: dev,
+                unit,
+                baud,
+            } => {
                 if dev.trim().is_empty() {
                     c.push(&path.field("path"), "must not be empty");
                 }
                 if !(1..=247).contains(unit) {
-                    c.push(&path.field("unit"), format!("{unit} is out of range 1..=247"));
+                    c.push(
+                        &path.field("unit"),
+                        format!("{unit} is out of range 1..=247"),
+                    );
                 }
                 if *baud == 0 {
                     c.push(&path.field("baud"), "must be greater than 0");
@@ -357,23 +370,34 @@ impl Point {
     fn validate_at(&self, c: &mut Collector, path: &Path<'_>, protocol: &DeviceProtocol) {
         check_name(c, &path.field("name"), &self.name);
         if !self.scale.is_finite() || self.scale == 0.0 {
-            c.push(&path.field("scale"), format!("{} must be finite and non-zero", self.scale));
+            c.push(
+                &path.field("scale"),
+                format!("{} must be finite and non-zero", self.scale),
+            );
         }
         if !self.offset.is_finite() {
-            c.push(&path.field("offset"), format!("{} must be finite", self.offset));
+            c.push(
+                &path.field("offset"),
+                format!("{} must be finite", self.offset),
+            );
         }
-        if let Some(r) = self.range {
-            if !(r.low.is_finite() && r.high.is_finite() && r.low < r.high) {
-                c.push(
-                    &path.field("range"),
-                    format!("low {} must be finite and less than high {}", r.low, r.high),
-                );
-            }
+        if let Some(r) = self.range
+            && !(r.low.is_finite() && r.high.is_finite() && r.low < r.high)
+        {
+            c.push(
+                &path.field("range"),
+                format!("low {} must be finite and less than high {}", r.low, r.high),
+            );
         }
         let ap = path.field("address");
         match (&self.address, protocol) {
             (
-                PointAddress::Modbus { table, address, data_type, .. },
+                PointAddress::Modbus {
+                    table,
+                    address,
+                    data_type,
+                    ..
+                },
                 DeviceProtocol::ModbusTcp { .. } | DeviceProtocol::ModbusRtu { .. },
             ) => {
                 let p = ap.field("address");
@@ -391,7 +415,9 @@ impl Point {
                 if table.is_bit() && *data_type != DataType::Bool {
                     c.push(
                         &ap.field("data_type"),
-                        format!("{table:?} holds single bits; data_type must be bool, not {data_type:?}"),
+                        format!(
+                            "{table:?} holds single bits; data_type must be bool, not {data_type:?}"
+                        ),
                     );
                 }
             }
@@ -402,10 +428,13 @@ impl Point {
                         format!("{node_id:?} is not an OPC UA node id (expected e.g. ns=2;s=Tag or i=2258)"),
                     );
                 }
-                if let Some(d) = deadband {
-                    if !(d.is_finite() && *d >= 0.0) {
-                        c.push(&ap.field("deadband"), format!("{d} must be finite and >= 0"));
-                    }
+                if let Some(d) = deadband
+                    && !(d.is_finite() && *d >= 0.0)
+                {
+                    c.push(
+                        &ap.field("deadband"),
+                        format!("{d} must be finite and >= 0"),
+                    );
                 }
             }
             (PointAddress::Synthetic { signal }, DeviceProtocol::Synthetic) => {
@@ -454,7 +483,12 @@ impl Signal {
             }
         };
         match *self {
-            Self::Sine { amplitude, period_s, offset, noise } => {
+            Self::Sine {
+                amplitude,
+                period_s,
+                offset,
+                noise,
+            } => {
                 finite("amplitude", amplitude);
                 finite("offset", offset);
                 finite("noise", noise);

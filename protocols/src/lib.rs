@@ -33,8 +33,8 @@ pub use ack::Ack;
 pub use codec::CodecError;
 pub use desired::{DesiredState, FunctionLimits, FunctionSpec, ModelRef, NodeConfig};
 pub use device::{
-    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, OpcUaSecurity, Point,
-    PointAddress, PointGroup, Signal, WordOrder,
+    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, OpcUaSecurity,
+    Point, PointAddress, PointGroup, Signal, WordOrder,
 };
 pub use event::{Event, EventKind};
 pub use reported::{Backlog, DeviceStatus, FunctionStatus, ReportedState};

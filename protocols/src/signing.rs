@@ -67,8 +67,8 @@ pub fn key_from_hex(s: &str) -> Result<VerifyingKey, SigningError> {
 impl SignedDesired {
     /// Serializes and signs `desired`.
     pub fn sign(desired: &DesiredState, key: &SigningKey) -> Result<Self, CodecError> {
-        let payload = String::from_utf8(codec::encode_json("desired state", desired)?)
-            .unwrap_or_default();
+        let payload =
+            String::from_utf8(codec::encode_json("desired state", desired)?).unwrap_or_default();
         let signature = key.sign(payload.as_bytes());
         Ok(Self {
             payload,
@@ -119,6 +119,8 @@ impl SignedDesired {
         struct Rev {
             revision: u64,
         }
-        serde_json::from_str::<Rev>(&self.payload).ok().map(|r| r.revision)
+        serde_json::from_str::<Rev>(&self.payload)
+            .ok()
+            .map(|r| r.revision)
     }
 }

@@ -109,7 +109,9 @@ impl Topics {
 
     /// Splits a concrete topic into (node, kind); `None` if it is not ours.
     pub fn parse<'t>(&self, topic: &'t str) -> Option<(&'t str, TopicKind)> {
-        let rest = topic.strip_prefix(self.root.as_str())?.strip_prefix("/nodes/")?;
+        let rest = topic
+            .strip_prefix(self.root.as_str())?
+            .strip_prefix("/nodes/")?;
         let (node, kind) = rest.split_once('/')?;
         if node.is_empty() || kind.contains('/') {
             return None;
@@ -141,7 +143,10 @@ mod tests {
         assert_eq!(t.parse("plant/a/nodes/n/desired/x"), None);
         assert_eq!(t.parse("plant/a/nodes/n/bogus"), None);
         assert_eq!(t.parse("plant/a/nodes/n/ack"), Some(("n", TopicKind::Ack)));
-        assert_eq!(t.all_nodes(TopicKind::Telemetry), "plant/a/nodes/+/telemetry");
+        assert_eq!(
+            t.all_nodes(TopicKind::Telemetry),
+            "plant/a/nodes/+/telemetry"
+        );
         assert_eq!(
             t.shared_all_nodes("hub", TopicKind::Telemetry),
             "$share/hub/plant/a/nodes/+/telemetry"

@@ -123,7 +123,7 @@ pub fn check_name(c: &mut Collector, path: &Path<'_>, value: &str) {
     if value.is_empty() {
         c.push(path, "must not be empty");
     } else if value.len() > 64 {
-        c.push(path, format!("{:?} is longer than 64 characters", value));
+        c.push(path, format!("{value:?} is longer than 64 characters"));
     } else if let Some(bad) = value
         .chars()
         .find(|ch| !(ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-')))

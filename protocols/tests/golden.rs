@@ -2,6 +2,13 @@
 //! to the wire format shows up here as a diff, not as a surprise in the field.
 //! Regenerate deliberately with `UPDATE_GOLDEN=1 cargo test -p protocols --test golden`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -11,7 +18,9 @@ use protocols::signing::SigningKey;
 use protocols::*;
 
 fn golden_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 fn check_golden(name: &str, bytes: &[u8]) {
@@ -19,8 +28,12 @@ fn check_golden(name: &str, bytes: &[u8]) {
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, bytes).unwrap();
     }
-    let want = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create)", path.display()));
+    let want = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+            path.display()
+        )
+    });
     assert!(
         want == bytes,
         "{name} differs from its golden file:\n--- golden\n{}\n--- now\n{}",
@@ -74,7 +87,10 @@ pub fn sample_desired() -> DesiredState {
                             },
                             scale: 1.0,
                             offset: 0.0,
-                            range: Some(EngineeringRange { low: -40.0, high: 150.0 }),
+                            range: Some(EngineeringRange {
+                                low: -40.0,
+                                high: 150.0,
+                            }),
                             unit: Some("°C".into()),
                         },
                         Point {
@@ -162,7 +178,11 @@ fn sample_batch() -> TelemetryBatch {
                 point: 1 + (i % 3),
                 ts_ms: 1_764_300_000_000 + u64::from(i) * 100,
                 value: f64::from(i) * 0.25 - 1.0,
-                quality: if i == 7 { Quality::BAD_TIMEOUT } else { Quality::GOOD },
+                quality: if i == 7 {
+                    Quality::BAD_TIMEOUT
+                } else {
+                    Quality::GOOD
+                },
             })
             .collect(),
     }
@@ -182,7 +202,8 @@ fn signed_desired_state() {
     let key = SigningKey::from_bytes(&[7; 32]);
     let signed = SignedDesired::sign(&sample_desired(), &key).unwrap();
     check_golden("signed-desired.json", &pretty(&signed));
-    let back = SignedDesired::decode(&std::fs::read(golden_path("signed-desired.json")).unwrap()).unwrap();
+    let back =
+        SignedDesired::decode(&std::fs::read(golden_path("signed-desired.json")).unwrap()).unwrap();
     assert_eq!(back.verify(&key.verifying_key()).unwrap(), sample_desired());
 }
 
@@ -210,26 +231,45 @@ fn reported_state() {
                 counters: BTreeMap::from([("reads".into(), 100)]),
             },
         )]),
-        backlog: Backlog { samples: 12, bytes: 140, oldest_age_ms: 900, dropped: 0 },
+        backlog: Backlog {
+            samples: 12,
+            bytes: 140,
+            oldest_age_ms: 900,
+            dropped: 0,
+        },
         offline_since_ms: Some(1_764_300_000_000),
         counters: BTreeMap::from([("samples_in".into(), 5000)]),
         at_ms: 1_764_300_001_000,
     };
     check_golden("reported.json", &pretty(&r));
-    let back: ReportedState = decode_json("reported", &std::fs::read(golden_path("reported.json")).unwrap()).unwrap();
+    let back: ReportedState = decode_json(
+        "reported",
+        &std::fs::read(golden_path("reported.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(back, r);
 }
 
 #[test]
 fn status_ack_event() {
-    let s = NodeStatus { node: "press-7".into(), state: NodeState::Offline, at_ms: 1 };
+    let s = NodeStatus {
+        node: "press-7".into(),
+        state: NodeState::Offline,
+        at_ms: 1,
+    };
     check_golden("status.json", &pretty(&s));
-    let a = Ack { stream: "filtered".into(), up_to_seq: 1009 };
+    let a = Ack {
+        stream: "filtered".into(),
+        up_to_seq: 1009,
+    };
     check_golden("ack.json", &pretty(&a));
     let e = Event {
         node: "press-7".into(),
         at_ms: 2,
-        kind: EventKind::OverflowDrop { stream: "raw".into(), dropped: 17 },
+        kind: EventKind::OverflowDrop {
+            stream: "raw".into(),
+            dropped: 17,
+        },
         message: "outbox full: dropped 17 oldest samples".into(),
     };
     check_golden("event.json", &pretty(&e));

@@ -1,23 +1,41 @@
 //! Property tests: every encoding round-trips, and no input panics a decoder.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
 use proptest::prelude::*;
 use protocols::codec::{decode_batch, decode_json, encode_batch, encode_json};
 use protocols::signing::SigningKey;
 use protocols::*;
 
 fn arb_sample() -> impl Strategy<Value = Sample> {
-    (any::<u32>(), 0..=i64::MAX as u64, any::<f64>(), any::<u8>()).prop_map(|(point, ts_ms, value, q)| Sample {
-        point,
-        ts_ms,
-        value,
-        quality: Quality(q),
-    })
+    (any::<u32>(), 0..=i64::MAX as u64, any::<f64>(), any::<u8>()).prop_map(
+        |(point, ts_ms, value, q)| Sample {
+            point,
+            ts_ms,
+            value,
+            quality: Quality(q),
+        },
+    )
 }
 
 fn arb_batch() -> impl Strategy<Value = TelemetryBatch> {
-    ("[a-z0-9._-]{1,64}", 0..u64::MAX / 2, any::<u64>(), prop::collection::vec(arb_sample(), 0..300)).prop_map(
-        |(stream, first_seq, floor, samples)| TelemetryBatch { stream, first_seq, floor_seq: floor % (first_seq + 1), samples },
+    (
+        "[a-z0-9._-]{1,64}",
+        0..u64::MAX / 2,
+        any::<u64>(),
+        prop::collection::vec(arb_sample(), 0..300),
     )
+        .prop_map(|(stream, first_seq, floor, samples)| TelemetryBatch {
+            stream,
+            first_seq,
+            floor_seq: floor % (first_seq + 1),
+            samples,
+        })
 }
 
 fn same_bits(a: &TelemetryBatch, b: &TelemetryBatch) -> bool {
@@ -26,7 +44,10 @@ fn same_bits(a: &TelemetryBatch, b: &TelemetryBatch) -> bool {
         && a.floor_seq == b.floor_seq
         && a.samples.len() == b.samples.len()
         && a.samples.iter().zip(&b.samples).all(|(x, y)| {
-            x.point == y.point && x.ts_ms == y.ts_ms && x.quality == y.quality && x.value.to_bits() == y.value.to_bits()
+            x.point == y.point
+                && x.ts_ms == y.ts_ms
+                && x.quality == y.quality
+                && x.value.to_bits() == y.value.to_bits()
         })
 }
 

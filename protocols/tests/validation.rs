@@ -1,5 +1,12 @@
 //! Bad documents get errors that name the field.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
 use protocols::codec::decode_desired;
 
 fn doc(devices: &str) -> String {
@@ -28,14 +35,16 @@ fn out_of_range_address_names_its_path() {
     let ok_points = r#"{"index":100,"name":"x","address":{"kind":"modbus","table":"coil","address":1,"data_type":"bool"}}"#;
     let devices = format!(
         "[{},{},{},{}]",
-        dev(0, &ok_points.replace("100", "100")),
+        dev(0, ok_points),
         dev(1, &ok_points.replace("100", "101")),
         dev(2, &ok_points.replace("100", "102")),
         dev(3, &points.join(","))
     );
     let e = err(&doc(&devices));
     assert!(
-        e.contains("devices[3].groups[0].points[7].address.address: 70000 is out of range 0..=65535"),
+        e.contains(
+            "devices[3].groups[0].points[7].address.address: 70000 is out of range 0..=65535"
+        ),
         "{e}"
     );
 }

@@ -36,7 +36,9 @@ pub use outbox::{Outbox, OutboxLimits, OutboxStats, OverflowPolicy};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Another process holds the database lock.
-    #[error("store at {path} is locked by another process (is another edge-node running with the same data_dir?)")]
+    #[error(
+        "store at {path} is locked by another process (is another edge-node running with the same data_dir?)"
+    )]
     Locked {
         /// Database directory.
         path: PathBuf,
@@ -187,7 +189,12 @@ impl Store {
             detail: e.to_string(),
         })?;
         let mut batch = sled::Batch::default();
-        if let Some(old) = self.inner.desired.get(CURRENT).map_err(io("read desired"))? {
+        if let Some(old) = self
+            .inner
+            .desired
+            .get(CURRENT)
+            .map_err(io("read desired"))?
+        {
             batch.insert(PREVIOUS, old);
         }
         batch.insert(CURRENT, bytes);
@@ -254,11 +261,7 @@ impl Store {
     pub async fn commit(&self) -> Result<(), StoreError> {
         let outboxes = self.outboxes();
         let marks: Vec<u64> = outboxes.iter().map(Outbox::appended_seq).collect();
-        self.inner
-            .db
-            .flush_async()
-            .await
-            .map_err(io("flush"))?;
+        self.inner.db.flush_async().await.map_err(io("flush"))?;
         for (o, m) in outboxes.iter().zip(marks) {
             o.mark_durable(m);
         }
@@ -300,7 +303,9 @@ impl Store {
 
     /// Deletes a function's key-value entry.
     pub fn kv_delete(&self, function: &str, key: &[u8]) -> Result<(), StoreError> {
-        self.kv_tree(function)?.remove(key).map_err(io("kv delete"))?;
+        self.kv_tree(function)?
+            .remove(key)
+            .map_err(io("kv delete"))?;
         Ok(())
     }
 

@@ -137,7 +137,11 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Outbox {
-    pub(super) fn open(stream: &str, tree: sled::Tree, limits: OutboxLimits) -> Result<Self, StoreError> {
+    pub(super) fn open(
+        stream: &str,
+        tree: sled::Tree,
+        limits: OutboxLimits,
+    ) -> Result<Self, StoreError> {
         let acked = read_u64(&tree, ACKED)?;
         let dropped = read_u64(&tree, DROPPED)?;
         let floor = read_u64(&tree, FLOOR)?.max(1);
@@ -183,7 +187,10 @@ impl Outbox {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The stream name.
@@ -195,7 +202,10 @@ impl Outbox {
     /// The samples become publishable after the next group commit.
     pub fn append(&self, samples: &[Sample], now_ms: u64) -> Result<Appended, StoreError> {
         if samples.is_empty() {
-            return Ok(Appended { first_seq: None, dropped: 0 });
+            return Ok(Appended {
+                first_seq: None,
+                dropped: 0,
+            });
         }
         let mut st = self.state();
         let first_seq = st.next_seq;
@@ -254,7 +264,10 @@ impl Outbox {
             batch.insert(DROPPED, &(st.dropped + dropped).to_be_bytes());
             batch.insert(FLOOR, &floor.to_be_bytes());
         }
-        self.inner.tree.apply_batch(batch).map_err(io("outbox append"))?;
+        self.inner
+            .tree
+            .apply_batch(batch)
+            .map_err(io("outbox append"))?;
         for (seq, info) in &victims {
             st.entries.remove(seq);
             st.bytes -= info.bytes;
@@ -263,21 +276,36 @@ impl Outbox {
         st.dropped += dropped;
         st.floor = floor;
         if !accept {
-            return Ok(Appended { first_seq: None, dropped });
+            return Ok(Appended {
+                first_seq: None,
+                dropped,
+            });
         }
         st.entries.insert(
             first_seq,
-            EntryInfo { n, bytes: new_bytes, min_ts, max_ts },
+            EntryInfo {
+                n,
+                bytes: new_bytes,
+                min_ts,
+                max_ts,
+            },
         );
         st.bytes += new_bytes;
         st.samples += n;
         st.next_seq += n;
-        Ok(Appended { first_seq: Some(first_seq), dropped })
+        Ok(Appended {
+            first_seq: Some(first_seq),
+            dropped,
+        })
     }
 
     /// Up to `max_entries` durable batches containing sequence numbers after
     /// `after`, in order, each carrying the current floor.
-    pub fn pending(&self, after: u64, max_entries: usize) -> Result<Vec<TelemetryBatch>, StoreError> {
+    pub fn pending(
+        &self,
+        after: u64,
+        max_entries: usize,
+    ) -> Result<Vec<TelemetryBatch>, StoreError> {
         let durable = self.durable_seq();
         let (keys, floor) = {
             let st = self.state();
@@ -299,7 +327,12 @@ impl Outbox {
         let mut out = Vec::with_capacity(keys.len());
         for seq in keys {
             // The entry may have been acked or dropped meanwhile: skip it then.
-            let Some(v) = self.inner.tree.get(entry_key(seq)).map_err(io("outbox read"))? else {
+            let Some(v) = self
+                .inner
+                .tree
+                .get(entry_key(seq))
+                .map_err(io("outbox read"))?
+            else {
                 continue;
             };
             let mut b = decode_batch(v.get(HEADER..).unwrap_or_default()).map_err(|e| {
@@ -333,7 +366,10 @@ impl Outbox {
             batch.remove(&entry_key(*seq));
         }
         batch.insert(ACKED, &up_to.to_be_bytes());
-        self.inner.tree.apply_batch(batch).map_err(io("outbox ack"))?;
+        self.inner
+            .tree
+            .apply_batch(batch)
+            .map_err(io("outbox ack"))?;
         let mut released = 0;
         for (seq, info) in &done {
             st.entries.remove(seq);
@@ -387,5 +423,10 @@ fn parse_header(v: &[u8]) -> Option<EntryInfo> {
     let n = u64::from(u32::from_be_bytes(v.get(0..4)?.try_into().ok()?));
     let min_ts = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
     let max_ts = u64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
-    Some(EntryInfo { n, bytes: v.len() as u64, min_ts, max_ts })
+    Some(EntryInfo {
+        n,
+        bytes: v.len() as u64,
+        min_ts,
+        max_ts,
+    })
 }

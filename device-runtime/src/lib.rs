@@ -109,3 +109,9 @@ impl Default for Batch {
         Self::new()
     }
 }
+
+// The edge-node moves the runtime into a dedicated (blocking) task.
+const _: fn() = || {
+    fn is_send<T: Send>() {}
+    is_send::<DeviceRuntime>();
+};

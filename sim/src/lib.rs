@@ -1,1 +1,4 @@
 //! fleet simulator (see issue 6).
+
+pub mod devices;
+pub mod signal;

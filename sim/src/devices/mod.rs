@@ -1,0 +1,6 @@
+//! Simulated field devices: Modbus ([`modbus`]) and OPC UA ([`opcua`])
+//! servers whose values come from [`signal`](crate::signal) models, with fault
+//! injection and a log of every value served (the simulator's ground truth).
+
+pub mod modbus;
+pub mod opcua;

@@ -1,4 +1,5 @@
 //! fleet simulator (see issue 6).
 
+pub mod demo;
 pub mod devices;
 pub mod signal;

@@ -23,11 +23,19 @@ fn batch(n: u32, points: u32, step_ms: u64) -> TelemetryBatch {
             }
         })
         .collect();
-    TelemetryBatch { stream: "raw".into(), first_seq: 1_000_000, floor_seq: 1_000_000, samples }
+    TelemetryBatch {
+        stream: "raw".into(),
+        first_seq: 1_000_000,
+        floor_seq: 1_000_000,
+        samples,
+    }
 }
 
 fn main() {
-    println!("{:<34} {:>10} {:>10} {:>8}", "batch", "json B/smp", "bin B/smp", "ratio");
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "batch", "json B/smp", "bin B/smp", "ratio"
+    );
     for (label, n, points, step) in [
         ("1000 samples, 20 points, 100 ms", 1000, 20, 100),
         ("100 samples, 1 point, 1 s", 100, 1, 1000),

@@ -240,7 +240,7 @@ impl Control {
                     self.apply(desired);
                 }
                 Err(e) => {
-                    warn!(error = %e, "stored desired state does not verify; waiting for the hub")
+                    warn!(error = %e, "stored desired state does not verify; waiting for the hub");
                 }
             }
         }
@@ -333,7 +333,7 @@ impl Control {
             }
             LinkEvent::Message { topic, payload } => match self.topics.parse(&topic) {
                 Some((node, TopicKind::Desired)) if node == self.cfg.node => {
-                    self.on_desired(&payload).await?
+                    self.on_desired(&payload).await?;
                 }
                 Some((node, TopicKind::Ack)) if node == self.cfg.node => self.on_ack(&payload)?,
                 _ => {

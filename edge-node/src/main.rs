@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                     let (h, p) = m
                         .rsplit_once(':')
                         .ok_or_else(|| format!("--mqtt {m:?}: expected host:port"))?;
-                    c.mqtt.host = h.to_owned();
+                    h.clone_into(&mut c.mqtt.host);
                     c.mqtt.port = p.parse().map_err(|e| format!("--mqtt {m:?}: port: {e}"))?;
                 }
                 Ok(c)
@@ -135,14 +135,12 @@ fn main() -> ExitCode {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -42,7 +42,7 @@ fn main() {
         ("10000 samples, 500 points, 1 s", 10_000, 500, 1000),
     ] {
         let b = batch(n, points, step);
-        let json = encode_json("batch", &b).map(|v| v.len()).unwrap_or(0) as f64 / f64::from(n);
+        let json = encode_json("batch", &b).map_or(0, |v| v.len()) as f64 / f64::from(n);
         let bin = encode_batch(&b).len() as f64 / f64::from(n);
         println!("{label:<34} {json:>10.1} {bin:>10.1} {:>7.1}x", json / bin);
     }

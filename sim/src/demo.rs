@@ -117,20 +117,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {}
         }
-        if let Ok(r) = http.get(&node_url).send().await {
-            if let Ok(v) = r.json::<serde_json::Value>().await {
-                let rep = &v["reported"];
-                println!(
-                    "[{:>4}s] applied rev {:<3} status {:<8} hub stored {:>8} samples (dups {}, bad {})  edge backlog {} samples",
-                    started.elapsed().as_secs(),
-                    rep["applied_revision"],
-                    v["status"]["state"].as_str().unwrap_or("-"),
-                    v["telemetry"]["samples"],
-                    v["telemetry"]["duplicates"],
-                    v["telemetry"]["bad_payloads"],
-                    rep["backlog"]["samples"],
-                );
-            }
+        if let Ok(r) = http.get(&node_url).send().await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+        {
+            let rep = &v["reported"];
+            println!(
+                "[{:>4}s] applied rev {:<3} status {:<8} hub stored {:>8} samples (dups {}, bad {})  edge backlog {} samples",
+                started.elapsed().as_secs(),
+                rep["applied_revision"],
+                v["status"]["state"].as_str().unwrap_or("-"),
+                v["telemetry"]["samples"],
+                v["telemetry"]["duplicates"],
+                v["telemetry"]["bad_payloads"],
+                rep["backlog"]["samples"],
+            );
         }
         if opts.duration.is_some_and(|d| started.elapsed() >= d) {
             break;

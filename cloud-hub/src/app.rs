@@ -9,8 +9,9 @@
 //! connection changes to the control task. Acks are published by the ack task
 //! after the sink has flushed, at most one per stream per `ack_interval`.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use protocols::codec::{decode_batch, decode_json, encode_json};
@@ -54,6 +55,9 @@ pub enum HubError {
     /// Embedded broker failure.
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    /// The artifact store could not be opened.
+    #[error(transparent)]
+    Artifacts(#[from] crate::artifacts::ArtifactError),
     /// The HTTP listener could not bind.
     #[error("http_listen {addr}: {source}")]
     Http {
@@ -87,6 +91,10 @@ pub struct Hub {
     pub sink: Sink,
     /// Counters.
     pub metrics: Metrics,
+    /// Content-addressed blobs (WASM modules, models).
+    pub artifacts: Arc<crate::artifacts::ArtifactStore>,
+    /// Most recent events per node.
+    pub events: EventLog,
     client: AsyncClient,
     db: sled::Db,
 }
@@ -119,6 +127,39 @@ impl Hub {
             .map_err(|e| HubError::Mqtt(e.to_string()))?;
         Metrics::inc(&self.metrics.desired_published);
         Ok(())
+    }
+}
+
+/// The most recent events of each node, in memory (an operator's view, not
+/// an audit log: the hub keeps [`EventLog::PER_NODE`] per node and forgets
+/// them on restart).
+#[derive(Debug, Default)]
+pub struct EventLog {
+    nodes: Mutex<HashMap<String, VecDeque<Event>>>,
+}
+
+impl EventLog {
+    /// Events kept per node.
+    pub const PER_NODE: usize = 256;
+
+    /// Records an event of `node`, forgetting the oldest beyond the bound.
+    pub fn push(&self, node: &str, ev: Event) {
+        let mut m = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let q = m.entry(node.to_owned()).or_default();
+        if q.len() >= Self::PER_NODE {
+            q.pop_front();
+        }
+        q.push_back(ev);
+    }
+
+    /// Recent events of `node`, oldest first.
+    pub fn recent(&self, node: &str) -> Vec<Event> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -155,6 +196,12 @@ impl App {
         .await
         .map_err(|e| HubError::Task(e.to_string()))??;
         let key = keys::load_or_create(&cfg.data_dir)?;
+        let artifacts = {
+            let dir = cfg.data_dir.join("artifacts");
+            tokio::task::spawn_blocking(move || crate::artifacts::ArtifactStore::open(&dir))
+                .await
+                .map_err(|e| HubError::Task(e.to_string()))??
+        };
         let registry = Registry::open(&db)?;
         let sink = Sink::open(&db)?;
         if let Some(b) = &mut cfg.embedded_broker {
@@ -182,6 +229,8 @@ impl App {
             registry,
             sink,
             metrics: Metrics::default(),
+            artifacts: Arc::new(artifacts),
+            events: EventLog::default(),
             client,
             db,
         });
@@ -435,6 +484,7 @@ fn handle_message(hub: &Hub, topic: &str, payload: &[u8]) -> Result<(), HubError
             Ok(ev) => {
                 Metrics::inc(&hub.metrics.events);
                 info!(%node, kind = ?ev.kind, message = %ev.message, "edge event");
+                hub.events.push(node, ev);
             }
             Err(_) => Metrics::inc(&hub.metrics.bad_documents),
         },

@@ -3,12 +3,14 @@
 //! Owns the fleet's desired state and what comes back from the edge: the node
 //! registry ([`registry`]), signing ([`keys`]), the telemetry sink with dedup
 //! and cumulative acks ([`sink`]), the REST API ([`api`]) and, in standalone
-//! mode, an embedded MQTT broker ([`broker`]).
+//! mode, an embedded MQTT broker ([`broker`]), and the content-addressed
+//! artifact store for WASM modules and models ([`artifacts`]).
 //!
 //! Start at [`app::App::start`]; configuration is [`config::HubConfig`].
 
 pub mod api;
 pub mod app;
+pub mod artifacts;
 pub mod broker;
 pub mod config;
 pub mod keys;

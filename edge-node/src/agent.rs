@@ -22,12 +22,14 @@ use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::artifacts::{ArtifactFetcher, DesiredPair, FetchError};
 use crate::clock::Clock;
 use crate::config::EdgeConfig;
 use crate::drivers::{self, DeviceHandle};
+use crate::functions::{FunctionError, FunctionHost, FunctionsView};
 use crate::link::{self, LinkError, LinkEvent};
 use crate::metrics::Counters;
-use crate::pipeline::{Pipeline, Routing};
+use crate::pipeline::{Appender, Pipeline, Routing};
 use crate::store::{Store, StoreError};
 use crate::uplink::{self, Conn};
 
@@ -40,6 +42,12 @@ pub enum AgentError {
     /// The MQTT link could not be configured.
     #[error(transparent)]
     Link(#[from] LinkError),
+    /// The artifact fetcher failed to start.
+    #[error(transparent)]
+    Artifacts(#[from] FetchError),
+    /// The function host failed (outbox append or runtime task).
+    #[error(transparent)]
+    Functions(#[from] FunctionError),
     /// A task panicked or was aborted.
     #[error("agent task failed: {0}")]
     Task(String),
@@ -51,6 +59,8 @@ pub struct Agent {
     tasks: JoinSet<Result<(), AgentError>>,
     cancel: CancellationToken,
     store: Store,
+    functions: FunctionsView,
+    fetcher: Arc<ArtifactFetcher>,
 }
 
 impl Agent {
@@ -76,6 +86,24 @@ impl Agent {
         let (routing_tx, routing_rx) = watch::channel(Routing::default());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (samples_tx, samples_rx) = mpsc::channel(1024);
+        let (fn_tx, fn_rx) = mpsc::channel(256);
+        let (consumed_tx, consumed_rx) =
+            watch::channel(crate::functions::ConsumedPoints::default());
+        let (desired_tx, desired_rx) = watch::channel(DesiredPair::default());
+        let (ready_tx, ready_rx) = watch::channel(0u64);
+        let functions = FunctionsView::default();
+        let fetcher = {
+            let (url, dir, store) = (
+                cfg.hub.http_url.clone(),
+                cfg.data_dir.join("artifacts"),
+                store.clone(),
+            );
+            let f =
+                tokio::task::spawn_blocking(move || ArtifactFetcher::new(&url, dir, store, clock))
+                    .await
+                    .map_err(|e| AgentError::Task(e.to_string()))??;
+            Arc::new(f)
+        };
 
         let mut tasks = JoinSet::new();
         {
@@ -98,9 +126,53 @@ impl Agent {
                 routing: routing_rx,
                 events: events_tx.clone(),
                 node: cfg.node.clone(),
+                functions: fn_tx,
+                consumed: consumed_rx,
             };
             let pc = pipeline_cancel.clone();
             tasks.spawn(async move { Ok(p.run(samples_rx, pc).await?) });
+        }
+        // The function host stops when the pipeline has stopped (its input
+        // closes) and has appended everything; `host_done` tells the
+        // shutdown sequence when the last append happened.
+        let host_done = CancellationToken::new();
+        {
+            let host = FunctionHost {
+                store: store.clone(),
+                clock,
+                node: cfg.node.clone(),
+                fetcher: fetcher.clone(),
+                appender: Appender {
+                    store: store.clone(),
+                    clock,
+                    counters: counters.clone(),
+                    events: events_tx.clone(),
+                    node: cfg.node.clone(),
+                },
+                counters: counters.clone(),
+                events: events_tx.clone(),
+                consumed: consumed_tx,
+                view: functions.clone(),
+                cache_dir: cfg.data_dir.join("wasm-cache"),
+            };
+            let done = host_done.clone();
+            tasks.spawn(async move {
+                let r = host
+                    .run(desired_rx, ready_rx, fn_rx, CancellationToken::new())
+                    .await;
+                done.cancel();
+                Ok(r?)
+            });
+        }
+        {
+            let fetcher = fetcher.clone();
+            let desired = desired_tx.subscribe();
+            let events = events_tx.clone();
+            let node = cfg.node.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(
+                async move { Ok(fetcher.run(desired, ready_tx, events, node, cancel).await?) },
+            );
         }
         {
             let store = store.clone();
@@ -123,6 +195,10 @@ impl Agent {
         let mut control = Control {
             trusted: None,
             applied: None,
+            previous: None,
+            desired: desired_tx,
+            functions: functions.clone(),
+            fetcher: fetcher.clone(),
             devices: BTreeMap::new(),
             offline_since_ms: Some(clock.now_ms()),
             cfg,
@@ -143,7 +219,9 @@ impl Agent {
                 let r = control.run(link_rx, events_rx, cancel).await;
                 control.shutdown().await;
                 pipeline_cancel.cancel();
-                // Give the pipeline a moment to append, then make it durable.
+                // Let the pipeline and the function host append what they
+                // hold, then make it durable.
+                let _ = tokio::time::timeout(Duration::from_secs(10), host_done.cancelled()).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 committer_cancel.cancel();
                 r
@@ -153,12 +231,24 @@ impl Agent {
             tasks,
             cancel,
             store,
+            functions,
+            fetcher,
         })
     }
 
     /// The agent's store (for tests and tools).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Live status of the device functions (as reported state shows it).
+    pub fn functions(&self) -> FunctionsView {
+        self.functions.clone()
+    }
+
+    /// Artifact fetcher counters by name.
+    pub fn artifact_counters(&self) -> BTreeMap<String, u64> {
+        self.fetcher.counters().snapshot()
     }
 
     /// Runs until cancelled or a task fails; then stops everything.
@@ -221,6 +311,10 @@ struct Control {
     device_cancel: CancellationToken,
     trusted: Option<VerifyingKey>,
     applied: Option<DesiredState>,
+    previous: Option<Arc<DesiredState>>,
+    desired: watch::Sender<DesiredPair>,
+    functions: FunctionsView,
+    fetcher: Arc<ArtifactFetcher>,
     devices: BTreeMap<String, (Device, DeviceHandle)>,
     offline_since_ms: Option<u64>,
 }
@@ -233,6 +327,10 @@ impl Control {
             None => self.store.hub_key()?,
         };
         self.trusted = pinned.as_deref().and_then(|k| key_from_hex(k).ok());
+        if let (Some(doc), Some(key)) = (self.store.desired_previous()?, self.trusted) {
+            // Kept for rollback: its artifacts are not garbage-collected.
+            self.previous = doc.verify(&key).ok().map(Arc::new);
+        }
         if let (Some(doc), Some(key)) = (self.store.desired_current()?, self.trusted) {
             match doc.verify(&key) {
                 Ok(desired) => {
@@ -467,7 +565,14 @@ impl Control {
             batch_max_samples: desired.config.batch_max_samples as usize,
             batch_max_age: Duration::from_millis(desired.config.batch_max_age_ms),
         });
-        info!(node = %self.cfg.node, revision = desired.revision, devices = desired.devices.len(), "desired state applied");
+        info!(node = %self.cfg.node, revision = desired.revision, devices = desired.devices.len(), functions = desired.functions.len(), "desired state applied");
+        if let Some(old) = self.applied.take() {
+            self.previous = Some(Arc::new(old));
+        }
+        self.desired.send_replace(DesiredPair {
+            current: Some(Arc::new(desired.clone())),
+            previous: self.previous.clone(),
+        });
         self.applied = Some(desired);
     }
 
@@ -504,14 +609,16 @@ impl Control {
             .iter()
             .map(|(id, (_, h))| (id.clone(), h.status()))
             .collect();
+        let mut counters = self.counters.snapshot();
+        counters.extend(self.fetcher.counters().snapshot());
         ReportedState {
             node: self.cfg.node.clone(),
             applied_revision: self.applied.as_ref().map_or(0, |d| d.revision),
-            functions: BTreeMap::new(),
+            functions: self.functions.snapshot(),
             devices,
             backlog,
             offline_since_ms: self.offline_since_ms,
-            counters: self.counters.snapshot(),
+            counters,
             at_ms: now,
         }
     }

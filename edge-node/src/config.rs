@@ -104,6 +104,9 @@ pub struct HubConfig {
     /// Hex Ed25519 public key of the hub. When unset the first key that signs
     /// a desired document is pinned on disk (trust on first use) and logged.
     pub public_key: Option<String>,
+    /// Base URL of the hub's HTTP API, where artifacts (WASM modules,
+    /// models) are downloaded from: `{http_url}/v1/artifacts/{sha256}`.
+    pub http_url: String,
 }
 
 impl Default for HubConfig {
@@ -111,6 +114,7 @@ impl Default for HubConfig {
         Self {
             topic_root: protocols::Topics::DEFAULT_ROOT.into(),
             public_key: None,
+            http_url: "http://127.0.0.1:8080".into(),
         }
     }
 }
@@ -264,6 +268,9 @@ impl EdgeConfig {
         if let Some(v) = env("EDGEFLEET_HUB_PUBLIC_KEY") {
             self.hub.public_key = Some(v);
         }
+        if let Some(v) = env("EDGEFLEET_HUB_HTTP_URL") {
+            self.hub.http_url = v;
+        }
         if let Some(v) = env("EDGEFLEET_TOPIC_ROOT") {
             self.hub.topic_root = v;
         }
@@ -324,6 +331,15 @@ impl EdgeConfig {
                 format!("{k:?} is not 64 hex characters of an Ed25519 key"),
             );
         }
+        if !valid_http_url(&self.hub.http_url) {
+            c.push(
+                &h.field("http_url"),
+                format!(
+                    "{:?} is not an http:// URL with a host (e.g. http://hub:8080)",
+                    self.hub.http_url
+                ),
+            );
+        }
         let o = root.field("outbox");
         if self.outbox.effective_max_bytes() < 64 * 1024 {
             c.push(&o.field("max_bytes"), "must be at least 65536");
@@ -371,6 +387,22 @@ impl EdgeConfig {
     }
 }
 
+/// `http://host[:port][/path]` (https is not built in yet).
+fn valid_http_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = authority.rsplit_once(':').map_or(authority, |(h, port)| {
+        if port.parse::<u16>().is_ok_and(|p| p > 0) {
+            h
+        } else {
+            ""
+        }
+    });
+    !host.is_empty() && !host.contains(char::is_whitespace) && !url.contains(['?', '#'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,13 +436,32 @@ mod tests {
         };
         c.mqtt.port = 0;
         c.hub.public_key = Some("zz".into());
+        c.hub.http_url = "ftp://hub".into();
         let e = c.validate().unwrap_err().to_string();
         for want in [
             "node: \"a/b\" contains '/'",
             "mqtt.port: 0",
             "hub.public_key: \"zz\"",
+            "hub.http_url: \"ftp://hub\"",
         ] {
             assert!(e.contains(want), "{want} not in {e}");
+        }
+    }
+
+    #[test]
+    fn http_urls() {
+        for ok in ["http://127.0.0.1:8080", "http://hub", "http://hub:80/base/"] {
+            assert!(valid_http_url(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "hub:8080",
+            "http://",
+            "http://:80",
+            "http://hub:x",
+            "https://hub",
+        ] {
+            assert!(!valid_http_url(bad), "{bad}");
         }
     }
 

@@ -3,19 +3,23 @@
 //! Owns everything a gateway does: the sync session with the hub over MQTT
 //! ([`link`], [`agent`]), all on-disk state in one sled database ([`store`]),
 //! the device drivers ([`drivers`]), routing samples into durable per-stream
-//! outboxes ([`pipeline`]) and pacing them upstream ([`uplink`]).
+//! outboxes ([`pipeline`]) and pacing them upstream ([`uplink`]); WASM device
+//! functions ([`functions`], on `device-runtime`) with their modules and
+//! models downloaded from the hub ([`artifacts`]).
 //!
 //! Start at [`agent::Agent::start`]. Configuration is [`config::EdgeConfig`];
 //! time is injected through [`clock::Clock`] so long outages run in virtual time.
 //!
-//! Data flow: driver → pipeline → outbox (sled, group commit) → uplink (MQTT
+//! Data flow: driver → pipeline → (device function →) outbox (sled, group commit) → uplink (MQTT
 //! QoS 1) → hub → cumulative ack → outbox deletes. Nothing is deleted before
 //! the hub's ack.
 
 pub mod agent;
+pub mod artifacts;
 pub mod clock;
 pub mod config;
 pub mod drivers;
+pub mod functions;
 pub mod link;
 pub mod metrics;
 pub mod pipeline;

@@ -1,10 +1,12 @@
 //! Routes samples from drivers to outbox streams, in batches.
 //!
-//! Samples arrive from every driver on one channel. Each goes to the raw
-//! stream (if configured); device functions (when deployed) take their
-//! inputs first. Per stream, samples are buffered until `batch_max_samples`
-//! or `batch_max_age`, then appended to the outbox as one entry. On shutdown
-//! every buffer is appended, so a clean stop loses nothing.
+//! Samples arrive from every driver on one channel. Samples of points that a
+//! device function takes as input go to the function host
+//! ([`crate::functions`]), which appends what the functions emit; every
+//! other sample goes to the raw stream (if configured). Per stream, raw
+//! samples are buffered until `batch_max_samples` or `batch_max_age`, then
+//! appended to the outbox as one entry. On shutdown every buffer is
+//! appended, so a clean stop loses nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,8 +17,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::functions::ConsumedPoints;
 use crate::metrics::Counters;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Where samples go; replaced whenever a desired revision is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,73 @@ pub struct Pipeline {
     pub events: mpsc::UnboundedSender<Event>,
     /// Node name for events.
     pub node: String,
+    /// Samples of function inputs go here (the function host).
+    pub functions: mpsc::Sender<Vec<Sample>>,
+    /// Which points functions consume (published by the function host).
+    pub consumed: watch::Receiver<ConsumedPoints>,
+}
+
+/// Appends samples to an outbox stream, counting them and raising an event
+/// when the overflow policy drops some. Shared by the pipeline (raw stream)
+/// and the function host (function outputs).
+#[derive(Clone)]
+pub struct Appender {
+    /// Store to append to.
+    pub store: Store,
+    /// Injected time.
+    pub clock: Clock,
+    /// Counters (`samples_appended`, `samples_append_failed`).
+    pub counters: Arc<Counters>,
+    /// Events to publish (overflow drops).
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Node name for events.
+    pub node: String,
+}
+
+impl std::fmt::Debug for Appender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appender")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Appender {
+    /// Appends `samples` to `stream` as one outbox entry.
+    pub fn append(&self, stream: &str, samples: &[Sample]) -> Result<(), StoreError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let n = samples.len() as u64;
+        let outbox = self.store.outbox(stream)?;
+        match outbox.append(samples, self.clock.now_ms()) {
+            Ok(a) => {
+                if a.first_seq.is_some() {
+                    Counters::add(&self.counters.samples_appended, n);
+                }
+                if a.dropped > 0 {
+                    let _ = self.events.send(Event {
+                        node: self.node.clone(),
+                        at_ms: self.clock.now_ms(),
+                        kind: EventKind::OverflowDrop {
+                            stream: stream.to_owned(),
+                            dropped: a.dropped,
+                        },
+                        message: format!(
+                            "outbox {stream} full: {} samples dropped by the overflow policy",
+                            a.dropped
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the samples counted; a store error is fatal for the agent.
+                Counters::add(&self.counters.samples_append_failed, n);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -93,6 +163,7 @@ impl Pipeline {
                 msg = input.recv() => {
                     let Some(samples) = msg else { break };
                     Counters::add(&self.counters.samples_in, samples.len() as u64);
+                    let samples = self.divert(samples).await;
                     self.route(&routing, &mut buffers, samples)?;
                 }
                 _ = tick.tick() => {
@@ -112,6 +183,7 @@ impl Pipeline {
         // Drain whatever drivers already produced, then append every buffer.
         while let Ok(samples) = input.try_recv() {
             Counters::add(&self.counters.samples_in, samples.len() as u64);
+            let samples = self.divert(samples).await;
             self.route(&routing, &mut buffers, samples)?;
         }
         let streams: Vec<String> = buffers.keys().cloned().collect();
@@ -121,12 +193,37 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Sends the samples of function inputs to the function host; returns
+    /// the rest. If the host is gone, everything stays here (raw).
+    async fn divert(&mut self, samples: Vec<Sample>) -> Vec<Sample> {
+        let consumed = self.consumed.borrow().clone();
+        if consumed.is_empty() {
+            return samples;
+        }
+        let (to_fn, rest): (Vec<Sample>, Vec<Sample>) = samples
+            .into_iter()
+            .partition(|s| consumed.contains(&s.point));
+        if to_fn.is_empty() {
+            return rest;
+        }
+        match self.functions.send(to_fn).await {
+            Ok(()) => rest,
+            Err(mpsc::error::SendError(mut back)) => {
+                back.extend(rest);
+                back
+            }
+        }
+    }
+
     fn route(
         &self,
         routing: &Routing,
         buffers: &mut HashMap<String, Buffer>,
         samples: Vec<Sample>,
     ) -> Result<(), crate::store::StoreError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
         let Some(stream) = &routing.raw_stream else {
             Counters::add(&self.counters.samples_unrouted, samples.len() as u64);
             return Ok(());
@@ -159,34 +256,13 @@ impl Pipeline {
             return Ok(());
         }
         let samples = std::mem::take(&mut buf.samples);
-        let n = samples.len() as u64;
-        let outbox = self.store.outbox(stream)?;
-        match outbox.append(&samples, self.clock.now_ms()) {
-            Ok(a) => {
-                if a.first_seq.is_some() {
-                    Counters::add(&self.counters.samples_appended, n);
-                }
-                if a.dropped > 0 {
-                    let _ = self.events.send(Event {
-                        node: self.node.clone(),
-                        at_ms: self.clock.now_ms(),
-                        kind: EventKind::OverflowDrop {
-                            stream: stream.to_owned(),
-                            dropped: a.dropped,
-                        },
-                        message: format!(
-                            "outbox {stream} full: {} samples dropped by the overflow policy",
-                            a.dropped
-                        ),
-                    });
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Keep the samples counted; a store error is fatal for the agent.
-                Counters::add(&self.counters.samples_append_failed, n);
-                Err(e)
-            }
+        Appender {
+            store: self.store.clone(),
+            clock: self.clock,
+            counters: self.counters.clone(),
+            events: self.events.clone(),
+            node: self.node.clone(),
         }
+        .append(stream, &samples)
     }
 }

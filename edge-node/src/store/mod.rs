@@ -75,6 +75,35 @@ pub(crate) fn io(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
     move |source| StoreError::Io { op, source }
 }
 
+/// Index entry of one downloaded, verified artifact (the blob itself is the
+/// file `{data_dir}/artifacts/{sha256}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArtifactRecord {
+    /// Size in bytes.
+    pub size: u64,
+    /// When it was verified and stored, ms since the Unix epoch.
+    pub stored_at_ms: u64,
+}
+
+fn decode_artifact(sha256: &str, v: &[u8]) -> Result<ArtifactRecord, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("artifacts/{sha256}"),
+        detail: format!("{} bytes, expected 16", v.len()),
+    };
+    let size = v
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .ok_or_else(corrupt)?;
+    let at = v
+        .get(8..16)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .ok_or_else(corrupt)?;
+    Ok(ArtifactRecord {
+        size: u64::from_be_bytes(size),
+        stored_at_ms: u64::from_be_bytes(at),
+    })
+}
+
 /// Store settings.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -97,6 +126,7 @@ struct Inner {
     db: sled::Db,
     desired: sled::Tree,
     meta: sled::Tree,
+    artifacts: sled::Tree,
     path: PathBuf,
     outbox_limits: OutboxLimits,
     outboxes: Mutex<HashMap<String, Outbox>>,
@@ -134,11 +164,15 @@ impl Store {
             })?;
         let desired = db.open_tree("desired").map_err(io("open desired tree"))?;
         let meta = db.open_tree("meta").map_err(io("open meta tree"))?;
+        let artifacts = db
+            .open_tree("artifacts")
+            .map_err(io("open artifacts tree"))?;
         let store = Self {
             inner: Arc::new(Inner {
                 db,
                 desired,
                 meta,
+                artifacts,
                 path: config.path.clone(),
                 outbox_limits: config.outbox.clone(),
                 outboxes: Mutex::new(HashMap::new()),
@@ -314,6 +348,54 @@ impl Store {
             .db
             .open_tree(format!("kv/{function}"))
             .map_err(io("open kv tree"))
+    }
+
+    /// Records that artifact `sha256` (verified, `size` bytes) is stored as a
+    /// file, and waits until the record is on disk.
+    pub async fn artifact_put(
+        &self,
+        sha256: &str,
+        record: ArtifactRecord,
+    ) -> Result<(), StoreError> {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&record.size.to_be_bytes());
+        v[8..].copy_from_slice(&record.stored_at_ms.to_be_bytes());
+        self.inner
+            .artifacts
+            .insert(sha256.as_bytes(), &v)
+            .map_err(io("write artifact record"))?;
+        self.commit().await
+    }
+
+    /// The index record of artifact `sha256`, if it was stored.
+    pub fn artifact_get(&self, sha256: &str) -> Result<Option<ArtifactRecord>, StoreError> {
+        self.inner
+            .artifacts
+            .get(sha256.as_bytes())
+            .map_err(io("read artifact record"))?
+            .map(|v| decode_artifact(sha256, &v))
+            .transpose()
+    }
+
+    /// Every indexed artifact, by digest.
+    pub fn artifacts(&self) -> Result<Vec<(String, ArtifactRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in &self.inner.artifacts {
+            let (k, v) = kv.map_err(io("list artifacts"))?;
+            let digest = String::from_utf8_lossy(&k).into_owned();
+            let rec = decode_artifact(&digest, &v)?;
+            out.push((digest, rec));
+        }
+        Ok(out)
+    }
+
+    /// Forgets artifact `sha256` (call before deleting its file).
+    pub fn artifact_remove(&self, sha256: &str) -> Result<(), StoreError> {
+        self.inner
+            .artifacts
+            .remove(sha256.as_bytes())
+            .map_err(io("remove artifact record"))?;
+        Ok(())
     }
 
     /// Bytes the database uses on disk.

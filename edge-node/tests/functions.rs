@@ -1,0 +1,390 @@
+//! WASM device functions end to end: a real hub (embedded broker, artifact
+//! store, REST API) and a real edge node in one process. The committed
+//! `deadband` guest is uploaded with `PUT /v1/artifacts`, named by digest in
+//! desired state, downloaded and verified by the edge, and filters a
+//! synthetic device's samples before they reach the outbox.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cloud_hub::api::{NodeView, SamplePage};
+use cloud_hub::artifacts::ArtifactInfo;
+use cloud_hub::{App, HubConfig};
+use edge_node::{Agent, Clock, EdgeConfig};
+use protocols::{Event, EventKind, FunctionStatus};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn guest(name: &str, file: &str) -> Vec<u8> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../device-runtime/guests")
+        .join(name)
+        .join(file);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Points 0 and 1 feed function `f`; point 2 is not a function input and
+/// goes to the raw stream.
+fn desired(revision: u64, module: &ArtifactInfo, config: &str) -> serde_json::Value {
+    let pts: Vec<_> = (0..3)
+        .map(|i| {
+            json!({"index": i, "name": format!("p{i}"),
+                   "address": {"kind": "synthetic", "signal": {"shape": "sine", "amplitude": 10.0, "period_s": 10.0}}})
+        })
+        .collect();
+    json!({
+        "node": "n1",
+        "revision": revision,
+        "devices": [{"id": "gen", "protocol": {"kind": "synthetic"},
+                     "groups": [{"name": "fast", "interval_ms": 20, "points": pts}]}],
+        "functions": [{
+            "name": "f",
+            "module_sha256": module.sha256,
+            "module_size": module.size,
+            "config": config,
+            "inputs": [0, 1],
+            "outputs": ["filtered"],
+        }],
+        "config": {"batch_max_samples": 100, "batch_max_age_ms": 200, "report_interval_ms": 200, "raw_stream": "raw"}
+    })
+}
+
+struct Rig {
+    base: String,
+    hub_dir: PathBuf,
+    http: reqwest::Client,
+    cancel: CancellationToken,
+    hub_task: tokio::task::JoinHandle<Result<(), cloud_hub::HubError>>,
+    edge_task: tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let mut hub_cfg = HubConfig {
+            data_dir: dir.path().join("hub"),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            ack_interval: Duration::from_millis(50),
+            ..HubConfig::default()
+        };
+        hub_cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
+        let hub_dir = hub_cfg.data_dir.clone();
+        let app = App::start(hub_cfg, cancel.clone()).await.unwrap();
+        let base = format!("http://{}", app.http_addr());
+        let (host, port) = app.mqtt_addr();
+        let hub_key: serde_json::Value = reqwest::get(format!("{base}/v1/hub"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let hub_task = tokio::spawn(app.run());
+
+        let mut edge_cfg = EdgeConfig {
+            node: "n1".into(),
+            data_dir: dir.path().join("edge"),
+            ..EdgeConfig::default()
+        };
+        edge_cfg.mqtt.host = host;
+        edge_cfg.mqtt.port = port;
+        edge_cfg.hub.public_key = Some(hub_key["public_key"].as_str().unwrap().to_owned());
+        edge_cfg.hub.http_url.clone_from(&base);
+        edge_cfg.validate().unwrap();
+        let agent = Agent::start(edge_cfg, Clock::system(), cancel.clone())
+            .await
+            .unwrap();
+        let edge_task = tokio::spawn(agent.run());
+        Self {
+            base,
+            hub_dir,
+            http: reqwest::Client::new(),
+            cancel,
+            hub_task,
+            edge_task,
+            _dir: dir,
+        }
+    }
+
+    async fn upload(&self, bytes: Vec<u8>) -> ArtifactInfo {
+        let r = self
+            .http
+            .put(format!("{}/v1/artifacts", self.base))
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        r.json().await.unwrap()
+    }
+
+    async fn put_desired(&self, body: serde_json::Value) {
+        let r = self
+            .http
+            .put(format!("{}/v1/nodes/n1/desired", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+
+    async fn node(&self) -> Option<NodeView> {
+        let r = self
+            .http
+            .get(format!("{}/v1/nodes/n1", self.base))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())?;
+        r.json().await.ok()
+    }
+
+    async fn function(&self) -> Option<(u64, FunctionStatus, NodeView)> {
+        let n = self.node().await?;
+        let r = n.reported.as_ref()?;
+        let f = r.functions.get("f")?.clone();
+        Some((r.applied_revision, f, n))
+    }
+
+    async fn samples(&self, stream: &str) -> SamplePage {
+        self.http
+            .get(format!(
+                "{}/v1/nodes/n1/streams/{stream}/samples?limit=1000000",
+                self.base
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn events(&self) -> Vec<Event> {
+        self.http
+            .get(format!("{}/v1/nodes/n1/events", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.edge_task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.hub_task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn counter(f: &FunctionStatus, name: &str) -> u64 {
+    f.counters.get(name).copied().unwrap_or(0)
+}
+
+fn assert_gap_free(page: &SamplePage, stream: &str) {
+    for (i, s) in page.samples.iter().enumerate() {
+        assert_eq!(
+            s.seq,
+            i as u64 + 1,
+            "{stream}: gap or duplicate at position {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadband_filters_and_hot_swaps_without_gaps() {
+    let rig = Rig::start().await;
+    let module = rig.upload(guest("deadband", "deadband.wasm")).await;
+    rig.put_desired(desired(1, &module, "deadband=2")).await;
+
+    // The function runs the uploaded module and has seen a good amount of input.
+    let (_, f, _) = wait_for("deadband running with input", || async {
+        rig.function().await.filter(|(rev, f, _)| {
+            *rev == 1 && f.state == "running" && counter(f, "samples_in") >= 600
+        })
+    })
+    .await;
+    assert_eq!(f.module_sha256, module.sha256);
+    assert_eq!(counter(&f, "errors"), 0, "{f:?}");
+
+    // What the hub stored on `filtered` is the function's output: far fewer
+    // samples than went in, only from the function's input points.
+    let (f, filtered) = wait_for("hub has every filtered sample the edge emitted", || async {
+        let (_, f, _) = rig.function().await?;
+        let page = rig.samples("filtered").await;
+        (page.samples.len() as u64 >= counter(&f, "samples_out") && !page.samples.is_empty())
+            .then_some((f, page))
+    })
+    .await;
+    let (inp, out) = (counter(&f, "samples_in"), counter(&f, "samples_out"));
+    assert!(out * 4 < inp, "deadband passed {out} of {inp} samples");
+    assert!(
+        filtered
+            .samples
+            .iter()
+            .all(|s| s.point == 0 || s.point == 1),
+        "only function inputs on the filtered stream"
+    );
+    assert_gap_free(&filtered, "filtered");
+    let raw = rig.samples("raw").await;
+    assert!(!raw.samples.is_empty());
+    assert!(
+        raw.samples.iter().all(|s| s.point == 2),
+        "function inputs must not also go raw"
+    );
+    let n = rig.node().await.unwrap();
+    let counters = &n.reported.unwrap().counters;
+    assert_eq!(counters.get("artifacts_fetched"), Some(&1), "{counters:?}");
+    assert!(counters["samples_in"] >= inp, "{counters:?}");
+
+    // Hot swap: a new revision with a different config, same module.
+    let before = rig.samples("filtered").await.samples.len();
+    rig.put_desired(desired(2, &module, "deadband=0.5")).await;
+    let (_, f2, _) = wait_for("revision 2 applied and the function running", || async {
+        rig.function().await.filter(|(rev, f, _)| {
+            *rev == 2 && f.state == "running" && counter(f, "samples_in") > inp + 1_000
+        })
+    })
+    .await;
+    assert_eq!(counter(&f2, "errors"), 0, "{f2:?}");
+    let after = wait_for("hub has every filtered sample after the swap", || async {
+        let (_, f, _) = rig.function().await?;
+        let page = rig.samples("filtered").await;
+        (page.samples.len() as u64 >= counter(&f, "samples_out")).then_some(page)
+    })
+    .await;
+    assert!(
+        after.samples.len() > before + 50,
+        "stream continues after the swap: {before} -> {}",
+        after.samples.len()
+    );
+    assert_gap_free(&after, "filtered");
+    // No sample emitted twice: per point, timestamps strictly increase across the swap.
+    for p in [0, 1] {
+        let ts: Vec<u64> = after
+            .samples
+            .iter()
+            .filter(|s| s.point == p)
+            .map(|s| s.ts_ms)
+            .collect();
+        assert!(
+            ts.windows(2).all(|w| w[0] < w[1]),
+            "point {p}: timestamps not strictly increasing"
+        );
+    }
+    // The tighter deadband passes more per input sample.
+    let rate1 = out as f64 / inp as f64;
+    let rate2 =
+        (counter(&f2, "samples_out") - out) as f64 / (counter(&f2, "samples_in") - inp) as f64;
+    assert!(
+        rate2 > rate1,
+        "deadband 0.5 passes {rate2:.3}, deadband 2 passes {rate1:.3}"
+    );
+    assert_gap_free(&rig.samples("raw").await, "raw");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
+    let rig = Rig::start().await;
+    let good = rig.upload(guest("deadband", "deadband.wasm")).await;
+    rig.put_desired(desired(1, &good, "deadband=2")).await;
+    wait_for("deadband running", || async {
+        rig.function().await.filter(|(rev, f, _)| {
+            *rev == 1 && f.state == "running" && counter(f, "samples_out") > 0
+        })
+    })
+    .await;
+
+    // A second module, whose copy on the hub's disk then rots: same size,
+    // different bytes. The edge must refuse it (digest mismatch).
+    let other = rig
+        .upload(guest("swinging-door", "swinging-door.wasm"))
+        .await;
+    let path = rig.hub_dir.join("artifacts").join(&other.sha256);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in bytes.iter_mut().skip(100).take(64) {
+        *b ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    rig.put_desired(desired(2, &other, "deviation=1")).await;
+
+    let (_, f, n) = wait_for("the corrupt module is refused and counted", || async {
+        let (rev, f, n) = rig.function().await?;
+        let rejected = n
+            .reported
+            .as_ref()?
+            .counters
+            .get("artifacts_rejected")
+            .copied()?;
+        (rev == 2 && rejected >= 1).then_some((rev, f, n))
+    })
+    .await;
+    // The previous version keeps running.
+    assert_eq!(f.module_sha256, good.sha256, "{f:?}");
+    assert_eq!(f.state, "running");
+    let events = wait_for("a function-failed event reaches the hub", || async {
+        let evs = rig.events().await;
+        evs.iter()
+            .any(|e| {
+                matches!(&e.kind, EventKind::FunctionFailed { function } if function == "f")
+                    && e.message.contains("refused")
+            })
+            .then_some(evs)
+    })
+    .await;
+    assert!(!events.is_empty());
+    let out_then = counter(&f, "samples_out");
+    let seen = rig.samples("filtered").await.samples.len();
+    wait_for(
+        "filtered data keeps flowing from the old version",
+        || async {
+            let (_, f, _) = rig.function().await?;
+            let page = rig.samples("filtered").await;
+            (counter(&f, "samples_out") > out_then + 20 && page.samples.len() > seen + 20)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        n.status
+            .is_some_and(|s| s.state == protocols::NodeState::Online)
+    );
+    assert_gap_free(&rig.samples("filtered").await, "filtered");
+    rig.stop().await;
+}

@@ -8,7 +8,7 @@
 //! appended to the outbox as one entry. On shutdown every buffer is
 //! appended, so a clean stop loses nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::functions::ConsumedPoints;
 use crate::metrics::Counters;
 use crate::store::{Store, StoreError};
 
@@ -29,9 +30,6 @@ pub struct Routing {
     pub batch_max_samples: usize,
     /// Append when the oldest buffered sample waited this long.
     pub batch_max_age: Duration,
-    /// Points that are inputs of a desired function: their samples go to
-    /// the function host, not the raw stream.
-    pub function_inputs: Arc<BTreeSet<u32>>,
 }
 
 impl Default for Routing {
@@ -40,7 +38,6 @@ impl Default for Routing {
             raw_stream: None,
             batch_max_samples: 1_000,
             batch_max_age: Duration::from_secs(1),
-            function_inputs: Arc::default(),
         }
     }
 }
@@ -67,6 +64,8 @@ pub struct Pipeline {
     pub node: String,
     /// Samples of function inputs go here (the function host).
     pub functions: mpsc::Sender<Vec<Sample>>,
+    /// Which points functions consume (published by the function host).
+    pub consumed: watch::Receiver<ConsumedPoints>,
 }
 
 /// Appends samples to an outbox stream, counting them and raising an event
@@ -154,8 +153,6 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                // Routing changes are seen before the samples that follow them.
-                biased;
                 () = cancel.cancelled() => break,
                 r = self.routing.changed() => {
                     if r.is_err() { break; }
@@ -166,7 +163,7 @@ impl Pipeline {
                 msg = input.recv() => {
                     let Some(samples) = msg else { break };
                     Counters::add(&self.counters.samples_in, samples.len() as u64);
-                    let samples = self.divert(&routing, samples).await;
+                    let samples = self.divert(samples).await;
                     self.route(&routing, &mut buffers, samples)?;
                 }
                 _ = tick.tick() => {
@@ -186,7 +183,7 @@ impl Pipeline {
         // Drain whatever drivers already produced, then append every buffer.
         while let Ok(samples) = input.try_recv() {
             Counters::add(&self.counters.samples_in, samples.len() as u64);
-            let samples = self.divert(&routing, samples).await;
+            let samples = self.divert(samples).await;
             self.route(&routing, &mut buffers, samples)?;
         }
         let streams: Vec<String> = buffers.keys().cloned().collect();
@@ -198,8 +195,8 @@ impl Pipeline {
 
     /// Sends the samples of function inputs to the function host; returns
     /// the rest. If the host is gone, everything stays here (raw).
-    async fn divert(&self, routing: &Routing, samples: Vec<Sample>) -> Vec<Sample> {
-        let consumed = &routing.function_inputs;
+    async fn divert(&mut self, samples: Vec<Sample>) -> Vec<Sample> {
+        let consumed = self.consumed.borrow().clone();
         if consumed.is_empty() {
             return samples;
         }

@@ -6,9 +6,9 @@
 //! ```
 //!
 //! No hub is needed: the example seeds the agent's store with a signed
-//! desired state (one synthetic device with 10 points per function, sampled
-//! every 100 ms; function `fK` runs the committed `deadband` guest over its
-//! 10 points) and the module blob, exactly as a previous run with a hub
+//! desired state (one synthetic device with 10 points per function, at
+//! least 100, sampled every 100 ms; function `fK` runs the committed
+//! `deadband` guest over points `10K..10K+10`, the rest go raw) and the module blob, exactly as a previous run with a hub
 //! would have left them, then starts the agent with an unreachable broker
 //! (it runs offline, buffering to the outbox). It prints `VmRSS`/`VmHWM`
 //! from `/proc/self/status` before the agent starts, once every function
@@ -48,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
     let module = std::fs::read(&module_path).with_context(|| module_path.display().to_string())?;
     let sha = hex::encode(sha2::Sha256::digest(&module));
 
-    let points: Vec<_> = (0..n * 10)
+    // At least 100 points, so `0` functions is a baseline with the same data
+    // load (points no function takes go to the raw stream).
+    let points: Vec<_> = (0..n.max(10) * 10)
         .map(|i| {
             json!({"index": i, "name": format!("p{i}"),
                    "address": {"kind": "synthetic", "signal": {"shape": "sine", "amplitude": 10.0, "period_s": 10.0, "noise": 0.2}}})

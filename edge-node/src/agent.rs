@@ -87,8 +87,6 @@ impl Agent {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (samples_tx, samples_rx) = mpsc::channel(1024);
         let (fn_tx, fn_rx) = mpsc::channel(256);
-        let (consumed_tx, consumed_rx) =
-            watch::channel(crate::functions::ConsumedPoints::default());
         let (desired_tx, desired_rx) = watch::channel(DesiredPair::default());
         let (ready_tx, ready_rx) = watch::channel(0u64);
         let functions = FunctionsView::default();
@@ -127,7 +125,6 @@ impl Agent {
                 events: events_tx.clone(),
                 node: cfg.node.clone(),
                 functions: fn_tx,
-                consumed: consumed_rx,
             };
             let pc = pipeline_cancel.clone();
             tasks.spawn(async move { Ok(p.run(samples_rx, pc).await?) });
@@ -151,7 +148,6 @@ impl Agent {
                 },
                 counters: counters.clone(),
                 events: events_tx.clone(),
-                consumed: consumed_tx,
                 view: functions.clone(),
                 cache_dir: cfg.data_dir.join("wasm-cache"),
             };
@@ -536,6 +532,27 @@ impl Control {
 
     /// Reconciles drivers and routing with `desired`.
     fn apply(&mut self, desired: DesiredState) {
+        // The function host learns the new functions before the pipeline
+        // routes their inputs to it, and both before new drivers produce.
+        if let Some(old) = self.applied.take() {
+            self.previous = Some(Arc::new(old));
+        }
+        self.desired.send_replace(DesiredPair {
+            current: Some(Arc::new(desired.clone())),
+            previous: self.previous.clone(),
+        });
+        self.routing.send_replace(Routing {
+            raw_stream: desired.config.raw_stream.clone(),
+            batch_max_samples: desired.config.batch_max_samples as usize,
+            batch_max_age: Duration::from_millis(desired.config.batch_max_age_ms),
+            function_inputs: Arc::new(
+                desired
+                    .functions
+                    .iter()
+                    .flat_map(|f| f.inputs.iter().copied())
+                    .collect(),
+            ),
+        });
         let wanted: BTreeMap<&str, &Device> =
             desired.devices.iter().map(|d| (d.id.as_str(), d)).collect();
         let stale: Vec<String> = self
@@ -560,19 +577,7 @@ impl Control {
                 self.devices.insert(d.id.clone(), (d.clone(), h));
             }
         }
-        self.routing.send_replace(Routing {
-            raw_stream: desired.config.raw_stream.clone(),
-            batch_max_samples: desired.config.batch_max_samples as usize,
-            batch_max_age: Duration::from_millis(desired.config.batch_max_age_ms),
-        });
         info!(node = %self.cfg.node, revision = desired.revision, devices = desired.devices.len(), functions = desired.functions.len(), "desired state applied");
-        if let Some(old) = self.applied.take() {
-            self.previous = Some(Arc::new(old));
-        }
-        self.desired.send_replace(DesiredPair {
-            current: Some(Arc::new(desired.clone())),
-            previous: self.previous.clone(),
-        });
         self.applied = Some(desired);
     }
 

@@ -10,8 +10,7 @@
 //! runs on a reactor thread and calls stay sequential.
 //!
 //! Data flow: the pipeline sends every sample whose point is an input of a
-//! function (the set it gets from [`FunctionHost`] through a watch channel)
-//! to the host. The host buffers them per function and calls `process` when
+//! desired function (`Routing::function_inputs`) to the host. The host buffers them per function and calls `process` when
 //! a buffer holds `batch_max_samples` or its oldest sample waited
 //! `batch_max_age`; the emitted samples are appended to the outbox stream(s)
 //! the function names, with the function's local point indexes mapped back
@@ -74,10 +73,6 @@ pub enum FunctionError {
     #[error("function runtime task failed: {0}")]
     Task(String),
 }
-
-/// Point indexes consumed by functions; the pipeline sends their samples to
-/// the host instead of the raw stream.
-pub type ConsumedPoints = Arc<BTreeSet<u32>>;
 
 /// Function status as reported state shows it, shared with the agent's
 /// control loop.
@@ -340,8 +335,6 @@ pub struct FunctionHost {
     pub counters: Arc<Counters>,
     /// Events to publish.
     pub events: mpsc::UnboundedSender<Event>,
-    /// Points consumed by functions, for the pipeline.
-    pub consumed: watch::Sender<ConsumedPoints>,
     /// Reported function status.
     pub view: FunctionsView,
     /// Compiled-code cache directory.
@@ -394,6 +387,8 @@ impl FunctionHost {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // A new desired state is applied before the input that follows it.
+                biased;
                 () = cancel.cancelled() => break,
                 r = desired.changed() => {
                     if r.is_err() { break; }
@@ -617,13 +612,13 @@ impl FunctionHost {
                 leftovers.extend(s.buffer);
             }
         }
-        self.rebuild_routes(st, &mut leftovers);
+        Self::rebuild_routes(st, &mut leftovers);
         self.to_raw(st, &leftovers)?;
         self.publish_status(st, None);
         Ok(())
     }
 
-    fn rebuild_routes(&self, st: &mut HostState, leftovers: &mut Vec<Sample>) {
+    fn rebuild_routes(st: &mut HostState, leftovers: &mut Vec<Sample>) {
         let mut point_fns: HashMap<u32, Vec<String>> = HashMap::new();
         for (name, slot) in &mut st.slots {
             let inputs: BTreeSet<u32> = slot.inputs().iter().copied().collect();
@@ -637,16 +632,7 @@ impl FunctionHost {
             slot.buffer = keep;
             leftovers.extend(drop);
         }
-        let consumed: BTreeSet<u32> = point_fns.keys().copied().collect();
         st.point_fns = point_fns;
-        self.consumed.send_if_modified(|c| {
-            if **c == consumed {
-                false
-            } else {
-                *c = Arc::new(consumed);
-                true
-            }
-        });
     }
 
     fn create_runtime(&self, st: &mut HostState) {

@@ -8,7 +8,7 @@
 //! appended to the outbox as one entry. On shutdown every buffer is
 //! appended, so a clean stop loses nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::functions::ConsumedPoints;
 use crate::metrics::Counters;
 use crate::store::{Store, StoreError};
 
@@ -30,6 +29,9 @@ pub struct Routing {
     pub batch_max_samples: usize,
     /// Append when the oldest buffered sample waited this long.
     pub batch_max_age: Duration,
+    /// Points that are inputs of a desired function: their samples go to
+    /// the function host, not the raw stream.
+    pub function_inputs: Arc<BTreeSet<u32>>,
 }
 
 impl Default for Routing {
@@ -38,6 +40,7 @@ impl Default for Routing {
             raw_stream: None,
             batch_max_samples: 1_000,
             batch_max_age: Duration::from_secs(1),
+            function_inputs: Arc::default(),
         }
     }
 }
@@ -64,8 +67,6 @@ pub struct Pipeline {
     pub node: String,
     /// Samples of function inputs go here (the function host).
     pub functions: mpsc::Sender<Vec<Sample>>,
-    /// Which points functions consume (published by the function host).
-    pub consumed: watch::Receiver<ConsumedPoints>,
 }
 
 /// Appends samples to an outbox stream, counting them and raising an event
@@ -153,6 +154,8 @@ impl Pipeline {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Routing changes are seen before the samples that follow them.
+                biased;
                 () = cancel.cancelled() => break,
                 r = self.routing.changed() => {
                     if r.is_err() { break; }
@@ -163,7 +166,7 @@ impl Pipeline {
                 msg = input.recv() => {
                     let Some(samples) = msg else { break };
                     Counters::add(&self.counters.samples_in, samples.len() as u64);
-                    let samples = self.divert(samples).await;
+                    let samples = self.divert(&routing, samples).await;
                     self.route(&routing, &mut buffers, samples)?;
                 }
                 _ = tick.tick() => {
@@ -183,7 +186,7 @@ impl Pipeline {
         // Drain whatever drivers already produced, then append every buffer.
         while let Ok(samples) = input.try_recv() {
             Counters::add(&self.counters.samples_in, samples.len() as u64);
-            let samples = self.divert(samples).await;
+            let samples = self.divert(&routing, samples).await;
             self.route(&routing, &mut buffers, samples)?;
         }
         let streams: Vec<String> = buffers.keys().cloned().collect();
@@ -195,8 +198,8 @@ impl Pipeline {
 
     /// Sends the samples of function inputs to the function host; returns
     /// the rest. If the host is gone, everything stays here (raw).
-    async fn divert(&mut self, samples: Vec<Sample>) -> Vec<Sample> {
-        let consumed = self.consumed.borrow().clone();
+    async fn divert(&self, routing: &Routing, samples: Vec<Sample>) -> Vec<Sample> {
+        let consumed = &routing.function_inputs;
         if consumed.is_empty() {
             return samples;
         }

@@ -75,6 +75,7 @@ fn desired(revision: u64, module: &ArtifactInfo, config: &str) -> serde_json::Va
 
 struct Rig {
     base: String,
+    hub_key: String,
     hub_dir: PathBuf,
     http: reqwest::Client,
     cancel: CancellationToken,
@@ -113,7 +114,8 @@ impl Rig {
         };
         edge_cfg.mqtt.host = host;
         edge_cfg.mqtt.port = port;
-        edge_cfg.hub.public_key = Some(hub_key["public_key"].as_str().unwrap().to_owned());
+        let hub_key = hub_key["public_key"].as_str().unwrap().to_owned();
+        edge_cfg.hub.public_key = Some(hub_key.clone());
         edge_cfg.hub.http_url.clone_from(&base);
         edge_cfg.validate().unwrap();
         let agent = Agent::start(edge_cfg, Clock::system(), cancel.clone())
@@ -122,6 +124,7 @@ impl Rig {
         let edge_task = tokio::spawn(agent.run());
         Self {
             base,
+            hub_key,
             hub_dir,
             http: reqwest::Client::new(),
             cancel,
@@ -197,7 +200,7 @@ impl Rig {
             .unwrap()
     }
 
-    async fn stop(self) {
+    async fn stop(self) -> tempfile::TempDir {
         self.cancel.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.edge_task)
             .await
@@ -209,6 +212,7 @@ impl Rig {
             .unwrap()
             .unwrap()
             .unwrap();
+        self._dir
     }
 }
 
@@ -317,6 +321,54 @@ async fn deadband_filters_and_hot_swaps_without_gaps() {
     );
     assert_gap_free(&rig.samples("raw").await, "raw");
     rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_hub_runs_functions_from_disk() {
+    let rig = Rig::start().await;
+    let module = rig.upload(guest("deadband", "deadband.wasm")).await;
+    rig.put_desired(desired(1, &module, "deadband=2")).await;
+    wait_for("deadband running", || async {
+        rig.function()
+            .await
+            .filter(|(_, f, _)| f.state == "running" && counter(f, "samples_out") > 0)
+    })
+    .await;
+    let hub_key = rig.hub_key.clone();
+    let dir = rig.stop().await;
+
+    // No hub at all: nothing listens on the broker or HTTP port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let mut cfg = EdgeConfig {
+        node: "n1".into(),
+        data_dir: dir.path().join("edge"),
+        ..EdgeConfig::default()
+    };
+    cfg.mqtt.port = port;
+    cfg.hub.http_url = format!("http://127.0.0.1:{port}");
+    cfg.hub.public_key = Some(hub_key);
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(cfg, Clock::system(), cancel.clone())
+        .await
+        .unwrap();
+    let view = agent.functions();
+    let task = tokio::spawn(agent.run());
+    let f = wait_for("function running again from the local artifact", || async {
+        view.snapshot()
+            .get("f")
+            .filter(|f| f.state == "running" && counter(f, "samples_out") > 0)
+            .cloned()
+    })
+    .await;
+    assert_eq!(f.module_sha256, module.sha256);
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

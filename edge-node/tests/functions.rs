@@ -81,7 +81,7 @@ struct Rig {
     cancel: CancellationToken,
     hub_task: tokio::task::JoinHandle<Result<(), cloud_hub::HubError>>,
     edge_task: tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Rig {
@@ -130,7 +130,7 @@ impl Rig {
             cancel,
             hub_task,
             edge_task,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -212,7 +212,7 @@ impl Rig {
             .unwrap()
             .unwrap()
             .unwrap();
-        self._dir
+        self.dir
     }
 }
 

@@ -116,6 +116,9 @@ impl Agent {
         // drivers, so that buffered samples are appended and flushed on a clean stop.
         let pipeline_cancel = CancellationToken::new();
         let committer_cancel = CancellationToken::new();
+        // Set when the pipeline and function host have appended everything
+        // they held: only then is the committer's final commit a clean stop.
+        let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
             let p = Pipeline {
                 store: store.clone(),
@@ -174,7 +177,8 @@ impl Agent {
             let store = store.clone();
             let every = cfg.outbox.flush_interval;
             let cc = committer_cancel.clone();
-            tasks.spawn(async move { Ok(committer(store, clock, every, cc).await?) });
+            let clean = drained.clone();
+            tasks.spawn(async move { Ok(committer(store, clock, every, cc, clean).await?) });
         }
         {
             let store = store.clone();
@@ -197,6 +201,7 @@ impl Agent {
             fetcher: fetcher.clone(),
             devices: BTreeMap::new(),
             offline_since_ms: Some(clock.now_ms()),
+            loss_windows: Vec::new(),
             cfg,
             clock,
             store: store.clone(),
@@ -217,8 +222,11 @@ impl Agent {
                 pipeline_cancel.cancel();
                 // Let the pipeline and the function host append what they
                 // hold, then make it durable.
-                let _ = tokio::time::timeout(Duration::from_secs(10), host_done.cancelled()).await;
+                let done = tokio::time::timeout(Duration::from_secs(10), host_done.cancelled())
+                    .await
+                    .is_ok();
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                drained.store(done, std::sync::atomic::Ordering::Release);
                 committer_cancel.cancel();
                 r
             });
@@ -274,6 +282,7 @@ async fn committer(
     clock: Clock,
     every: Duration,
     cancel: CancellationToken,
+    drained: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), StoreError> {
     loop {
         let stop = tokio::select! {
@@ -289,6 +298,9 @@ async fn committer(
             store.commit().await?;
         }
         if stop {
+            if drained.load(std::sync::atomic::Ordering::Acquire) {
+                store.mark_clean_stop().await?;
+            }
             return Ok(());
         }
     }
@@ -313,6 +325,7 @@ struct Control {
     fetcher: Arc<ArtifactFetcher>,
     devices: BTreeMap<String, (Device, DeviceHandle)>,
     offline_since_ms: Option<u64>,
+    loss_windows: Vec<protocols::LossWindow>,
 }
 
 impl Control {
@@ -338,16 +351,31 @@ impl Control {
                 }
             }
         }
-        if let Some(last) = self.store.last_commit_time()? {
-            let now = self.clock.now_ms();
+        // Anything not covered by a completed group commit before an unclean
+        // stop may be gone: report the window (durably, and in every report).
+        let clean = self.store.take_clean_stop()?;
+        if let (false, Some(last)) = (clean, self.store.last_commit_time()?) {
+            let batch_age = self
+                .applied
+                .as_ref()
+                .map_or(0, |d| d.config.batch_max_age_ms);
+            let w = protocols::LossWindow {
+                from_ms: last.saturating_sub(batch_age),
+                to_ms: self.clock.now_ms(),
+            };
+            self.store.record_loss_window(w)?;
             self.event(
-                EventKind::DriverFault { device: "agent".into() },
+                EventKind::UncleanRestart {
+                    from_ms: w.from_ms,
+                    to_ms: w.to_ms,
+                },
                 format!(
-                    "agent restarted; samples taken after the last group commit ({} ms ago) and not yet on disk may be missing",
-                    now.saturating_sub(last)
+                    "agent restarted after an unclean stop; samples taken in the {} ms before it restarted that no group commit covered may be missing",
+                    w.to_ms - w.from_ms
                 ),
             );
         }
+        self.loss_windows = self.store.loss_windows()?;
         Ok(())
     }
 
@@ -624,6 +652,7 @@ impl Control {
             backlog,
             offline_since_ms: self.offline_since_ms,
             counters,
+            loss_windows: self.loss_windows.clone(),
             at_ms: now,
         }
     }

@@ -52,6 +52,13 @@ pub enum EventKind {
         /// What was rolled back.
         target: String,
     },
+    /// The agent started after an unclean stop; samples in the window may be missing.
+    UncleanRestart {
+        /// Start of the window, ms since epoch.
+        from_ms: u64,
+        /// End of the window (the restart), ms since epoch.
+        to_ms: u64,
+    },
     /// A message from the hub could not be decoded.
     BadMessage {
         /// The topic it came on.

@@ -37,7 +37,7 @@ pub use device::{
     Point, PointAddress, PointGroup, Signal, WordOrder,
 };
 pub use event::{Event, EventKind};
-pub use reported::{Backlog, DeviceStatus, FunctionStatus, ReportedState};
+pub use reported::{Backlog, DeviceStatus, FunctionStatus, LossWindow, ReportedState};
 pub use signing::{SignedDesired, SigningError};
 pub use status::{NodeState, NodeStatus};
 pub use telemetry::{Quality, Sample, TelemetryBatch};

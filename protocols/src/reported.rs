@@ -28,8 +28,26 @@ pub struct ReportedState {
     /// Monotonic counters (`samples_in`, `samples_dropped_overflow`, …).
     #[serde(default)]
     pub counters: BTreeMap<String, u64>,
+    /// The most recent unclean restarts (kill, power cut, crash), oldest
+    /// first: samples timestamped inside a window may be missing. This is how
+    /// the group-commit loss window is reported, never silently absorbed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_windows: Vec<LossWindow>,
     /// When this report was made, ms since epoch.
     pub at_ms: u64,
+}
+
+/// A time range in which samples may have been lost because the agent
+/// stopped without a clean shutdown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossWindow {
+    /// Samples timestamped at or after this (ms since epoch) and not yet
+    /// covered by a completed group commit may be missing: the last commit
+    /// time minus the pipeline's maximum batch age.
+    pub from_ms: u64,
+    /// When the agent started again, ms since epoch.
+    pub to_ms: u64,
 }
 
 /// Status of one device function.

@@ -238,6 +238,10 @@ fn reported_state() {
             dropped: 0,
         },
         offline_since_ms: Some(1_764_300_000_000),
+        loss_windows: vec![LossWindow {
+            from_ms: 1_764_299_990_000,
+            to_ms: 1_764_299_995_000,
+        }],
         counters: BTreeMap::from([("samples_in".into(), 5000)]),
         at_ms: 1_764_300_001_000,
     };

@@ -13,12 +13,18 @@
 //! and in group commits for the outbox: a committer calls [`Store::commit`]
 //! every `flush_interval` (default 100 ms), and the uplink only publishes
 //! samples that a completed commit covers. Consequences:
-//! - a `kill -9` or power cut loses at most the samples appended during the
-//!   last `flush_interval`, and those were never published, so the hub never
-//!   sees a sequence number twice with different samples and never sees a gap;
-//! - the loss is counted: each commit records the time it covered, and on the
-//!   next start the agent reports the window between the last durable commit
-//!   and the restart as a `crash-recovery` event;
+//! - a `kill -9` or power cut loses at most the samples not yet covered by a
+//!   completed commit: those still batched in the pipeline (at most the
+//!   desired state's `batch_max_age_ms`) and those appended after the last
+//!   commit (at most `flush_interval`). None of them was ever published, so
+//!   the hub never sees a sequence number twice with different samples and
+//!   never sees a gap. (A device function may hold a few more samples by
+//!   design, e.g. swinging door's open segment; those are lost with it.)
+//! - the loss is never silent: each commit records the time it covered, a
+//!   clean stop leaves a marker, and a start without that marker records a
+//!   [`protocols::LossWindow`] `[last commit − batch_max_age, restart]`. The
+//!   last [`LOSS_WINDOWS_KEPT`] windows are kept here and sent in every
+//!   reported state, and an `unclean-restart` event is raised;
 //! - sled does not `fsync` on every flush; an OS crash (not a process crash)
 //!   can lose more. That is sled's documented limit, measured by our crash tests.
 
@@ -136,6 +142,10 @@ const CURRENT: &[u8] = b"current";
 const PREVIOUS: &[u8] = b"previous";
 const HUB_KEY: &[u8] = b"hub_key";
 const LAST_COMMIT_MS: &[u8] = b"last_commit_ms";
+const CLEAN_STOP: &[u8] = b"clean_stop";
+const LOSS_WINDOWS: &[u8] = b"loss_windows";
+/// Unclean restarts remembered (and reported) per node.
+pub const LOSS_WINDOWS_KEPT: usize = 64;
 
 impl Store {
     /// Opens (or creates) the database.
@@ -309,6 +319,64 @@ impl Store {
             .insert(LAST_COMMIT_MS, &now_ms.to_be_bytes())
             .map_err(io("write commit time"))?;
         Ok(())
+    }
+
+    /// Marks the stop as clean (everything buffered was committed) and flushes.
+    pub async fn mark_clean_stop(&self) -> Result<(), StoreError> {
+        self.inner
+            .meta
+            .insert(CLEAN_STOP, &[1u8])
+            .map_err(io("write clean-stop marker"))?;
+        self.inner.db.flush_async().await.map_err(io("flush"))?;
+        Ok(())
+    }
+
+    /// Whether the last stop was clean; clears the marker (durably), so a
+    /// later kill is not mistaken for a clean stop.
+    pub fn take_clean_stop(&self) -> Result<bool, StoreError> {
+        let was = self
+            .inner
+            .meta
+            .remove(CLEAN_STOP)
+            .map_err(io("clear clean-stop marker"))?
+            .is_some();
+        self.inner.db.flush().map_err(io("flush"))?;
+        Ok(was)
+    }
+
+    /// Remembers an unclean restart (durably), keeping the most recent
+    /// [`LOSS_WINDOWS_KEPT`].
+    pub fn record_loss_window(&self, w: protocols::LossWindow) -> Result<(), StoreError> {
+        let mut all = self.loss_windows()?;
+        all.push(w);
+        let excess = all.len().saturating_sub(LOSS_WINDOWS_KEPT);
+        all.drain(..excess);
+        let v = serde_json::to_vec(&all).map_err(|e| StoreError::Corrupt {
+            what: "meta/loss_windows".into(),
+            detail: e.to_string(),
+        })?;
+        self.inner
+            .meta
+            .insert(LOSS_WINDOWS, v)
+            .map_err(io("write loss windows"))?;
+        self.inner.db.flush().map_err(io("flush"))?;
+        Ok(())
+    }
+
+    /// The remembered unclean restarts, oldest first.
+    pub fn loss_windows(&self) -> Result<Vec<protocols::LossWindow>, StoreError> {
+        match self
+            .inner
+            .meta
+            .get(LOSS_WINDOWS)
+            .map_err(io("read loss windows"))?
+        {
+            None => Ok(Vec::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: "meta/loss_windows".into(),
+                detail: e.to_string(),
+            }),
+        }
     }
 
     /// The time the last commit covered, if any.

@@ -6,6 +6,7 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
+    clippy::field_reassign_with_default,
     reason = "test code"
 )]
 

@@ -76,6 +76,13 @@ pub struct StreamStats {
     pub duplicates: u64,
     /// Samples the edge declared dropped by its overflow policy.
     pub dropped_by_edge: u64,
+    /// Times a batch arrived ahead of what was stored, opening a gap (the
+    /// edge resends; a gap normally closes within an ack timeout).
+    #[serde(default)]
+    pub gaps_seen: u64,
+    /// Sequence numbers between `contiguous` and `max_seen` not stored yet.
+    #[serde(default)]
+    pub missing_now: u64,
 }
 
 /// What one ingest did.
@@ -282,6 +289,8 @@ impl Sink {
             e.stats.stored = stored;
             e.stats.max_seen = max_seen;
             e.advance();
+            e.stats.missing_now = e.stats.max_seen.saturating_sub(e.stats.contiguous)
+                - e.stored_in(e.stats.contiguous + 1, e.stats.max_seen);
             streams.insert((node.to_owned(), stream.to_owned()), e);
         }
         Ok(Self {
@@ -344,6 +353,11 @@ impl Sink {
                 out.stored += n;
             }
         }
+        if batch.first_seq > e.stats.max_seen.max(e.stats.contiguous) + 1
+            && batch.floor_seq < batch.first_seq
+        {
+            e.stats.gaps_seen += 1;
+        }
         if let Some(last) = batch.last_seq() {
             e.stats.max_seen = e.stats.max_seen.max(last);
         }
@@ -358,6 +372,8 @@ impl Sink {
             e.raise_watermark(to);
         }
         e.advance();
+        e.stats.missing_now = e.stats.max_seen.saturating_sub(e.stats.contiguous)
+            - e.stored_in(e.stats.contiguous + 1, e.stats.max_seen);
         Ok(out)
     }
 
@@ -517,9 +533,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_db, sink) = open(dir.path());
         assert_eq!(sink.ingest("n", &batch(1, 1, 10)).unwrap().stored, 10);
-        // Ahead of the watermark: stored, watermark waits.
+        // Ahead of the watermark: stored, watermark waits, the gap is counted.
         assert_eq!(sink.ingest("n", &batch(21, 1, 10)).unwrap().stored, 10);
-        assert_eq!(sink.streams("n")["raw"].contiguous, 10);
+        let st = &sink.streams("n")["raw"];
+        assert_eq!((st.contiguous, st.gaps_seen, st.missing_now), (10, 1, 10));
         // Overlaps both sides: only 11..=20 is new.
         let r = sink.ingest("n", &batch(8, 1, 16)).unwrap();
         assert_eq!((r.stored, r.duplicates), (10, 6));
@@ -527,6 +544,7 @@ mod tests {
         assert_eq!(sink.ingest("n", &batch(1, 1, 30)).unwrap().duplicates, 30);
         let st = &sink.streams("n")["raw"];
         assert_eq!((st.contiguous, st.stored, st.duplicates), (30, 30, 36));
+        assert_eq!((st.gaps_seen, st.missing_now), (1, 0));
         assert_eq!(seqs(&sink), (1..=30).collect::<Vec<_>>());
         // Values survive the round trip, and a query can start mid-run.
         let q = sink.query("n", "raw", 15, None, None, 3).unwrap();

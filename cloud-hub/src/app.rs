@@ -19,6 +19,7 @@ use protocols::signing::SigningKey;
 use protocols::{
     Ack, DesiredState, Event, NodeStatus, ReportedState, SignedDesired, TopicKind, Topics,
 };
+use rand::Rng as _;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -272,9 +273,11 @@ impl App {
                         Ok(_) => {}
                         Err(e) => {
                             warn!(error = %e, "hub MQTT connection error; retrying");
+                            // Jittered, so hub replicas do not reconnect in lockstep.
+                            let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
                             tokio::select! {
                                 () = cancel.cancelled() => return Ok(()),
-                                () = tokio::time::sleep(delay) => {}
+                                () = tokio::time::sleep(jittered) => {}
                             }
                             delay = (delay * 2).min(std::time::Duration::from_secs(10));
                         }

@@ -34,6 +34,13 @@ const DROPPED: &[u8] = b"m:dropped";
 const FLOOR: &[u8] = b"m:floor";
 const ENTRY: u8 = b'e';
 const HEADER: usize = 20;
+/// Samples per entry at most. With sled 0.34, values above roughly 16 KiB
+/// are kept in memory however small the page cache is set: a 48 h backlog in
+/// 50 KB entries held its whole payload resident (RSS grew 1:1 with it),
+/// while entries of ≤ 10 KB keep RSS flat (`examples/outbox_backlog.rs`).
+pub const MAX_ENTRY_SAMPLES: usize = 1024;
+/// Bytes per entry at most (header + encoded batch); a larger chunk is split.
+pub const MAX_ENTRY_BYTES: usize = 12 * 1024;
 
 /// What to do when the outbox is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,14 +205,49 @@ impl Outbox {
         &self.inner.stream
     }
 
-    /// Appends samples as one entry, applying the overflow policy first.
-    /// The samples become publishable after the next group commit.
+    /// Appends samples as consecutive entries of at most
+    /// [`MAX_ENTRY_SAMPLES`] samples and [`MAX_ENTRY_BYTES`] bytes, applying
+    /// the overflow policy first. The samples become publishable after the
+    /// next group commit.
     pub fn append(&self, samples: &[Sample], now_ms: u64) -> Result<Appended, StoreError> {
+        let mut out = Appended {
+            first_seq: None,
+            dropped: 0,
+        };
+        for chunk in samples.chunks(MAX_ENTRY_SAMPLES) {
+            self.append_split(chunk, now_ms, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn append_split(
+        &self,
+        samples: &[Sample],
+        now_ms: u64,
+        out: &mut Appended,
+    ) -> Result<(), StoreError> {
+        if let Some(a) = self.append_entry(samples, now_ms)? {
+            out.first_seq = out.first_seq.or(a.first_seq);
+            out.dropped += a.dropped;
+            return Ok(());
+        }
+        let (a, b) = samples.split_at(samples.len() / 2);
+        self.append_split(a, now_ms, out)?;
+        self.append_split(b, now_ms, out)
+    }
+
+    /// Appends one entry; `None` (nothing changed) if it would exceed
+    /// [`MAX_ENTRY_BYTES`] and can be split.
+    fn append_entry(
+        &self,
+        samples: &[Sample],
+        now_ms: u64,
+    ) -> Result<Option<Appended>, StoreError> {
         if samples.is_empty() {
-            return Ok(Appended {
+            return Ok(Some(Appended {
                 first_seq: None,
                 dropped: 0,
-            });
+            }));
         }
         let mut st = self.state();
         let first_seq = st.next_seq;
@@ -223,6 +265,9 @@ impl Outbox {
         value.extend_from_slice(&min_ts.to_be_bytes());
         value.extend_from_slice(&max_ts.to_be_bytes());
         value.extend_from_slice(&body);
+        if value.len() > MAX_ENTRY_BYTES && samples.len() > 1 {
+            return Ok(None);
+        }
         let new_bytes = value.len() as u64;
 
         // Which old entries must go?
@@ -276,10 +321,10 @@ impl Outbox {
         st.dropped += dropped;
         st.floor = floor;
         if !accept {
-            return Ok(Appended {
+            return Ok(Some(Appended {
                 first_seq: None,
                 dropped,
-            });
+            }));
         }
         st.entries.insert(
             first_seq,
@@ -293,10 +338,10 @@ impl Outbox {
         st.bytes += new_bytes;
         st.samples += n;
         st.next_seq += n;
-        Ok(Appended {
+        Ok(Some(Appended {
             first_seq: Some(first_seq),
             dropped,
-        })
+        }))
     }
 
     /// Up to `max_entries` durable batches containing sequence numbers after

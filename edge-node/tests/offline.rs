@@ -87,9 +87,9 @@ fn desired() -> protocols::DesiredState {
         }],
         models: vec![],
         config: NodeConfig {
-            batch_max_samples: 5_000,
-            batch_max_age_ms: 60_000,
-            report_interval_ms: 60_000,
+            batch_max_samples: 1_000,
+            batch_max_age_ms: 5_000,
+            report_interval_ms: 2_000,
             raw_stream: Some("raw".into()),
         },
     }
@@ -147,7 +147,8 @@ async fn outage_48h_then_reconnect_loses_nothing() {
     }
 
     let edge_cancel = CancellationToken::new();
-    let agent = Agent::start(cfg.clone(), Clock::system(), edge_cancel.clone())
+    let clock = Clock::system();
+    let agent = Agent::start(cfg.clone(), clock, edge_cancel.clone())
         .await
         .unwrap();
     let store = agent.store().clone();
@@ -204,7 +205,11 @@ async fn outage_48h_then_reconnect_loses_nothing() {
     hub_cfg.ack_interval = Duration::from_millis(100);
     let hub = start_hub(hub_cfg, hub_cancel.clone());
     let drain_start = std::time::Instant::now();
+    let reconnect_ms = clock.now_ms();
     let target = during.next_seq - 1;
+    // While the backlog drains: new samples must overtake it (live first), and
+    // reported state must keep flowing (control traffic is not starved).
+    let (mut live_first, mut reported_during_drain) = (false, false);
     loop {
         let s = hub
             .sink
@@ -212,6 +217,16 @@ async fn outage_48h_then_reconnect_loses_nothing() {
             .get("raw")
             .cloned()
             .unwrap_or_default();
+        if s.contiguous < target {
+            live_first |= s.max_seen > target;
+            let rep = hub
+                .registry
+                .get("offline-1")
+                .unwrap()
+                .and_then(|r| r.reported);
+            reported_during_drain |=
+                rep.is_some_and(|r| r.at_ms > reconnect_ms + 1_000 && r.backlog.samples > 0);
+        }
         if s.contiguous >= target && raw.stats().acked >= target {
             break;
         }
@@ -227,6 +242,14 @@ async fn outage_48h_then_reconnect_loses_nothing() {
         drain.as_secs_f64(),
         target as f64 / drain.as_secs_f64(),
         rss_kb() / 1024
+    );
+    assert!(
+        live_first,
+        "no live sample overtook the backlog during the drain"
+    );
+    assert!(
+        reported_during_drain,
+        "no reported state reached the hub during the drain"
     );
 
     // Stop the edge cleanly; then check the hub's store: seq 1..=N exactly once,

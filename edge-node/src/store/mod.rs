@@ -144,34 +144,46 @@ const HUB_KEY: &[u8] = b"hub_key";
 const LAST_COMMIT_MS: &[u8] = b"last_commit_ms";
 const CLEAN_STOP: &[u8] = b"clean_stop";
 const LOSS_WINDOWS: &[u8] = b"loss_windows";
+/// How long [`Store::open`] waits for another holder to release the lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Unclean restarts remembered (and reported) per node.
 pub const LOSS_WINDOWS_KEPT: usize = 64;
 
 impl Store {
-    /// Opens (or creates) the database.
+    /// Opens (or creates) the database. A lock still held by a previous
+    /// instance that is exiting (or by this process's own store being
+    /// dropped: sled releases it from a background thread) is retried for up
+    /// to [`LOCK_WAIT`] before [`StoreError::Locked`] is returned.
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity_bytes)
-            // We flush ourselves (group commit); sled's own timer stays as a backstop.
-            .flush_every_ms(Some(1_000))
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked {
-                        path: config.path.clone(),
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(&config.path)
+                .cache_capacity(config.cache_capacity_bytes)
+                // We flush ourselves (group commit); sled's own timer stays as a backstop.
+                .flush_every_ms(Some(1_000))
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock") =>
+                {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::Locked {
+                            path: config.path.clone(),
+                        });
                     }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked {
+                Err(source) => {
+                    return Err(StoreError::Open {
                         path: config.path.clone(),
-                    }
+                        source,
+                    });
                 }
-                _ => StoreError::Open {
-                    path: config.path.clone(),
-                    source,
-                },
-            })?;
+            }
+        };
         let desired = db.open_tree("desired").map_err(io("open desired tree"))?;
         let meta = db.open_tree("meta").map_err(io("open meta tree"))?;
         let artifacts = db

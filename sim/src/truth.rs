@@ -18,6 +18,16 @@
 //! - `stored`: the samples of that point the hub stored, in any order
 //!   (usually hub order), duplicates included.
 //!
+//! `served` must be the function's input sequence: one observation per
+//! sample the agent produced. The MQTT device log is exactly that (every
+//! published message is delivered). The Modbus and OPC UA logs are
+//! run-length compacted (a value is logged when it changes), so they equal
+//! the input sequence only when every read sees a new value: poll at the
+//! device's tick interval and give every model some noise. A repeated read
+//! that a filter emits (e.g. a deadband heartbeat releasing it) still
+//! matches its served value when it lies within `skew_ms` of it, but a
+//! swinging door's decisions depend on the repeats it saw.
+//!
 //! # Timing model of the host
 //! The edge node calls `process` with each sample and `tick(now)` every
 //! [`TICK_INTERVAL`](edge_node::functions::TICK_INTERVAL) (100 ms). A tick
@@ -751,7 +761,8 @@ pub struct PointVerdict {
 }
 
 /// Compares what the hub stored for one point with the reference output for
-/// what the device served (default [`MatchOptions`]).
+/// what the device served (default [`MatchOptions`]). `served` must be in
+/// non-decreasing timestamp order (candidates are found by binary search).
 pub fn compare_point(filter: &Filter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
     compare_point_with(filter, served, stored, &MatchOptions::default())
 }

@@ -1,7 +1,8 @@
 //! The device and point model shared by drivers, functions and the simulator.
 //!
 //! A [`Device`] is one thing the gateway talks to (a Modbus unit, an OPC UA
-//! server, or a built-in synthetic signal source). Its points are grouped into
+//! server, an MQTT-native device publishing to a broker, or a built-in
+//! synthetic signal source). Its points are grouped into
 //! [`PointGroup`]s that share a sampling interval. Every [`Point`] carries a
 //! node-wide `index` (u32): telemetry, device functions and the hub's store
 //! identify points by that number only, never by string.
@@ -55,9 +56,64 @@ pub enum DeviceProtocol {
         #[serde(default)]
         security: OpcUaSecurity,
     },
+    /// An MQTT-native device: it publishes its values to a broker (the
+    /// device-side broker, not necessarily the hub's) as JSON
+    /// [`MqttDevicePayload`] messages on `topic`; the edge node subscribes.
+    /// Every point must use [`PointAddress::Mqtt`]. Groups'
+    /// `interval_ms` is the expected publish interval (documentation only:
+    /// the device decides when to publish).
+    Mqtt {
+        /// Broker host name or IP address.
+        host: String,
+        /// Broker TCP port (1883 by default).
+        #[serde(default = "default_mqtt_port")]
+        port: u16,
+        /// Topic (or topic filter with `+` / `#`) the device publishes on.
+        topic: String,
+        /// Subscription QoS, 0 or 1 (default 1).
+        #[serde(default = "default_mqtt_qos")]
+        qos: u8,
+        /// MQTT client id of the edge node's connection; default
+        /// `edgefleet-<device id>`. Must be unique on that broker.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
+    },
     /// A built-in signal generator: no device needed. For demos and soak tests;
     /// every point must use [`PointAddress::Synthetic`].
     Synthetic,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_mqtt_qos() -> u8 {
+    1
+}
+
+/// What an MQTT-native device ([`DeviceProtocol::Mqtt`]) publishes: one
+/// JSON object per message, e.g.
+/// `{"ts_ms": 1764300000000, "values": {"temp": 21.5, "flow": null}}`.
+///
+/// - `ts_ms` (optional): the device's timestamp in ms since the Unix epoch
+///   for every value of the message; without it the edge node stamps the
+///   values with its receive time.
+/// - `values`: point key ([`PointAddress::Mqtt::key`]) → raw value (engineering
+///   value = raw × scale + offset) or `null` for "no value" (the sample gets
+///   bad quality). Keys no point uses are ignored; a point whose key is
+///   absent gets no sample from that message.
+///
+/// Anything else (not JSON, other fields, a value that is not a number or
+/// `null`) makes the whole message malformed. Numbers are parsed exactly
+/// (a value printed with enough digits, e.g. Rust's or JavaScript's shortest
+/// round-trip form, arrives as the same `f64`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttDevicePayload {
+    /// Device timestamp, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts_ms: Option<u64>,
+    /// Raw values by point key.
+    pub values: std::collections::BTreeMap<String, Option<f64>>,
 }
 
 fn default_modbus_port() -> u16 {
@@ -166,6 +222,12 @@ pub enum PointAddress {
     Synthetic {
         /// The signal shape.
         signal: Signal,
+    },
+    /// A value in the `values` object of an MQTT device's
+    /// [`MqttDevicePayload`].
+    Mqtt {
+        /// Key in `values`; non-empty, unique per device.
+        key: String,
     },
 }
 
@@ -291,6 +353,7 @@ impl Device {
         }
         let mut group_names = std::collections::BTreeSet::new();
         let mut point_names = std::collections::BTreeSet::new();
+        let mut mqtt_keys = std::collections::BTreeSet::new();
         for (gi, g) in self.groups.iter().enumerate() {
             let gp = groups.index(gi);
             check_name(c, &gp.field("name"), &g.name);
@@ -319,6 +382,14 @@ impl Device {
                     );
                 }
                 p.validate_at(c, &pp, &self.protocol);
+                if let PointAddress::Mqtt { key } = &p.address
+                    && !mqtt_keys.insert(key.as_str())
+                {
+                    c.push(
+                        &pp.field("address").field("key"),
+                        format!("duplicate key {key:?}: another point of this device uses it"),
+                    );
+                }
             }
         }
     }
@@ -361,9 +432,57 @@ impl DeviceProtocol {
                     );
                 }
             }
+            Self::Mqtt {
+                host,
+                port,
+                topic,
+                qos,
+                client_id,
+            } => {
+                if host.trim().is_empty() {
+                    c.push(&path.field("host"), "must not be empty");
+                }
+                if *port == 0 {
+                    c.push(&path.field("port"), "0 is not a usable port");
+                }
+                if let Some(e) = mqtt_filter_error(topic) {
+                    c.push(&path.field("topic"), format!("{topic:?}: {e}"));
+                }
+                if *qos > 1 {
+                    c.push(&path.field("qos"), format!("{qos} must be 0 or 1"));
+                }
+                if let Some(id) = client_id
+                    && (id.is_empty() || id.len() > 128)
+                {
+                    c.push(&path.field("client_id"), "must be 1..=128 bytes");
+                }
+            }
             Self::Synthetic => {}
         }
     }
+}
+
+/// Why `topic` is not a usable MQTT topic filter, if it is not.
+fn mqtt_filter_error(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        return Some("must not be empty");
+    }
+    if topic.len() > 1024 {
+        return Some("is longer than 1024 bytes");
+    }
+    if topic.contains('\0') {
+        return Some("must not contain NUL");
+    }
+    let levels: Vec<&str> = topic.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Some("`#` must be a whole level and the last one");
+        }
+        if level.contains('+') && *level != "+" {
+            return Some("`+` must be a whole level");
+        }
+    }
+    None
 }
 
 impl Point {
@@ -440,6 +559,11 @@ impl Point {
             (PointAddress::Synthetic { signal }, DeviceProtocol::Synthetic) => {
                 signal.validate_at(c, &ap.field("signal"));
             }
+            (PointAddress::Mqtt { key }, DeviceProtocol::Mqtt { .. }) => {
+                if key.is_empty() || key.len() > 256 {
+                    c.push(&ap.field("key"), "must be 1..=256 bytes");
+                }
+            }
             (addr, proto) => c.push(
                 &ap,
                 format!(
@@ -459,6 +583,7 @@ impl PointAddress {
             Self::Modbus { .. } => "modbus",
             Self::OpcUa { .. } => "opc-ua",
             Self::Synthetic { .. } => "synthetic",
+            Self::Mqtt { .. } => "mqtt",
         }
     }
 }
@@ -470,6 +595,7 @@ impl DeviceProtocol {
             Self::ModbusTcp { .. } => "modbus-tcp",
             Self::ModbusRtu { .. } => "modbus-rtu",
             Self::OpcUa { .. } => "opc-ua",
+            Self::Mqtt { .. } => "mqtt",
             Self::Synthetic => "synthetic",
         }
     }

@@ -8,7 +8,8 @@
 //! - [`topic`]: the MQTT topic scheme (`edgefleet/v1/nodes/{node}/…`). No other
 //!   crate formats topic strings.
 //! - [`desired`] and [`device`]: what the hub wants a node to run: functions,
-//!   devices with their points, models, node config.
+//!   devices (Modbus, OPC UA, MQTT-native, synthetic) with their points,
+//!   models, node config.
 //! - [`reported`], [`status`], [`event`]: what a node says about itself.
 //! - [`telemetry`] and [`ack`]: the data path and its cumulative acknowledgement.
 //! - [`codec`]: JSON for control-plane documents (with errors that name the
@@ -33,8 +34,8 @@ pub use ack::Ack;
 pub use codec::CodecError;
 pub use desired::{DesiredState, FunctionLimits, FunctionSpec, ModelRef, NodeConfig};
 pub use device::{
-    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, OpcUaSecurity,
-    Point, PointAddress, PointGroup, Signal, WordOrder,
+    ByteOrder, DataType, Device, DeviceProtocol, EngineeringRange, ModbusTable, MqttDevicePayload,
+    OpcUaSecurity, Point, PointAddress, PointGroup, Signal, WordOrder,
 };
 pub use event::{Event, EventKind};
 pub use reported::{Backlog, DeviceStatus, FunctionStatus, LossWindow, ReportedState};

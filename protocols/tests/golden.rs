@@ -158,6 +158,29 @@ pub fn sample_desired() -> DesiredState {
                     }],
                 }],
             },
+            Device {
+                id: "meter-9".into(),
+                protocol: DeviceProtocol::Mqtt {
+                    host: "10.0.0.7".into(),
+                    port: 1883,
+                    topic: "plant/meters/9".into(),
+                    qos: 1,
+                    client_id: Some("press-7-meter-9".into()),
+                },
+                groups: vec![PointGroup {
+                    name: "pushed".into(),
+                    interval_ms: 1000,
+                    points: vec![Point {
+                        index: 5,
+                        name: "flow".into(),
+                        address: PointAddress::Mqtt { key: "flow".into() },
+                        scale: 0.1,
+                        offset: 0.0,
+                        range: None,
+                        unit: Some("m3/h".into()),
+                    }],
+                }],
+            },
         ],
         models: vec![ModelRef {
             name: "temp-model".into(),

@@ -110,3 +110,58 @@ fn garbage_is_an_error_not_a_panic() {
         assert!(decode_desired(bad).is_err());
     }
 }
+
+#[test]
+fn mqtt_device_errors_name_their_field() {
+    let e = err(&doc(
+        r#"[{"id":"m","protocol":{"kind":"mqtt","host":" ","port":0,"topic":"a/#/b","qos":2,"client_id":""},"groups":[{"name":"g","interval_ms":1000,"points":[
+            {"index":1,"name":"a","address":{"kind":"mqtt","key":""}},
+            {"index":2,"name":"b","address":{"kind":"mqtt","key":"x"}},
+            {"index":3,"name":"c","address":{"kind":"mqtt","key":"x"}},
+            {"index":4,"name":"d","address":{"kind":"modbus","table":"holding","address":1}}]}]},
+          {"id":"n","protocol":{"kind":"modbus-tcp","host":"h"},"groups":[{"name":"g","interval_ms":1000,"points":[
+            {"index":5,"name":"e","address":{"kind":"mqtt","key":"k"}}]}]}]"#,
+    ));
+    for want in [
+        "devices[0].protocol.host: must not be empty",
+        "devices[0].protocol.port: 0 is not a usable port",
+        "devices[0].protocol.topic: \"a/#/b\": `#` must be a whole level and the last one",
+        "devices[0].protocol.qos: 2 must be 0 or 1",
+        "devices[0].protocol.client_id: must be 1..=128 bytes",
+        "devices[0].groups[0].points[0].address.key: must be 1..=256 bytes",
+        "devices[0].groups[0].points[2].address.key: duplicate key \"x\"",
+        "devices[0].groups[0].points[3].address: a modbus address does not fit a mqtt device",
+        "devices[1].groups[0].points[0].address: a mqtt address does not fit a modbus-tcp device",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+    let e = err(&doc(
+        r#"[{"id":"m","protocol":{"kind":"mqtt","host":"h"},"groups":[]}]"#,
+    ));
+    assert!(e.contains("devices[0].protocol"), "{e}");
+    assert!(e.contains("topic"), "{e}");
+}
+
+#[test]
+fn mqtt_device_payload_format() {
+    use protocols::MqttDevicePayload;
+    let p: MqttDevicePayload =
+        serde_json::from_str(r#"{"ts_ms":5,"values":{"a":1.5,"b":null}}"#).unwrap();
+    assert_eq!(p.ts_ms, Some(5));
+    assert_eq!(p.values["a"], Some(1.5));
+    assert_eq!(p.values["b"], None);
+    let p: MqttDevicePayload = serde_json::from_str(r#"{"values":{}}"#).unwrap();
+    assert_eq!(p.ts_ms, None);
+    for bad in [
+        r#"{"values":{"a":"1"}}"#,
+        r#"{"ts_ms":-1,"values":{}}"#,
+        r#"{"values":{},"extra":1}"#,
+        r#"{"ts_ms":1}"#,
+        "[1,2]",
+    ] {
+        assert!(
+            serde_json::from_str::<MqttDevicePayload>(bad).is_err(),
+            "{bad}"
+        );
+    }
+}

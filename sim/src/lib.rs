@@ -3,3 +3,4 @@
 pub mod demo;
 pub mod devices;
 pub mod signal;
+pub mod truth;

@@ -1,9 +1,11 @@
-//! Southbound device drivers: Modbus TCP/RTU, OPC UA and synthetic signals.
+//! Southbound device drivers: Modbus TCP/RTU, OPC UA, MQTT-native devices and
+//! synthetic signals.
 //!
 //! Start here: [`spawn`] starts one task per [`Device`] and returns a
 //! [`DeviceHandle`] that reports [`DeviceStatus`] and stops the task. The task
-//! sends one `Vec<Sample>` per group per poll cycle (Modbus, synthetic) or per
-//! notification batch (OPC UA subscriptions) to the channel it was given.
+//! sends one `Vec<Sample>` per group per poll cycle (Modbus, synthetic), per
+//! notification batch (OPC UA subscriptions) or per message (MQTT) to the
+//! channel it was given.
 //!
 //! Drivers never panic and never exit on device errors: failed reads become
 //! samples with bad [`Quality`](protocols::Quality) (`BAD_TIMEOUT`,
@@ -19,6 +21,7 @@
 //! - [`health`]: per-device status and counters;
 //! - [`modbus`]: the Modbus TCP/RTU poller (one request in flight per connection);
 //! - [`opcua`]: the OPC UA subscription/polling client;
+//! - [`mqtt`]: the subscriber for devices that publish to an MQTT broker;
 //! - [`synthetic`]: signal generators, shared with the simulator.
 
 pub mod backoff;
@@ -26,6 +29,7 @@ pub mod coalesce;
 pub mod decode;
 pub mod health;
 pub mod modbus;
+pub mod mqtt;
 pub mod opcua;
 pub mod synthetic;
 
@@ -200,6 +204,9 @@ pub fn spawn_with(
         }
         DeviceProtocol::OpcUa { .. } => start(device, &cancel, |d, health, cancel| {
             opcua::run(d, options, out, clock, health, cancel)
+        }),
+        DeviceProtocol::Mqtt { .. } => start(device, &cancel, |d, health, cancel| {
+            mqtt::run(d, options, out, clock, health, cancel)
         }),
         DeviceProtocol::Synthetic => start(device, &cancel, |d, health, cancel| {
             synthetic::run(d, out, clock, health, cancel)

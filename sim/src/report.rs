@@ -82,7 +82,9 @@ pub struct SeqVerdict {
 
 /// Compares one point. `tolerance_ms`: how much later than the served
 /// timestamp a stored sample of the same read may be stamped (Modbus
-/// drivers stamp on reply, the simulator logs on request).
+/// drivers stamp on reply, the simulator logs on request); `jitter_ms`: how
+/// far a served timestamp may be off the driver's stamp after alignment
+/// (0 for OPC UA, whose samples carry the server's source timestamp).
 ///
 /// TRUTH PLUG-IN POINT (1 of 2): replace with `crate::truth::compare_point`.
 pub fn compare_point(
@@ -90,8 +92,9 @@ pub fn compare_point(
     served: &[Obs],
     stored: &[Obs],
     tolerance_ms: u64,
+    jitter_ms: u64,
 ) -> PointVerdict {
-    local::compare_point(filter, served, stored, tolerance_ms)
+    local::compare_point(filter, served, stored, tolerance_ms, jitter_ms)
 }
 
 /// Sequence analysis of one stream's stored sequence numbers (in order).
@@ -112,6 +115,7 @@ pub mod local {
         served: &[Obs],
         stored: &[Obs],
         tolerance_ms: u64,
+        jitter_ms: u64,
     ) -> PointVerdict {
         let mut v = PointVerdict {
             served: served.len() as u64,
@@ -153,19 +157,44 @@ pub mod local {
                 }
                 v.expected = Some(v.served);
                 v.lost = Some(lost);
-                v.max_abs_error = max_error(served, stored, tolerance_ms, false);
+                v.max_abs_error = max_error(served, stored, tolerance_ms, jitter_ms, false);
             }
             PointFilter::Guest { guest, .. } => {
-                v.max_abs_error =
-                    max_error(served, stored, tolerance_ms, *guest == Guest::SwingingDoor);
+                v.max_abs_error = max_error(
+                    served,
+                    stored,
+                    tolerance_ms,
+                    jitter_ms,
+                    *guest == Guest::SwingingDoor,
+                );
             }
         }
         v
     }
 
+    /// Linear interpolation of `stored` at `t` (held at the ends).
+    fn linear_at(stored: &[Obs], t: u64) -> f64 {
+        let j = stored.partition_point(|s| s.ts_ms <= t);
+        match (j.checked_sub(1).map(|i| stored[i]), stored.get(j)) {
+            (Some(a), Some(b)) if b.ts_ms > a.ts_ms => {
+                let f = (t as f64 - a.ts_ms as f64) / (b.ts_ms as f64 - a.ts_ms as f64);
+                a.value + f * (b.value - a.value)
+            }
+            (Some(a), _) => a.value,
+            (None, Some(b)) => b.value,
+            (None, None) => f64::NAN,
+        }
+    }
+
     /// Largest error of the reconstruction from `stored` at every served
     /// observation: step-hold, or linear interpolation when `linear`.
-    fn max_error(served: &[Obs], stored: &[Obs], tolerance_ms: u64, linear: bool) -> f64 {
+    fn max_error(
+        served: &[Obs],
+        stored: &[Obs],
+        tolerance_ms: u64,
+        jitter_ms: u64,
+        linear: bool,
+    ) -> f64 {
         let mut worst = 0.0f64;
         let mut j = 0usize; // first stored with ts > t + tolerance
         for o in served {
@@ -190,14 +219,32 @@ pub mod local {
                 // open segment whose end is not known yet.
                 break;
             }
-            let r = match (linear, stored.get(j)) {
-                (true, Some(next)) if next.ts_ms > prev.ts_ms => {
-                    let f = (t as f64 - prev.ts_ms as f64) / (next.ts_ms as f64 - prev.ts_ms as f64);
-                    prev.value + f.clamp(0.0, 1.0) * (next.value - prev.value)
+            let e = if linear {
+                // The served timestamp is known to `jitter_ms`: take the
+                // smallest error over that window (the error is piecewise
+                // linear in t, so endpoints, vertices and sign changes
+                // bound it).
+                let lo_t = t.saturating_sub(jitter_ms);
+                let hi_t = t + jitter_ms;
+                let mut ts: Vec<u64> = vec![lo_t, t, hi_t];
+                ts.extend(
+                    stored
+                        .iter()
+                        .map(|s| s.ts_ms)
+                        .skip_while(|&x| x < lo_t)
+                        .take_while(|&x| x <= hi_t),
+                );
+                let errs: Vec<f64> = ts.iter().map(|&x| o.value - linear_at(stored, x)).collect();
+                let crosses = errs.iter().any(|e| *e >= 0.0) && errs.iter().any(|e| *e <= 0.0);
+                if crosses {
+                    0.0
+                } else {
+                    errs.iter().map(|e| e.abs()).fold(f64::INFINITY, f64::min)
                 }
-                _ => prev.value,
+            } else {
+                (o.value - prev.value).abs()
             };
-            worst = worst.max((o.value - r).abs());
+            worst = worst.max(e);
         }
         worst
     }
@@ -239,7 +286,7 @@ pub mod local {
         fn passthrough_counts_lost_and_duplicates() {
             let served = [o(0, 1.0), o(10, 2.0), o(20, 3.0), o(30, 4.0)];
             let stored = [o(1, 1.0), o(11, 2.0), o(11, 2.0), o(31, 4.0)];
-            let v = compare_point(&PointFilter::Passthrough, &served, &stored, 5);
+            let v = compare_point(&PointFilter::Passthrough, &served, &stored, 5, 0);
             assert_eq!(v.lost, Some(1));
             assert_eq!(v.duplicates, 1);
             assert_eq!(v.unexpected, 0);
@@ -255,17 +302,17 @@ pub mod local {
                 guest: Guest::Deadband,
                 config: "deadband=1".into(),
             };
-            let v = compare_point(&db, &served, &stored, 5);
+            let v = compare_point(&db, &served, &stored, 5, 0);
             assert!((v.max_abs_error - 0.8).abs() < 1e-12);
             assert_eq!(v.lost, None);
             let sd = PointFilter::Guest {
                 guest: Guest::SwingingDoor,
                 config: "deviation=1".into(),
             };
-            let v = compare_point(&sd, &served, &stored, 5);
+            let v = compare_point(&sd, &served, &stored, 5, 0);
             assert!(v.max_abs_error < 0.05, "{}", v.max_abs_error);
             let stray = [o(1, 0.0), o(15, 9.0)];
-            assert_eq!(compare_point(&db, &served, &stray, 5).unexpected, 1);
+            assert_eq!(compare_point(&db, &served, &stray, 5, 0).unexpected, 1);
         }
 
         #[test]

@@ -291,7 +291,10 @@ mod tests {
         let echo = echo_server().await;
         let p = Proxy::start(echo).await.unwrap();
         let mut c = TcpStream::connect(p.local_addr()).await.unwrap();
-        assert_eq!(roundtrip(&mut c, b"hello").await.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(
+            roundtrip(&mut c, b"hello").await.as_deref(),
+            Some(&b"hello"[..])
+        );
 
         // Cut: the open connection closes, new ones are closed at once.
         p.set_mode(LinkMode::Cut);
@@ -309,7 +312,10 @@ mod tests {
         // Back to pass: a new connection works.
         p.set_mode(LinkMode::Pass);
         let mut c = TcpStream::connect(p.local_addr()).await.unwrap();
-        assert_eq!(roundtrip(&mut c, b"again").await.as_deref(), Some(&b"again"[..]));
+        assert_eq!(
+            roundtrip(&mut c, b"again").await.as_deref(),
+            Some(&b"again"[..])
+        );
 
         // Blackhole: nothing comes back, the connection stays open, and is
         // closed when the link heals (it has a hole).
@@ -333,7 +339,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&r, b"slow");
-        assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
         p.stop().await;
     }
 }

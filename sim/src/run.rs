@@ -31,8 +31,7 @@ use edge_node::{Agent, Clock, EdgeConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use protocols::{
     ByteOrder, DataType, DesiredState, Device, DeviceProtocol, FunctionLimits, FunctionSpec,
-    ModbusTable, NodeConfig, OpcUaSecurity, Point, PointAddress, PointGroup, Quality,
-    WordOrder,
+    ModbusTable, NodeConfig, OpcUaSecurity, Point, PointAddress, PointGroup, Quality, WordOrder,
 };
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -76,7 +75,10 @@ struct NodeRt {
     layout: NodeLayout,
     cfg: EdgeConfig,
     proxy: Proxy,
-    agent: Option<(CancellationToken, tokio::task::JoinHandle<Result<(), edge_node::AgentError>>)>,
+    agent: Option<(
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
+    )>,
     modbus: Vec<ModbusSim>,
     opcua: Vec<OpcUaSim>,
     points: Vec<PointInfo>,
@@ -84,6 +86,7 @@ struct NodeRt {
 }
 
 /// Hub child process or in-process app.
+#[allow(clippy::large_enum_variant, reason = "one per run")]
 enum HubRt {
     Process {
         exe: PathBuf,
@@ -264,10 +267,10 @@ impl HubCtl {
             .await?
             .json()
             .await?;
-        hub.public_key = info["public_key"]
+        info["public_key"]
             .as_str()
             .context("hub did not tell its public key")?
-            .to_owned();
+            .clone_into(&mut hub.public_key);
         Ok(hub)
     }
 
@@ -280,7 +283,10 @@ impl HubCtl {
                 return Ok(());
             }
             if start.elapsed() > limit {
-                bail!("the hub did not become healthy at {} within {limit:?}", self.base);
+                bail!(
+                    "the hub did not become healthy at {} within {limit:?}",
+                    self.base
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -456,7 +462,13 @@ async fn start_devices(
     s: &Scenario,
     layout: &NodeLayout,
     dir: &Path,
-) -> anyhow::Result<(Vec<ModbusSim>, Vec<OpcUaSim>, Vec<Device>, Vec<PointInfo>, usize)> {
+) -> anyhow::Result<(
+    Vec<ModbusSim>,
+    Vec<OpcUaSim>,
+    Vec<Device>,
+    Vec<PointInfo>,
+    usize,
+)> {
     let g = &s.nodes[layout.group];
     let ppd = g.points_per_device;
     let interval_ms = s.sampling_interval.as_millis() as u64;
@@ -681,10 +693,7 @@ fn desired_for(
     Ok(d)
 }
 
-async fn start_agent(
-    node: &mut NodeRt,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
+async fn start_agent(node: &mut NodeRt, cancel: &CancellationToken) -> anyhow::Result<()> {
     let token = cancel.child_token();
     let agent = Agent::start(node.cfg.clone(), Clock::system(), token.clone())
         .await
@@ -705,15 +714,13 @@ async fn stop_agent(node: &mut NodeRt) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How far, after [`align_to_driver_clock`], a Modbus served timestamp may
-/// be off the driver's stamp of the same read (reply latency varies with
-/// load). An assumed bound, not a measured one.
-const MODBUS_STAMP_JITTER_MS: u64 = 25;
-
 /// Shifts the served timestamps of a Modbus point by the median delay
 /// between the server logging a read and the driver stamping its sample
 /// (request processing → reply), measured on values both sides agree on.
-fn align_to_driver_clock(served: &mut [Obs], stored: &[Obs], tolerance_ms: u64) {
+/// Returns how far the individual delays spread around it (the timestamp
+/// uncertainty of the served values that have no stored twin), at least
+/// 1 ms.
+fn align_to_driver_clock(served: &mut [Obs], stored: &[Obs], tolerance_ms: u64) -> u64 {
     let mut deltas = Vec::new();
     let mut j = 0;
     for o in served.iter() {
@@ -728,25 +735,39 @@ fn align_to_driver_clock(served: &mut [Obs], stored: &[Obs], tolerance_ms: u64) 
         }
     }
     if deltas.is_empty() {
-        return;
+        return tolerance_ms;
     }
     deltas.sort_unstable();
     let d = deltas[deltas.len() / 2];
     for o in served.iter_mut() {
         o.ts_ms += d;
     }
+    let (lo, hi) = (deltas[0], deltas[deltas.len() - 1]);
+    (d - lo).max(hi - d).max(1)
 }
 
 /// One step of the fault timeline.
 #[derive(Debug, Clone)]
 enum Action {
-    Link { node: usize, mode: LinkMode, outage: bool },
+    Link {
+        node: usize,
+        mode: LinkMode,
+        outage: bool,
+    },
     HubDown,
     HubUp,
     AgentDown(usize),
     AgentUp(usize),
-    Devices { node: usize, protocol: Protocol, server: Option<usize>, up: bool },
-    Redeploy { function: String, config: String },
+    Devices {
+        node: usize,
+        protocol: Protocol,
+        server: Option<usize>,
+        up: bool,
+    },
+    Redeploy {
+        function: String,
+        config: String,
+    },
 }
 
 fn timeline(s: &Scenario) -> Vec<(Duration, Action)> {
@@ -763,8 +784,22 @@ fn timeline(s: &Scenario) -> Vec<(Duration, Action)> {
                     PartitionMode::Cut => LinkMode::Cut,
                     PartitionMode::Blackhole => LinkMode::Blackhole,
                 };
-                t.push((at, Action::Link { node, mode: m, outage: true }));
-                t.push((at + duration, Action::Link { node, mode: LinkMode::Pass, outage: true }));
+                t.push((
+                    at,
+                    Action::Link {
+                        node,
+                        mode: m,
+                        outage: true,
+                    },
+                ));
+                t.push((
+                    at + duration,
+                    Action::Link {
+                        node,
+                        mode: LinkMode::Pass,
+                        outage: true,
+                    },
+                ));
             }
             Fault::Latency {
                 at,
@@ -772,8 +807,22 @@ fn timeline(s: &Scenario) -> Vec<(Duration, Action)> {
                 node,
                 delay,
             } => {
-                t.push((at, Action::Link { node, mode: LinkMode::Delay(delay), outage: false }));
-                t.push((at + duration, Action::Link { node, mode: LinkMode::Pass, outage: false }));
+                t.push((
+                    at,
+                    Action::Link {
+                        node,
+                        mode: LinkMode::Delay(delay),
+                        outage: false,
+                    },
+                ));
+                t.push((
+                    at + duration,
+                    Action::Link {
+                        node,
+                        mode: LinkMode::Pass,
+                        outage: false,
+                    },
+                ));
             }
             Fault::BrokerRestart { at, down } => {
                 t.push((at, Action::HubDown));
@@ -790,8 +839,24 @@ fn timeline(s: &Scenario) -> Vec<(Duration, Action)> {
                 protocol,
                 server,
             } => {
-                t.push((at, Action::Devices { node, protocol, server, up: false }));
-                t.push((at + duration, Action::Devices { node, protocol, server, up: true }));
+                t.push((
+                    at,
+                    Action::Devices {
+                        node,
+                        protocol,
+                        server,
+                        up: false,
+                    },
+                ));
+                t.push((
+                    at + duration,
+                    Action::Devices {
+                        node,
+                        protocol,
+                        server,
+                        up: true,
+                    },
+                ));
             }
             Fault::Redeploy {
                 at,
@@ -821,7 +886,7 @@ async fn monitor_loop(
             _ = tick.tick() => {}
         }
         n += 1;
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             let me = rss_bytes("self").unwrap_or(0);
             let pid = *lock(&hub_pid);
             let hub = pid.and_then(|p| rss_bytes(&p.to_string())).unwrap_or(0);
@@ -831,17 +896,18 @@ async fn monitor_loop(
         }
         // The whole fleet once a second (reported states of big nodes are
         // large); nodes with a pending desired revision every 100 ms.
-        let views: Vec<NodeViewLite> = if n % 10 == 0 {
-            match get_json(&http, format!("{hub_base}/v1/nodes")).await {
-                Some(v) => v,
-                None => {
-                    lock(&state).polls_failed += 1;
-                    continue;
-                }
-            }
+        let views: Vec<NodeViewLite> = if n.is_multiple_of(10) {
+            let Some(v) = get_json(&http, format!("{hub_base}/v1/nodes")).await else {
+                lock(&state).polls_failed += 1;
+                continue;
+            };
+            v
         } else {
-            let pending: std::collections::BTreeSet<String> =
-                lock(&state).pending.keys().map(|(n, _)| n.clone()).collect();
+            let pending: std::collections::BTreeSet<String> = lock(&state)
+                .pending
+                .keys()
+                .map(|(n, _)| n.clone())
+                .collect();
             let mut v = Vec::new();
             for node in pending {
                 if let Some(one) = get_json(&http, format!("{hub_base}/v1/nodes/{node}")).await {
@@ -877,7 +943,10 @@ async fn monitor_loop(
     }
 }
 
-async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: String) -> Option<T> {
+async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: String,
+) -> Option<T> {
     let r = http
         .get(url)
         .timeout(Duration::from_secs(10))
@@ -893,9 +962,19 @@ async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: S
 /// Whether every node reported, after `after_ms`, that everything stamped
 /// before `before_ms` has been acked. With `before_ms = None`: that its
 /// oldest unacked sample is younger than `fresh_ms` (caught up with live).
-fn drained(st: &Monitor, nodes: &[NodeRt], after_ms: u64, before_ms: Option<u64>, fresh_ms: u64) -> bool {
+fn drained(
+    st: &Monitor,
+    nodes: &[NodeRt],
+    after_ms: u64,
+    before_ms: Option<u64>,
+    fresh_ms: u64,
+) -> bool {
     nodes.iter().all(|n| {
-        let Some(rep) = st.nodes.get(&n.layout.name).and_then(|s| s.reported.as_ref()) else {
+        let Some(rep) = st
+            .nodes
+            .get(&n.layout.name)
+            .and_then(|s| s.reported.as_ref())
+        else {
             return false;
         };
         if rep.at_ms <= after_ms {
@@ -965,12 +1044,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let s = opts.scenario.clone();
     let wall = Instant::now();
     let tmp;
-    let dir = match &opts.work_dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile::tempdir().context("creating a temporary directory")?;
-            tmp.path().to_owned()
-        }
+    let dir = if let Some(d) = &opts.work_dir {
+        d.clone()
+    } else {
+        tmp = tempfile::tempdir().context("creating a temporary directory")?;
+        tmp.path().to_owned()
     };
     std::fs::create_dir_all(&dir).context("creating the work directory")?;
     let cancel = CancellationToken::new();
@@ -1038,13 +1116,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     // 3. Deploy.
     let mut modules = HashMap::new();
     for f in &s.functions {
-        if !modules.contains_key(&f.guest) {
-            modules.insert(f.guest, hub.upload(f.guest.wasm()).await?);
+        if let std::collections::hash_map::Entry::Vacant(e) = modules.entry(f.guest) {
+            e.insert(hub.upload(f.guest.wasm()).await?);
         }
     }
     let mut overrides: HashMap<String, String> = HashMap::new();
-    let mut max_error_of: HashMap<String, f64> =
-        s.functions.iter().map(|f| (f.name.clone(), f.max_error)).collect();
+    let mut max_error_of: HashMap<String, f64> = s
+        .functions
+        .iter()
+        .map(|f| (f.name.clone(), f.max_error))
+        .collect();
     let mut revision = 1u64;
     for n in &nodes {
         let d = desired_for(&s, n, revision, &modules, &overrides)?;
@@ -1084,8 +1165,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let mut drain_watch: Vec<(Instant, u64)> = Vec::new(); // outage ends
     let mut drain_max = 0.0f64;
     let mut had_outage = false;
-    let fresh_ms = (s.edge.batch_max_age + s.hub.ack_interval + s.edge.report_interval)
-        .as_millis() as u64
+    let fresh_ms = (s.edge.batch_max_age + s.hub.ack_interval + s.edge.report_interval).as_millis()
+        as u64
         + 2_000;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -1097,7 +1178,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         if elapsed >= s.duration {
             // Run the remaining (healing) steps now.
         } else if next < steps.len() && steps[next].0 > elapsed {
-            let wait = (steps[next].0 - elapsed).min(Duration::from_millis(500));
+            let wait = steps[next]
+                .0
+                .saturating_sub(elapsed)
+                .min(Duration::from_millis(500));
             tokio::select! {
                 _ = tick.tick() => {}
                 () = tokio::time::sleep(wait) => {}
@@ -1115,7 +1199,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 .filter_map(|n| n.reported.as_ref())
                 .map(|r| r.backlog.samples)
                 .sum();
-            progress.bar.set_position(live.elapsed().as_secs().min(s.duration.as_secs()));
+            progress
+                .bar
+                .set_position(live.elapsed().as_secs().min(s.duration.as_secs()));
             let msg = format!(
                 "hub stored {stored}  edge backlog {backlog}  rss {} MiB",
                 rss_bytes("self").unwrap_or(0) >> 20
@@ -1139,10 +1225,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             let (at, action) = steps[next].clone();
             next += 1;
             let t = live.elapsed().as_secs_f64();
-            fault_log.push(format!("{t:>7.1}s (planned {:.1}s) {action:?}", at.as_secs_f64()));
+            fault_log.push(format!(
+                "{t:>7.1}s (planned {:.1}s) {action:?}",
+                at.as_secs_f64()
+            ));
             progress.println(format!("[{t:>6.1}s] {action:?}"));
             match action {
-                Action::Link { node, mode, outage: is_outage } => {
+                Action::Link {
+                    node,
+                    mode,
+                    outage: is_outage,
+                } => {
                     let n = &nodes[node];
                     n.proxy.set_mode(mode);
                     let key = format!("link{node}");
@@ -1157,7 +1250,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 Action::HubDown => {
                     hub.kill().await?;
                     *lock(&hub_pid) = None;
-                    outage_since.entry("hub".into()).or_insert_with(Instant::now);
+                    outage_since
+                        .entry("hub".into())
+                        .or_insert_with(Instant::now);
                 }
                 Action::HubUp => {
                     hub.restart().await?;
@@ -1235,6 +1330,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
 
     // 5. Stop devices, drain, compare.
     let end_ms = now_ms();
+    let drain_start = Instant::now();
     for n in &nodes {
         for m in &n.modbus {
             m.stop().await;
@@ -1247,11 +1343,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     progress.println(format!(
         "devices stopped after {device_seconds:.1} s; waiting for the edge nodes to drain"
     ));
-    let drain_start = Instant::now();
     let margin_ms = s.edge.batch_max_age.as_millis() as u64 + 1_000;
     let mut is_drained = false;
     while drain_start.elapsed() < s.drain_timeout {
-        if drained(&lock(&monitor), &nodes, end_ms + margin_ms, Some(end_ms + margin_ms), 0) {
+        if drained(
+            &lock(&monitor),
+            &nodes,
+            end_ms + margin_ms,
+            Some(end_ms + margin_ms),
+            0,
+        ) {
             is_drained = true;
             break;
         }
@@ -1331,17 +1432,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 ),
                 None => (PointFilter::Passthrough, String::new()),
             };
-            if let Source::Modbus { .. } = p.source {
-                align_to_driver_clock(&mut served, &st, tolerance_ms);
-            }
+            // OPC UA samples carry the server's source timestamps (exact);
+            // Modbus samples are stamped by the driver on reply.
             let jitter_ms = match p.source {
-                Source::Modbus { .. } => MODBUS_STAMP_JITTER_MS,
+                Source::Modbus { .. } => align_to_driver_clock(&mut served, &st, tolerance_ms),
                 Source::Opcua { .. } => 0,
             };
             let v = report::compare_point(&filter, &served, &st, tolerance_ms, jitter_ms);
-            let bound = s
-                .function_of_slot(p.slot)
-                .map_or(0.0, |f| max_error_of.get(&f.name).copied().unwrap_or(f.max_error));
+            let bound = s.function_of_slot(p.slot).map_or(0.0, |f| {
+                max_error_of.get(&f.name).copied().unwrap_or(f.max_error)
+            });
             if (v.unexpected > 0
                 || v.lost.is_some_and(|l| l > 0)
                 || v.duplicates > 0
@@ -1351,7 +1451,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 flagged += 1;
                 let stray: Vec<_> = st
                     .iter()
-                    .filter(|o| !served.iter().any(|x| x.value.to_bits() == o.value.to_bits()))
+                    .filter(|o| {
+                        !served
+                            .iter()
+                            .any(|x| x.value.to_bits() == o.value.to_bits())
+                    })
                     .take(3)
                     .collect();
                 tracing::debug!(node = %n.layout.name, point = p.index, slot = p.slot, source = ?p.source, ?v, ?stray, first_served = ?served.first(), "point verdict");

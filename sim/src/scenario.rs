@@ -396,9 +396,9 @@ impl Fault {
     /// Short label for progress output.
     pub fn label(&self) -> String {
         match self {
-            Self::Partition {
-                node, duration, ..
-            } => format!("partition node {node} for {duration:?}"),
+            Self::Partition { node, duration, .. } => {
+                format!("partition node {node} for {duration:?}")
+            }
             Self::Latency { node, delay, .. } => format!("latency {delay:?} on node {node}"),
             Self::BrokerRestart { down, .. } => format!("broker restart ({down:?} down)"),
             Self::KillNode { node, down, .. } => format!("kill node {node} ({down:?} down)"),
@@ -554,7 +554,10 @@ impl Scenario {
                 );
             }
             if d.opcua_devices_per_server == 0 {
-                e(&format!("{p}.devices.opcua_devices_per_server"), "must be > 0");
+                e(
+                    &format!("{p}.devices.opcua_devices_per_server"),
+                    "must be > 0",
+                );
             }
             if d.opcua_devices_per_session == 0
                 || d.opcua_devices_per_session > d.opcua_devices_per_server.max(1)
@@ -687,7 +690,9 @@ impl Scenario {
                 if *s >= servers {
                     e(
                         &format!("{p}.server"),
-                        &format!("{s} is out of range (node {node} has {servers} {protocol:?} servers)"),
+                        &format!(
+                            "{s} is out of range (node {node} has {servers} {protocol:?} servers)"
+                        ),
                     );
                 }
             }
@@ -742,7 +747,13 @@ impl Scenario {
             self.duration
         );
         for f in &self.functions {
-            let _ = write!(s, ", {} {} on slots {:?}", f.guest.name(), f.config, f.slots);
+            let _ = write!(
+                s,
+                ", {} {} on slots {:?}",
+                f.guest.name(),
+                f.config,
+                f.slots
+            );
         }
         if !self.faults.is_empty() {
             let _ = write!(s, ", {} faults", self.faults.len());
@@ -791,7 +802,9 @@ node = 1
     #[test]
     fn unknown_key_names_its_path() {
         let text = MINIMAL.replace("modbus = 3", "modbuss = 3");
-        let err = Scenario::from_toml(&text, "t.toml").unwrap_err().to_string();
+        let err = Scenario::from_toml(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nodes[0].devices"), "{err}");
         assert!(err.contains("modbuss"), "{err}");
     }
@@ -802,7 +815,9 @@ node = 1
             .replace("node = 1", "node = 7")
             .replace("slots = [0, 1]", "slots = [0, 9]")
             .replace("opcua = 1", "opcua = 1, mqtt = 2");
-        let err = Scenario::from_toml(&text, "t.toml").unwrap_err().to_string();
+        let err = Scenario::from_toml(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("faults[0].node: 7 is out of range"), "{err}");
         assert!(err.contains("functions[0].slots[1]"), "{err}");
         assert!(err.contains("nodes[0].devices.mqtt"), "{err}");
@@ -819,6 +834,10 @@ node = 1
                 n += 1;
             }
         }
-        assert!(n >= 4, "expected the shipped scenarios in {}", dir.display());
+        assert!(
+            n >= 4,
+            "expected the shipped scenarios in {}",
+            dir.display()
+        );
     }
 }

@@ -49,10 +49,17 @@ async fn smoke_scenario_loses_nothing_and_stays_within_bounds() {
         "raw points must be verified: {json}"
     );
     for f in &r.filter_errors {
-        assert!(f.within, "{} error {} > {}: {json}", f.function, f.max_abs_error, f.configured);
+        assert!(
+            f.within,
+            "{} error {} > {}: {json}",
+            f.function, f.max_abs_error, f.configured
+        );
     }
     assert!(r.reduction_ratio > 0.2 && r.reduction_ratio < 1.0, "{json}");
     assert!(r.outage_seconds > 2.0, "the partition happened: {json}");
     assert_eq!(r.desired_convergence_samples, 2, "{json}");
-    assert!(r.hub_rss_bytes_max > 0 && r.edge_rss_bytes_max > 0, "{json}");
+    assert!(
+        r.hub_rss_bytes_max > 0 && r.edge_rss_bytes_max > 0,
+        "{json}"
+    );
 }

@@ -80,21 +80,12 @@ pub struct SeqVerdict {
     pub duplicates: u64,
 }
 
-/// Compares one point. `tolerance_ms`: how much later than the served
-/// timestamp a stored sample of the same read may be stamped (Modbus
-/// drivers stamp on reply, the simulator logs on request); `jitter_ms`: how
-/// far a served timestamp may be off the driver's stamp after alignment
-/// (0 for OPC UA, whose samples carry the server's source timestamp).
+/// Compares one point: `served` is the device's log, `stored` the good
+/// samples the hub stored, both in time order.
 ///
 /// TRUTH PLUG-IN POINT (1 of 2): replace with `crate::truth::compare_point`.
-pub fn compare_point(
-    filter: &PointFilter,
-    served: &[Obs],
-    stored: &[Obs],
-    tolerance_ms: u64,
-    jitter_ms: u64,
-) -> PointVerdict {
-    local::compare_point(filter, served, stored, tolerance_ms, jitter_ms)
+pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
+    local::compare_point(filter, served, stored)
 }
 
 /// Sequence analysis of one stream's stored sequence numbers (in order).
@@ -110,13 +101,7 @@ pub mod local {
     use crate::scenario::Guest;
 
     /// See [`super::compare_point`].
-    pub fn compare_point(
-        filter: &PointFilter,
-        served: &[Obs],
-        stored: &[Obs],
-        tolerance_ms: u64,
-        jitter_ms: u64,
-    ) -> PointVerdict {
+    pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
         let mut v = PointVerdict {
             served: served.len() as u64,
             stored: stored.len() as u64,
@@ -157,94 +142,63 @@ pub mod local {
                 }
                 v.expected = Some(v.served);
                 v.lost = Some(lost);
-                v.max_abs_error = max_error(served, stored, tolerance_ms, jitter_ms, false);
+                v.max_abs_error = max_error(served, stored, false);
             }
             PointFilter::Guest { guest, .. } => {
-                v.max_abs_error = max_error(
-                    served,
-                    stored,
-                    tolerance_ms,
-                    jitter_ms,
-                    *guest == Guest::SwingingDoor,
-                );
+                v.max_abs_error = max_error(served, stored, *guest == Guest::SwingingDoor);
             }
         }
         v
     }
 
-    /// Linear interpolation of `stored` at `t` (held at the ends).
-    fn linear_at(stored: &[Obs], t: u64) -> f64 {
-        let j = stored.partition_point(|s| s.ts_ms <= t);
-        match (j.checked_sub(1).map(|i| stored[i]), stored.get(j)) {
-            (Some(a), Some(b)) if b.ts_ms > a.ts_ms => {
-                let f = (t as f64 - a.ts_ms as f64) / (b.ts_ms as f64 - a.ts_ms as f64);
-                a.value + f * (b.value - a.value)
-            }
-            (Some(a), _) => a.value,
-            (None, Some(b)) => b.value,
-            (None, None) => f64::NAN,
-        }
-    }
-
     /// Largest error of the reconstruction from `stored` at every served
     /// observation: step-hold, or linear interpolation when `linear`.
-    fn max_error(
-        served: &[Obs],
-        stored: &[Obs],
-        tolerance_ms: u64,
-        jitter_ms: u64,
-        linear: bool,
-    ) -> f64 {
+    ///
+    /// Stored samples are matched to served values by order and value
+    /// (stored is a subsequence of served), not by timestamp: a Modbus
+    /// driver stamps its sample when the reply arrives, the simulator logs
+    /// the value when it answers, and under load the two differ by more
+    /// than the time between reads. Between two matched (anchor) samples
+    /// the linear reconstruction is evaluated on the served timeline.
+    /// After the last anchor a swinging door holds an open segment whose
+    /// end is not known yet: those values are not evaluated.
+    fn max_error(served: &[Obs], stored: &[Obs], linear: bool) -> f64 {
+        // anchors[i] = index into `served` of stored[i]'s value.
+        let mut anchors = Vec::with_capacity(stored.len());
+        let mut i = 0;
+        for s in stored {
+            if anchors
+                .last()
+                .is_some_and(|&a: &usize| served[a].value.to_bits() == s.value.to_bits())
+            {
+                continue; // the same value read again (or a duplicate)
+            }
+            while i < served.len() && served[i].value.to_bits() != s.value.to_bits() {
+                i += 1;
+            }
+            if i == served.len() {
+                break; // an unexpected value: counted elsewhere
+            }
+            anchors.push(i);
+            i += 1;
+        }
         let mut worst = 0.0f64;
-        let mut j = 0usize; // first stored with ts > t + tolerance
-        for o in served {
-            let t = o.ts_ms;
-            // Exact hit within the tolerance window: no error.
-            let lo = stored.partition_point(|s| s.ts_ms < t);
-            let hit = stored[lo..]
-                .iter()
-                .take_while(|s| s.ts_ms <= t + tolerance_ms)
-                .any(|s| s.value.to_bits() == o.value.to_bits());
-            if hit {
-                continue;
-            }
-            while j < stored.len() && stored[j].ts_ms <= t + tolerance_ms {
-                j += 1;
-            }
-            let Some(prev) = j.checked_sub(1).map(|i| stored[i]) else {
-                continue; // before the first stored sample: nothing to reconstruct
-            };
-            if linear && j == stored.len() {
-                // After the last stored sample a swinging door holds an
-                // open segment whose end is not known yet.
+        for (k, &a) in anchors.iter().enumerate() {
+            let end = anchors.get(k + 1).copied();
+            let Some(b) = end.or(if linear { None } else { Some(served.len()) }) else {
                 break;
-            }
-            let e = if linear {
-                // The served timestamp is known to `jitter_ms`: take the
-                // smallest error over that window (the error is piecewise
-                // linear in t, so endpoints, vertices and sign changes
-                // bound it).
-                let lo_t = t.saturating_sub(jitter_ms);
-                let hi_t = t + jitter_ms;
-                let mut ts: Vec<u64> = vec![lo_t, t, hi_t];
-                ts.extend(
-                    stored
-                        .iter()
-                        .map(|s| s.ts_ms)
-                        .skip_while(|&x| x < lo_t)
-                        .take_while(|&x| x <= hi_t),
-                );
-                let errs: Vec<f64> = ts.iter().map(|&x| o.value - linear_at(stored, x)).collect();
-                let crosses = errs.iter().any(|e| *e >= 0.0) && errs.iter().any(|e| *e <= 0.0);
-                if crosses {
-                    0.0
-                } else {
-                    errs.iter().map(|e| e.abs()).fold(f64::INFINITY, f64::min)
-                }
-            } else {
-                (o.value - prev.value).abs()
             };
-            worst = worst.max(e);
+            let (ta, va) = (served[a].ts_ms as f64, served[a].value);
+            for o in &served[a + 1..b] {
+                let r = match end {
+                    Some(b) if linear && served[b].ts_ms > served[a].ts_ms => {
+                        let (tb, vb) = (served[b].ts_ms as f64, served[b].value);
+                        va + (o.ts_ms as f64 - ta) / (tb - ta) * (vb - va)
+                    }
+                    _ => va,
+                };
+                worst = worst.max((o.value - r).abs());
+            }
         }
         worst
     }
@@ -286,7 +240,7 @@ pub mod local {
         fn passthrough_counts_lost_and_duplicates() {
             let served = [o(0, 1.0), o(10, 2.0), o(20, 3.0), o(30, 4.0)];
             let stored = [o(1, 1.0), o(11, 2.0), o(11, 2.0), o(31, 4.0)];
-            let v = compare_point(&PointFilter::Passthrough, &served, &stored, 5, 0);
+            let v = compare_point(&PointFilter::Passthrough, &served, &stored);
             assert_eq!(v.lost, Some(1));
             assert_eq!(v.duplicates, 1);
             assert_eq!(v.unexpected, 0);
@@ -302,17 +256,17 @@ pub mod local {
                 guest: Guest::Deadband,
                 config: "deadband=1".into(),
             };
-            let v = compare_point(&db, &served, &stored, 5, 0);
+            let v = compare_point(&db, &served, &stored);
             assert!((v.max_abs_error - 0.8).abs() < 1e-12);
             assert_eq!(v.lost, None);
             let sd = PointFilter::Guest {
                 guest: Guest::SwingingDoor,
                 config: "deviation=1".into(),
             };
-            let v = compare_point(&sd, &served, &stored, 5, 0);
+            let v = compare_point(&sd, &served, &stored);
             assert!(v.max_abs_error < 0.05, "{}", v.max_abs_error);
             let stray = [o(1, 0.0), o(15, 9.0)];
-            assert_eq!(compare_point(&db, &served, &stray, 5, 0).unexpected, 1);
+            assert_eq!(compare_point(&db, &served, &stray).unexpected, 1);
         }
 
         #[test]

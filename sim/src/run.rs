@@ -714,38 +714,6 @@ async fn stop_agent(node: &mut NodeRt) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Shifts the served timestamps of a Modbus point by the median delay
-/// between the server logging a read and the driver stamping its sample
-/// (request processing → reply), measured on values both sides agree on.
-/// Returns how far the individual delays spread around it (the timestamp
-/// uncertainty of the served values that have no stored twin), at least
-/// 1 ms.
-fn align_to_driver_clock(served: &mut [Obs], stored: &[Obs], tolerance_ms: u64) -> u64 {
-    let mut deltas = Vec::new();
-    let mut j = 0;
-    for o in served.iter() {
-        while j < stored.len() && stored[j].ts_ms < o.ts_ms {
-            j += 1;
-        }
-        if let Some(s) = stored.get(j)
-            && s.ts_ms - o.ts_ms <= tolerance_ms
-            && s.value.to_bits() == o.value.to_bits()
-        {
-            deltas.push(s.ts_ms - o.ts_ms);
-        }
-    }
-    if deltas.is_empty() {
-        return tolerance_ms;
-    }
-    deltas.sort_unstable();
-    let d = deltas[deltas.len() / 2];
-    for o in served.iter_mut() {
-        o.ts_ms += d;
-    }
-    let (lo, hi) = (deltas[0], deltas[deltas.len() - 1]);
-    (d - lo).max(hi - d).max(1)
-}
-
 /// One step of the fault timeline.
 #[derive(Debug, Clone)]
 enum Action {
@@ -1369,13 +1337,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         if is_drained { "complete" } else { "TIMED OUT" }
     ));
 
-    let tolerance_ms = (s.sampling_interval.as_millis() as u64 / 2).max(1);
     // Values served in the last moments before the devices stopped may not
     // have been delivered (an OPC UA publish cycle, a Modbus reply in
     // flight): the comparison window ends two sampling intervals earlier.
     let cut_ms = end_ms.saturating_sub(2 * s.sampling_interval.as_millis() as u64);
     let mut totals = Totals::default();
-    let mut flagged = 0u32; // points logged at debug level
+    let mut flagged = [0u32; 4]; // points logged at debug level, per kind
     for n in &nodes {
         let mut stored: HashMap<u32, Vec<Obs>> = HashMap::new();
         for stream in hub.streams(&n.layout.name).await? {
@@ -1432,23 +1399,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 ),
                 None => (PointFilter::Passthrough, String::new()),
             };
-            // OPC UA samples carry the server's source timestamps (exact);
-            // Modbus samples are stamped by the driver on reply.
-            let jitter_ms = match p.source {
-                Source::Modbus { .. } => align_to_driver_clock(&mut served, &st, tolerance_ms),
-                Source::Opcua { .. } => 0,
-            };
-            let v = report::compare_point(&filter, &served, &st, tolerance_ms, jitter_ms);
+            let v = report::compare_point(&filter, &served, &st);
             let bound = s.function_of_slot(p.slot).map_or(0.0, |f| {
                 max_error_of.get(&f.name).copied().unwrap_or(f.max_error)
             });
-            if (v.unexpected > 0
-                || v.lost.is_some_and(|l| l > 0)
-                || v.duplicates > 0
-                || v.max_abs_error > bound)
-                && flagged < 20
-            {
-                flagged += 1;
+            let kind = if v.duplicates > 0 {
+                0
+            } else if v.unexpected > 0 {
+                1
+            } else if v.lost.is_some_and(|l| l > 0) {
+                2
+            } else if v.max_abs_error > bound {
+                3
+            } else {
+                4
+            };
+            if kind < 4 && flagged[kind] < 10 {
+                flagged[kind] += 1;
                 let stray: Vec<_> = st
                     .iter()
                     .filter(|o| {

@@ -1,6 +1,17 @@
 //! fleet simulator (see issue 6).
+//!
+//! Start here: [`scenario`] (the TOML schema of a run), [`run`] (executes a
+//! scenario against the real hub and real edge agents and writes a
+//! [`report::Report`]), [`devices`] (simulated Modbus / OPC UA servers that
+//! log every value they serve — the ground truth), [`proxy`] (link faults
+//! between an agent and the broker), [`signal`] (seeded signal models),
+//! [`demo`] (one hub + one node on embedded defaults).
 
 pub mod demo;
 pub mod devices;
+pub mod proxy;
+pub mod report;
+pub mod run;
+pub mod scenario;
 pub mod signal;
 pub mod truth;

@@ -1,0 +1,431 @@
+//! The run report and the ground-truth comparison behind it.
+//!
+//! [`compare_point`] takes, for one point, the values the simulated device
+//! served (its log) and the samples the hub stored, plus the filter deployed
+//! on the point, and returns a [`PointVerdict`]; [`seq_analysis`] checks one
+//! stored stream's sequence numbers. [`Totals`] sums verdicts into the
+//! figures of the [`Report`].
+//!
+//! # Where the truth module plugs in
+//! The independent reference filters live in `crate::truth` (built on the
+//! `sim-truth` branch). Until that is merged, [`local`] below is the only
+//! comparison: it is exact for pass-through points (served values against
+//! stored values, in order) and, for filtered points, checks that every
+//! stored value was served and measures the reconstruction error (step-hold
+//! for deadband, linear for swinging door), but cannot count *lost* samples
+//! without a reference filter — such points are counted in
+//! [`Report::points_unverified`]. Wiring truth means replacing the body of
+//! [`compare_point`] and [`seq_analysis`] (the only two calls) with
+//! `truth::compare_point(&truth::Filter::from_guest(..)?, ..)` and
+//! `truth::seq_analysis(..)`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::Guest;
+
+/// One observation: a served value or a stored sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Obs {
+    /// Timestamp, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// Engineering value.
+    pub value: f64,
+    /// Quality byte (0 = good).
+    pub quality: u8,
+}
+
+/// The filter deployed on a point.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PointFilter {
+    /// No function: every sample goes to the raw stream.
+    Passthrough,
+    /// A committed guest with its config text.
+    Guest {
+        /// Which guest.
+        guest: Guest,
+        /// Its config (`deadband=0.5`).
+        config: String,
+    },
+}
+
+/// Outcome of comparing one point.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PointVerdict {
+    /// Values the device served (in the compared window).
+    pub served: u64,
+    /// Samples the reference filter emits for them (`None`: no reference).
+    pub expected: Option<u64>,
+    /// Good samples the hub stored.
+    pub stored: u64,
+    /// Expected samples missing from the store (`None`: not verifiable).
+    pub lost: Option<u64>,
+    /// Stored samples that repeat an earlier one (same timestamp and value).
+    pub duplicates: u64,
+    /// Stored samples whose value was never served.
+    pub unexpected: u64,
+    /// Largest |served − reconstructed-from-stored|.
+    pub max_abs_error: f64,
+}
+
+/// Outcome of the sequence analysis of one stored stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqVerdict {
+    /// Samples.
+    pub count: u64,
+    /// Gaps (runs of missing sequence numbers).
+    pub gaps: u64,
+    /// Missing sequence numbers in total.
+    pub missing: u64,
+    /// Repeated sequence numbers.
+    pub duplicates: u64,
+}
+
+/// Compares one point: `served` is the device's log, `stored` the good
+/// samples the hub stored, both in time order.
+///
+/// TRUTH PLUG-IN POINT (1 of 2): replace with `crate::truth::compare_point`.
+pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
+    local::compare_point(filter, served, stored)
+}
+
+/// Sequence analysis of one stream's stored sequence numbers (in order).
+///
+/// TRUTH PLUG-IN POINT (2 of 2): replace with `crate::truth::seq_analysis`.
+pub fn seq_analysis(seqs: &[u64]) -> SeqVerdict {
+    local::seq_analysis(seqs)
+}
+
+/// The minimal comparison used until `crate::truth` is merged.
+pub mod local {
+    use super::{Obs, PointFilter, PointVerdict, SeqVerdict};
+    use crate::scenario::Guest;
+
+    /// See [`super::compare_point`].
+    pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
+        let mut v = PointVerdict {
+            served: served.len() as u64,
+            stored: stored.len() as u64,
+            ..PointVerdict::default()
+        };
+        let mut last: Option<(u64, u64)> = None;
+        for s in stored {
+            let key = (s.ts_ms, s.value.to_bits());
+            if last == Some(key) {
+                v.duplicates += 1;
+            }
+            last = Some(key);
+        }
+        let served_bits: std::collections::HashSet<u64> =
+            served.iter().map(|o| o.value.to_bits()).collect();
+        v.unexpected = stored
+            .iter()
+            .filter(|s| !served_bits.contains(&s.value.to_bits()))
+            .count() as u64;
+        match filter {
+            PointFilter::Passthrough => {
+                // Every served value must be stored, in order; a poll may
+                // read the same value twice (stored repeats are not
+                // duplicates unless their timestamps are equal too).
+                let mut j = 0;
+                let mut lost = 0u64;
+                for o in served {
+                    let start = j;
+                    while j < stored.len() && stored[j].value.to_bits() != o.value.to_bits() {
+                        j += 1;
+                    }
+                    if j == stored.len() {
+                        lost += 1;
+                        j = start;
+                    } else {
+                        j += 1;
+                    }
+                }
+                v.expected = Some(v.served);
+                v.lost = Some(lost);
+                v.max_abs_error = max_error(served, stored, false);
+            }
+            PointFilter::Guest { guest, .. } => {
+                v.max_abs_error = max_error(served, stored, *guest == Guest::SwingingDoor);
+            }
+        }
+        v
+    }
+
+    /// Largest error of the reconstruction from `stored` at every served
+    /// observation: step-hold, or linear interpolation when `linear`.
+    ///
+    /// Stored samples are matched to served values by order and value
+    /// (stored is a subsequence of served), not by timestamp: a Modbus
+    /// driver stamps its sample when the reply arrives, the simulator logs
+    /// the value when it answers, and under load the two differ by more
+    /// than the time between reads. Between two matched (anchor) samples
+    /// the linear reconstruction is evaluated on the served timeline.
+    /// After the last anchor a swinging door holds an open segment whose
+    /// end is not known yet: those values are not evaluated.
+    fn max_error(served: &[Obs], stored: &[Obs], linear: bool) -> f64 {
+        // anchors[i] = index into `served` of stored[i]'s value.
+        let mut anchors = Vec::with_capacity(stored.len());
+        let mut i = 0;
+        for s in stored {
+            if anchors
+                .last()
+                .is_some_and(|&a: &usize| served[a].value.to_bits() == s.value.to_bits())
+            {
+                continue; // the same value read again (or a duplicate)
+            }
+            while i < served.len() && served[i].value.to_bits() != s.value.to_bits() {
+                i += 1;
+            }
+            if i == served.len() {
+                break; // an unexpected value: counted elsewhere
+            }
+            anchors.push(i);
+            i += 1;
+        }
+        let mut worst = 0.0f64;
+        for (k, &a) in anchors.iter().enumerate() {
+            let end = anchors.get(k + 1).copied();
+            let Some(b) = end.or(if linear { None } else { Some(served.len()) }) else {
+                break;
+            };
+            let (ta, va) = (served[a].ts_ms as f64, served[a].value);
+            for o in &served[a + 1..b] {
+                let r = match end {
+                    Some(b) if linear && served[b].ts_ms > served[a].ts_ms => {
+                        let (tb, vb) = (served[b].ts_ms as f64, served[b].value);
+                        va + (o.ts_ms as f64 - ta) / (tb - ta) * (vb - va)
+                    }
+                    _ => va,
+                };
+                worst = worst.max((o.value - r).abs());
+            }
+        }
+        worst
+    }
+
+    /// See [`super::seq_analysis`].
+    pub fn seq_analysis(seqs: &[u64]) -> SeqVerdict {
+        let mut v = SeqVerdict {
+            count: seqs.len() as u64,
+            ..SeqVerdict::default()
+        };
+        let mut expect = 1u64;
+        for &s in seqs {
+            if s < expect {
+                v.duplicates += 1;
+                continue;
+            }
+            if s > expect {
+                v.gaps += 1;
+                v.missing += s - expect;
+            }
+            expect = s + 1;
+        }
+        v
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn o(ts_ms: u64, value: f64) -> Obs {
+            Obs {
+                ts_ms,
+                value,
+                quality: 0,
+            }
+        }
+
+        #[test]
+        fn passthrough_counts_lost_and_duplicates() {
+            let served = [o(0, 1.0), o(10, 2.0), o(20, 3.0), o(30, 4.0)];
+            let stored = [o(1, 1.0), o(11, 2.0), o(11, 2.0), o(31, 4.0)];
+            let v = compare_point(&PointFilter::Passthrough, &served, &stored);
+            assert_eq!(v.lost, Some(1));
+            assert_eq!(v.duplicates, 1);
+            assert_eq!(v.unexpected, 0);
+            // 3.0 at t=20 reconstructs as 2.0 (step-hold).
+            assert!((v.max_abs_error - 1.0).abs() < 1e-12);
+        }
+
+        #[test]
+        fn filtered_error_is_step_hold_or_linear() {
+            let served = [o(0, 0.0), o(10, 0.4), o(20, 0.8), o(30, 1.2)];
+            let stored = [o(1, 0.0), o(31, 1.2)];
+            let db = PointFilter::Guest {
+                guest: Guest::Deadband,
+                config: "deadband=1".into(),
+            };
+            let v = compare_point(&db, &served, &stored);
+            assert!((v.max_abs_error - 0.8).abs() < 1e-12);
+            assert_eq!(v.lost, None);
+            let sd = PointFilter::Guest {
+                guest: Guest::SwingingDoor,
+                config: "deviation=1".into(),
+            };
+            let v = compare_point(&sd, &served, &stored);
+            assert!(v.max_abs_error < 0.05, "{}", v.max_abs_error);
+            let stray = [o(1, 0.0), o(15, 9.0)];
+            assert_eq!(compare_point(&db, &served, &stray).unexpected, 1);
+        }
+
+        #[test]
+        fn seq_gaps_and_duplicates() {
+            let v = seq_analysis(&[1, 2, 2, 5, 6, 9]);
+            assert_eq!(v.count, 6);
+            assert_eq!(v.duplicates, 1);
+            assert_eq!(v.gaps, 2);
+            assert_eq!(v.missing, 4);
+        }
+    }
+}
+
+/// Sums of point and stream verdicts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    /// Points compared.
+    pub points: u64,
+    /// Points whose lost count could not be verified (no reference filter).
+    pub points_unverified: u64,
+    /// Served values.
+    pub served: u64,
+    /// Stored good samples of compared points.
+    pub stored: u64,
+    /// Lost samples over verified points, plus sequence gaps.
+    pub lost: u64,
+    /// Duplicates (point level plus repeated sequence numbers).
+    pub duplicates: u64,
+    /// Stored values never served.
+    pub unexpected: u64,
+    /// Sequence gaps over all streams.
+    pub seq_missing: u64,
+    /// Largest error per function name (`""` for pass-through points).
+    pub max_abs_error: std::collections::BTreeMap<String, f64>,
+}
+
+impl Totals {
+    /// Adds one point's verdict, filed under `function` (empty: pass-through).
+    pub fn add_point(&mut self, function: &str, v: &PointVerdict) {
+        self.points += 1;
+        self.served += v.served;
+        self.stored += v.stored;
+        match v.lost {
+            Some(l) => self.lost += l,
+            None => self.points_unverified += 1,
+        }
+        self.duplicates += v.duplicates;
+        self.unexpected += v.unexpected;
+        let e = self.max_abs_error.entry(function.to_owned()).or_insert(0.0);
+        if v.max_abs_error.is_nan() || v.max_abs_error > *e {
+            *e = v.max_abs_error;
+        }
+    }
+
+    /// Adds one stream's sequence verdict.
+    pub fn add_stream(&mut self, v: &SeqVerdict) {
+        self.seq_missing += v.missing;
+        self.duplicates += v.duplicates;
+    }
+}
+
+/// Maximum error of one function, against what it promises.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilterError {
+    /// Function name (`raw` for pass-through points).
+    pub function: String,
+    /// Configured bound (deadband or deviation; 0 for raw).
+    pub configured: f64,
+    /// Measured maximum.
+    pub max_abs_error: f64,
+    /// `max_abs_error <= configured` (plus floating-point slack).
+    pub within: bool,
+}
+
+/// The JSON report of `fleet-sim run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Simulated devices.
+    pub devices: u64,
+    /// Edge nodes.
+    pub edge_nodes: u64,
+    /// Edge driver connections / sessions to the simulated devices.
+    pub device_connections: u64,
+    /// Points compared.
+    pub points: u64,
+    /// Values the simulated devices served (their logs), in the compared window.
+    pub samples_generated: u64,
+    /// Good samples the hub stored for those points (its query API).
+    pub samples_upstream: u64,
+    /// `1 − upstream / generated`.
+    pub reduction_ratio: f64,
+    /// Largest reconstruction error over all filtered points.
+    pub max_abs_error: f64,
+    /// Per function: configured bound and measured error.
+    pub filter_errors: Vec<FilterError>,
+    /// Samples expected by the reference but not stored, plus sequence gaps.
+    pub samples_lost: u64,
+    /// Duplicates (same sample twice, or a repeated sequence number).
+    pub duplicates: u64,
+    /// Stored values that no device ever served.
+    pub unexpected: u64,
+    /// Missing sequence numbers over all stored streams.
+    pub seq_missing: u64,
+    /// Points whose lost count has no reference filter yet (see the
+    /// module docs); 0 once `truth` is wired.
+    pub points_unverified: u64,
+    /// Desired-state convergence (PUT at the hub → applied revision seen in
+    /// reported state via the hub), median.
+    pub desired_convergence_ms_p50: f64,
+    /// Same, 99th percentile.
+    pub desired_convergence_ms_p99: f64,
+    /// Convergence samples (node × revision).
+    pub desired_convergence_samples: u64,
+    /// Time some node was cut from the broker, or the broker was down.
+    pub outage_seconds: f64,
+    /// Longest time, after an outage ended, until every node's oldest
+    /// unacked sample was fresh again (backlog drained to live); the final
+    /// drain when there was no outage.
+    pub drain_seconds: f64,
+    /// From the devices stopping until every node had uploaded everything
+    /// up to then.
+    pub final_drain_seconds: f64,
+    /// Whether the final drain finished within `drain_timeout`.
+    pub drained: bool,
+    /// Peak RSS attributed to the edge side (see `rss_note`).
+    pub edge_rss_bytes_max: u64,
+    /// Peak RSS of the hub (see `rss_note`).
+    pub hub_rss_bytes_max: u64,
+    /// How the RSS figures were derived.
+    pub rss_note: String,
+    /// Wall time of the whole run.
+    pub wall_seconds: f64,
+    /// Device time (live data) of the run.
+    pub device_seconds: f64,
+    /// Faults executed, with wall time offsets.
+    pub faults: Vec<String>,
+}
+
+/// Percentile (nearest rank) of `v` (sorted in place); 0 when empty.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert!((percentile(&mut v, 50.0) - 50.0).abs() < 1e-9);
+        assert!((percentile(&mut v, 99.0) - 99.0).abs() < 1e-9);
+        assert!(percentile(&mut [], 50.0).abs() < 1e-9);
+    }
+}

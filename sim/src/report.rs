@@ -6,18 +6,12 @@
 //! stored stream's sequence numbers. [`Totals`] sums verdicts into the
 //! figures of the [`Report`].
 //!
-//! # Where the truth module plugs in
-//! The independent reference filters live in `crate::truth` (built on the
-//! `sim-truth` branch). Until that is merged, [`local`] below is the only
-//! comparison: it is exact for pass-through points (served values against
-//! stored values, in order) and, for filtered points, checks that every
-//! stored value was served and measures the reconstruction error (step-hold
-//! for deadband, linear for swinging door), but cannot count *lost* samples
-//! without a reference filter — such points are counted in
-//! [`Report::points_unverified`]. Wiring truth means replacing the body of
-//! [`compare_point`] and [`seq_analysis`] (the only two calls) with
-//! `truth::compare_point(&truth::Filter::from_guest(..)?, ..)` and
-//! `truth::seq_analysis(..)`.
+//! # Ground truth
+//! [`compare_point`] replays the served values through the independent
+//! reference filters of [`crate::truth`] (checked bit-identical against the
+//! WASM guests in `tests/truth_vs_guest.rs`) to count expected, lost,
+//! duplicate and unexpected samples; [`local`] measures the reconstruction
+//! error (step-hold for deadband, linear for swinging door).
 
 use serde::{Deserialize, Serialize};
 
@@ -83,19 +77,61 @@ pub struct SeqVerdict {
 /// Compares one point: `served` is the device's log, `stored` the good
 /// samples the hub stored, both in time order.
 ///
-/// TRUTH PLUG-IN POINT (1 of 2): replace with `crate::truth::compare_point`.
+/// Expected, lost, duplicate and unexpected samples come from replaying
+/// `served` through the independent reference filter in [`crate::truth`]
+/// and matching its output against `stored`. The reconstruction error is
+/// [`local`]'s, which matches stored samples to served values by order and
+/// value and so tolerates the read latency between a Modbus server logging a
+/// value and the agent stamping it. A filter config the reference cannot
+/// parse falls back to [`local`] entirely (its `lost` is `None`, counted as
+/// unverified).
 pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
-    local::compare_point(filter, served, stored)
+    let local = local::compare_point(filter, served, stored);
+    let reference = match filter {
+        // Served logs record a value per change, not per read, so repeated
+        // reads of an unchanged value are not in them: the runner's own
+        // in-order comparison is the exact one for unfiltered points.
+        PointFilter::Passthrough => return local,
+        PointFilter::Guest { guest, config } => {
+            match crate::truth::Filter::from_guest_text(guest.name(), config) {
+                Ok(f) => f,
+                Err(_) => return local,
+            }
+        }
+    };
+    let conv = |o: &Obs| crate::truth::Obs {
+        ts_ms: o.ts_ms,
+        value: o.value,
+        quality: o.quality,
+    };
+    let served_t: Vec<_> = served.iter().map(conv).collect();
+    let stored_t: Vec<_> = stored.iter().map(conv).collect();
+    let v = crate::truth::compare_point(&reference, &served_t, &stored_t);
+    PointVerdict {
+        served: v.served,
+        expected: Some(v.expected),
+        stored: v.stored,
+        lost: Some(v.lost),
+        duplicates: v.duplicates,
+        unexpected: v.unexpected,
+        max_abs_error: local.max_abs_error,
+    }
 }
 
-/// Sequence analysis of one stream's stored sequence numbers (in order).
-///
-/// TRUTH PLUG-IN POINT (2 of 2): replace with `crate::truth::seq_analysis`.
+/// Sequence analysis of one stream's stored sequence numbers (in order),
+/// by [`crate::truth::seq_analysis`].
 pub fn seq_analysis(seqs: &[u64]) -> SeqVerdict {
-    local::seq_analysis(seqs)
+    let v = crate::truth::seq_analysis(seqs);
+    SeqVerdict {
+        count: v.count,
+        gaps: v.gaps,
+        missing: v.missing,
+        duplicates: v.duplicates,
+    }
 }
 
-/// The minimal comparison used until `crate::truth` is merged.
+/// The runner's own comparison: exact for pass-through points, and the
+/// reconstruction error for filtered ones.
 pub mod local {
     use super::{Obs, PointFilter, PointVerdict, SeqVerdict};
     use crate::scenario::Guest;

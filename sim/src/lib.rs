@@ -2,4 +2,5 @@
 
 pub mod demo;
 pub mod devices;
+pub mod hollow;
 pub mod signal;

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::commit::GroupCommit;
 use crate::config::HubConfig;
 use crate::keys::{self, KeyError};
 use crate::metrics::Metrics;
@@ -74,6 +75,9 @@ pub enum HubError {
     /// The MQTT client is gone (shutting down).
     #[error("mqtt client closed: {0}")]
     Mqtt(String),
+    /// Desired state could not be made durable.
+    #[error(transparent)]
+    Commit(#[from] crate::commit::CommitError),
     /// A task panicked.
     #[error("hub task failed: {0}")]
     Task(String),
@@ -103,6 +107,7 @@ pub struct Hub {
     /// the connection drops.
     desired_republished: AtomicBool,
     client: AsyncClient,
+    commit: GroupCommit,
     db: sled::Db,
 }
 
@@ -123,12 +128,7 @@ impl Hub {
         let doc = SignedDesired::sign(desired, &self.key)?;
         self.registry
             .set_desired(&desired.node, desired.revision, doc.clone())?;
-        self.db.flush_async().await.map_err(|e| {
-            HubError::Sink(SinkError::Db {
-                op: "flush",
-                source: e,
-            })
-        })?;
+        self.commit.commit().await?;
         self.publish_desired(&desired.node, &doc).await
     }
 
@@ -252,6 +252,7 @@ impl App {
             mqtt_subscribed: AtomicBool::new(false),
             desired_republished: AtomicBool::new(false),
             client,
+            commit: GroupCommit::new(db.clone()),
             db,
         });
 

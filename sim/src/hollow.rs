@@ -10,8 +10,9 @@
 //! few kilobytes per node.
 //!
 //! [`run`] measures one fleet against a running hub:
-//! 1. connect `nodes` hollow nodes, at most `connect_concurrency` connecting
-//!    at once, and wait until the hub's registry shows every one online;
+//! 1. wait for the hub's `/readyz`, connect `nodes` hollow nodes, at most
+//!    `connect_concurrency` connecting at once, and wait until the hub's
+//!    registry shows every one online;
 //! 2. for each round, PUT a new desired revision for every node through the
 //!    REST API (`put_concurrency` requests in flight) and record, per node,
 //!    the time from sending its PUT to (a) the node holding the verified new
@@ -640,6 +641,31 @@ impl Api {
         Ok((key, Topics::new(root)))
     }
 
+    /// Waits until `GET /readyz` answers 200 (the hub's MQTT session is
+    /// subscribed), or returns `false` at once if the hub has no such route.
+    async fn wait_ready(&self, timeout: Duration) -> Result<bool, HollowError> {
+        let what = "GET /readyz";
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self
+                .http
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+                .map_err(|e| Self::err(what, e))?;
+            match r.status() {
+                s if s.is_success() => return Ok(true),
+                reqwest::StatusCode::NOT_FOUND => return Ok(false),
+                s if Instant::now() >= deadline => {
+                    return Err(HollowError::Timeout(format!(
+                        "{what}: hub not ready within {timeout:?} (last answer {s})"
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     async fn nodes(&self) -> Result<Vec<NodeView>, HollowError> {
         let what = "GET /v1/nodes";
         self.http
@@ -718,6 +744,14 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
             .map_err(|e| Api::err("client", e))?,
         base: hub.http_base.trim_end_matches('/').to_owned(),
     });
+    // Nodes that connect before the hub subscribed may have their retained
+    // status missed by it (see `cloud_hub::Hub::mqtt_ready`).
+    if !api.wait_ready(opts.connect_timeout).await? {
+        say(
+            opts,
+            "hub has no /readyz: connecting nodes without knowing whether it subscribed",
+        );
+    }
     let (key, topics) = api.hub_key().await?;
     let names: Vec<String> = (0..opts.nodes).map(|i| opts.node_name(i)).collect();
     let index: HashMap<&str, usize> = names

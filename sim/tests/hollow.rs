@@ -41,7 +41,7 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         nodes: 50,
         rounds: 2,
         connect_concurrency: 16,
-        put_concurrency: 8,
+        put_concurrency: 32,
         registry_poll: Duration::from_millis(50),
         connect_timeout: Duration::from_secs(20),
         round_timeout: Duration::from_secs(20),
@@ -122,6 +122,13 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
             &EventKind::DesiredApplied { revision: 2 }
         ]
     );
+
+    let ready = http
+        .get(format!("{}/readyz", hub.http_base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 
     // The run has dropped its nodes' connections: the broker publishes each
     // node's last will, and the registry shows them offline, as for agents.

@@ -114,6 +114,11 @@ pub struct HollowOptions {
     /// MQTT keep-alive of each node (the agent's default is 15 s).
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// How long a node waits for CONNACK (and for a write to flush) before
+    /// it drops the attempt and retries (rumqttc's default, which the agent
+    /// uses, is 5 s).
+    #[serde(with = "humantime_serde")]
+    pub mqtt_connect_timeout: Duration,
     /// How often the hub registry is polled during a round (the resolution
     /// of the registry round-trip figures).
     #[serde(with = "humantime_serde")]
@@ -138,6 +143,7 @@ impl Default for HollowOptions {
             rounds: 1,
             report_interval: Duration::from_secs(5),
             keep_alive: Duration::from_secs(15),
+            mqtt_connect_timeout: Duration::from_secs(5),
             registry_poll: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(600),
             round_timeout: Duration::from_secs(600),
@@ -178,6 +184,9 @@ impl HollowOptions {
         }
         if self.keep_alive < Duration::from_secs(5) {
             return bad("keep_alive: must be at least 5s".into());
+        }
+        if self.mqtt_connect_timeout < Duration::from_secs(1) {
+            return bad("mqtt_connect_timeout: must be at least 1s".into());
         }
         if self.registry_poll < Duration::from_millis(10) {
             return bad("registry_poll: must be at least 10ms".into());
@@ -435,6 +444,7 @@ struct NodeLink {
     topics: Topics,
     key: VerifyingKey,
     keep_alive: Duration,
+    connect_timeout_s: u64,
 }
 
 /// Does what `session` asked: queue publishes and subscriptions without
@@ -509,6 +519,9 @@ fn spawn_node(
         .last_will(wall_ms());
     opts.set_last_will(LastWill::new(will_topic, will, QoS::AtLeastOnce, true));
     let (client, mut eventloop) = AsyncClient::new(opts, 32);
+    let mut net = eventloop.network_options();
+    net.set_connection_timeout(link.connect_timeout_s);
+    eventloop.set_network_options(net);
     {
         let (session, fleet, client, cancel) = (
             session.clone(),
@@ -802,6 +815,7 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
         topics,
         key,
         keep_alive: opts.keep_alive,
+        connect_timeout_s: opts.mqtt_connect_timeout.as_secs(),
     });
     let connecting = Arc::new(Semaphore::new(opts.connect_concurrency));
     let mut tasks = JoinSet::new();

@@ -70,6 +70,10 @@ struct HollowArgs {
     /// MQTT keep-alive of each node, seconds.
     #[arg(long, default_value_t = 15)]
     keep_alive_s: u64,
+    /// Seconds a node waits for CONNACK before it retries (rumqttc and
+    /// agent default: 5).
+    #[arg(long, default_value_t = 5)]
+    mqtt_connect_timeout_s: u64,
     /// Hub registry poll interval during a round, ms.
     #[arg(long, default_value_t = 500)]
     registry_poll_ms: u64,
@@ -169,6 +173,7 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
         rounds: a.rounds,
         report_interval: Duration::from_millis(a.report_interval_ms),
         keep_alive: Duration::from_secs(a.keep_alive_s),
+        mqtt_connect_timeout: Duration::from_secs(a.mqtt_connect_timeout_s),
         registry_poll: Duration::from_millis(a.registry_poll_ms),
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         round_timeout: Duration::from_secs(a.round_timeout_s),

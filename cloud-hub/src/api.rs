@@ -3,6 +3,7 @@
 //! | method | path | what |
 //! | --- | --- | --- |
 //! | GET | `/healthz` | liveness |
+//! | GET | `/readyz` | 200 once the MQTT session is subscribed and desired state republished, else 503 |
 //! | GET | `/metrics` | Prometheus text |
 //! | GET | `/v1/hub` | hub public key and topic root |
 //! | GET | `/v1/nodes` | every node: desired revision, reported state, status, telemetry |
@@ -36,6 +37,7 @@ use crate::sink::{StoredSample, StreamStats};
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/hub", get(hub_info))
         .route("/v1/nodes", get(list_nodes))
@@ -110,6 +112,17 @@ impl From<NodeTelemetry> for NodeTelemetryView {
             duplicates: t.duplicates,
             bad_payloads: t.bad_payloads,
         }
+    }
+}
+
+async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, &'static str) {
+    if hub.mqtt_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "mqtt session not subscribed yet",
+        )
     }
 }
 

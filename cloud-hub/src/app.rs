@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::commit::GroupCommit;
 use crate::config::HubConfig;
 use crate::keys::{self, KeyError};
 use crate::metrics::Metrics;
@@ -74,6 +76,9 @@ pub enum HubError {
     /// The MQTT client is gone (shutting down).
     #[error("mqtt client closed: {0}")]
     Mqtt(String),
+    /// Desired state could not be made durable.
+    #[error(transparent)]
+    Commit(#[from] crate::commit::CommitError),
     /// A task panicked.
     #[error("hub task failed: {0}")]
     Task(String),
@@ -96,22 +101,35 @@ pub struct Hub {
     pub artifacts: Arc<crate::artifacts::ArtifactStore>,
     /// Most recent events per node.
     pub events: EventLog,
+    /// Set when the broker acknowledged the hub's subscriptions; cleared
+    /// when the connection drops.
+    mqtt_subscribed: AtomicBool,
+    /// Set when desired state was republished after a connect; cleared when
+    /// the connection drops.
+    desired_republished: AtomicBool,
     client: AsyncClient,
+    commit: GroupCommit,
     db: sled::Db,
 }
 
 impl Hub {
+    /// Whether the hub's MQTT session is up, subscribed, and has republished
+    /// desired state. Clients that connect nodes should wait for this
+    /// (`GET /readyz`): a broker may hand a later wildcard subscription only
+    /// part of the retained messages (rumqttd forwards at most one inflight
+    /// window, 100, of them), so node status published before the hub
+    /// subscribed can be missed.
+    pub fn mqtt_ready(&self) -> bool {
+        self.mqtt_subscribed.load(Ordering::Acquire)
+            && self.desired_republished.load(Ordering::Acquire)
+    }
+
     /// Signs, stores (durably) and publishes a node's new desired state.
     pub async fn set_desired(&self, desired: &DesiredState) -> Result<(), HubError> {
         let doc = SignedDesired::sign(desired, &self.key)?;
         self.registry
             .set_desired(&desired.node, desired.revision, doc.clone())?;
-        self.db.flush_async().await.map_err(|e| {
-            HubError::Sink(SinkError::Db {
-                op: "flush",
-                source: e,
-            })
-        })?;
+        self.commit.commit().await?;
         self.publish_desired(&desired.node, &doc).await
     }
 
@@ -232,7 +250,10 @@ impl App {
             metrics: Metrics::default(),
             artifacts: Arc::new(artifacts),
             events: EventLog::default(),
+            mqtt_subscribed: AtomicBool::new(false),
+            desired_republished: AtomicBool::new(false),
             client,
+            commit: GroupCommit::new(db.clone()),
             db,
         });
 
@@ -252,6 +273,7 @@ impl App {
         let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Control>();
         {
             let cancel = cancel.clone();
+            let hub = hub.clone();
             tasks.spawn(async move {
                 let mut delay = std::time::Duration::from_millis(100);
                 loop {
@@ -264,6 +286,10 @@ impl App {
                             delay = std::time::Duration::from_millis(100);
                             let _ = ctl_tx.send(Control::Connected);
                         }
+                        Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                            // The hub subscribes only after a connect.
+                            hub.mqtt_subscribed.store(true, Ordering::Release);
+                        }
                         Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                             tokio::select! {
                                 () = cancel.cancelled() => return Ok(()),
@@ -272,6 +298,8 @@ impl App {
                         }
                         Ok(_) => {}
                         Err(e) => {
+                            hub.mqtt_subscribed.store(false, Ordering::Release);
+                            hub.desired_republished.store(false, Ordering::Release);
                             warn!(error = %e, "hub MQTT connection error; retrying");
                             // Jittered, so hub replicas do not reconnect in lockstep.
                             let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
@@ -328,6 +356,7 @@ impl App {
                             hub.publish_desired(&node, &doc).await?;
                         }
                     }
+                    hub.desired_republished.store(true, Ordering::Release);
                     info!("hub subscribed and desired state republished");
                 }
             });

@@ -9,6 +9,7 @@
 
 pub mod demo;
 pub mod devices;
+pub mod hollow;
 pub mod proxy;
 pub mod report;
 pub mod run;

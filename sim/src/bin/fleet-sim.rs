@@ -1,10 +1,13 @@
 //! `fleet-sim`: the edgefleet fleet simulator.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use sim::hollow::{HollowOptions, HubEndpoint, HubProcess};
 
 #[derive(Parser)]
 #[command(name = "fleet-sim", version, about = "edgefleet fleet simulator")]
@@ -52,6 +55,78 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Measure the hub with hollow nodes: lightweight edge-node stand-ins
+    /// that speak the real sync protocol without devices.
+    Hollow(HollowArgs),
+}
+
+#[derive(Args)]
+struct HollowArgs {
+    /// Hollow nodes to run.
+    #[arg(long, default_value_t = 1_000)]
+    nodes: usize,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Desired-state changes to push to every node, one after the other.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// Most nodes connecting at once.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Most PUT /v1/nodes/{node}/desired requests in flight.
+    #[arg(long, default_value_t = 32)]
+    put_concurrency: usize,
+    /// report_interval_ms of the pushed desired state (how often each node
+    /// re-publishes its reported state).
+    #[arg(long, default_value_t = 5_000)]
+    report_interval_ms: u64,
+    /// MQTT keep-alive of each node, seconds.
+    #[arg(long, default_value_t = 15)]
+    keep_alive_s: u64,
+    /// Seconds a node waits for CONNACK before it retries (rumqttc and
+    /// agent default: 5).
+    #[arg(long, default_value_t = 5)]
+    mqtt_connect_timeout_s: u64,
+    /// Hub registry poll interval during a round, ms.
+    #[arg(long, default_value_t = 500)]
+    registry_poll_ms: u64,
+    /// Longest wait for all nodes to connect and show online, seconds.
+    #[arg(long, default_value_t = 600)]
+    connect_timeout_s: u64,
+    /// Longest wait for one round to converge, seconds.
+    #[arg(long, default_value_t = 600)]
+    round_timeout_s: u64,
+    /// Node name prefix.
+    #[arg(long, default_value = "hollow-")]
+    node_prefix: String,
+    /// Use an already running hub at this REST base URL (with --mqtt)
+    /// instead of starting one.
+    #[arg(long, requires = "mqtt")]
+    hub_url: Option<String>,
+    /// Broker address of the running hub (with --hub-url).
+    #[arg(long, requires = "hub_url")]
+    mqtt: Option<SocketAddr>,
+    /// Process id of the running hub, to sample its memory (with --hub-url).
+    #[arg(long, requires = "hub_url")]
+    hub_pid: Option<u32>,
+    /// Start this `cloud-hub` binary (`BIN serve --config …`) instead of
+    /// this executable's hidden `hub` subcommand.
+    #[arg(long, conflicts_with = "hub_url")]
+    hub_bin: Option<PathBuf>,
+    /// Base hub config (TOML) for the started hub; data dir and listen
+    /// addresses are chosen by fleet-sim.
+    #[arg(long, conflicts_with = "hub_url")]
+    hub_config: Option<PathBuf>,
+    /// RUST_LOG of the started hub.
+    #[arg(long, default_value = "warn")]
+    hub_log: String,
+    /// Keep the started hub's directory (config, data, log) afterwards.
+    #[arg(long)]
+    keep_hub_dir: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +140,7 @@ fn main() -> ExitCode {
                 "warn,opcua_client=off,opcua_server=off,opcua_core=off".into()
             }),
         )
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     // Validate scenarios before starting a runtime: bad input exits 64.
@@ -128,6 +204,10 @@ fn main() -> ExitCode {
             println!("{json}");
             Ok(())
         }),
+        Cmd::Hollow(args) => match rt.block_on(hollow(args)) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Cmd::Hub { config } => rt.block_on(serve_hub(config)),
     };
     match r {
@@ -141,6 +221,7 @@ fn main() -> ExitCode {
 
 async fn serve_hub(config: PathBuf) -> anyhow::Result<()> {
     let cfg = cloud_hub::HubConfig::load(Some(&config), |k| std::env::var(k).ok())?;
+    cfg.validate()?;
     let cancel = tokio_util::sync::CancellationToken::new();
     let app = cloud_hub::App::start(cfg, cancel.clone()).await?;
     let task = tokio::spawn(app.run());
@@ -152,4 +233,98 @@ async fn serve_hub(config: PathBuf) -> anyhow::Result<()> {
     cancel.cancel();
     task.await??;
     Ok(())
+}
+
+async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
+    let opts = HollowOptions {
+        nodes: a.nodes,
+        node_prefix: a.node_prefix,
+        connect_concurrency: a.connect_concurrency,
+        put_concurrency: a.put_concurrency,
+        rounds: a.rounds,
+        report_interval: Duration::from_millis(a.report_interval_ms),
+        keep_alive: Duration::from_secs(a.keep_alive_s),
+        mqtt_connect_timeout: Duration::from_secs(a.mqtt_connect_timeout_s),
+        registry_poll: Duration::from_millis(a.registry_poll_ms),
+        connect_timeout: Duration::from_secs(a.connect_timeout_s),
+        round_timeout: Duration::from_secs(a.round_timeout_s),
+        progress: !a.quiet,
+    };
+    opts.validate()?;
+    // Before the hub starts, so it inherits the raised limit.
+    let limit = sim::hollow::raise_fd_limit()?;
+    if !a.quiet {
+        eprintln!("file descriptor limit: {limit}");
+    }
+    let (report, hub) = if let (Some(url), Some(mqtt)) = (&a.hub_url, a.mqtt) {
+        let ep = HubEndpoint {
+            http_base: url.clone(),
+            mqtt_host: mqtt.ip().to_string(),
+            mqtt_port: mqtt.port(),
+            pid: a.hub_pid,
+            in_process: false,
+        };
+        (sim::hollow::run(&opts, &ep).await, None)
+    } else {
+        let mut cfg = cloud_hub::HubConfig::load(a.hub_config.as_deref(), |_| None)?;
+        let broker = cfg.embedded_broker.get_or_insert_with(Default::default);
+        // The hub's own client and a margin beside the nodes.
+        broker.max_connections = broker.max_connections.max(opts.nodes + 64);
+        let (bin, args) = match &a.hub_bin {
+            Some(b) => (b.clone(), vec!["serve".to_owned()]),
+            None => (
+                std::env::current_exe().context("locating fleet-sim itself")?,
+                vec!["hub".to_owned()],
+            ),
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-sim-hollow-")
+            .tempdir()
+            .context("creating the hub directory")?;
+        let mut hub = HubProcess::spawn(
+            &bin,
+            &args,
+            cfg,
+            dir.path(),
+            &a.hub_log,
+            Duration::from_secs(30),
+        )
+        .await?;
+        if !a.quiet {
+            eprintln!(
+                "hub: {} {} (pid {:?}), REST {}, MQTT {}:{}, log {}",
+                bin.display(),
+                args.join(" "),
+                hub.endpoint().pid,
+                hub.endpoint().http_base,
+                hub.endpoint().mqtt_host,
+                hub.endpoint().mqtt_port,
+                hub.log().display()
+            );
+        }
+        let r = sim::hollow::run(&opts, hub.endpoint()).await;
+        let alive = hub.check_alive();
+        hub.stop().await;
+        let keep = a.keep_hub_dir || r.is_err() || alive.is_err();
+        if keep {
+            let kept = dir.keep();
+            eprintln!("hub directory kept: {}", kept.display());
+        }
+        alive?;
+        (r, Some(bin))
+    };
+    let report = report?;
+    if let Some(path) = &a.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{}", report.summary());
+    if let Some(bin) = hub {
+        println!("hub process: {}", bin.display());
+    }
+    Ok(if report.all_converged {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -1,0 +1,166 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::field_reassign_with_default,
+    reason = "test code"
+)]
+//! Hollow nodes against a real hub (in this process, embedded broker): every
+//! node converges to each pushed revision, and the hub's registry and event
+//! log agree with what the nodes did.
+
+use std::time::Duration;
+
+use cloud_hub::api::NodeView;
+use cloud_hub::{App, HubConfig};
+use protocols::{Event, EventKind, NodeState};
+use sim::hollow::{HollowOptions, HubEndpoint};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HubConfig::default();
+    cfg.data_dir = dir.path().join("hub");
+    cfg.http_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
+    let cancel = CancellationToken::new();
+    let app = App::start(cfg, cancel.clone()).await.unwrap();
+    let (host, port) = app.mqtt_addr();
+    let hub = HubEndpoint {
+        http_base: format!("http://{}", app.http_addr()),
+        mqtt_host: host,
+        mqtt_port: port,
+        pid: Some(std::process::id()),
+        in_process: true,
+    };
+    let hub_task = tokio::spawn(app.run());
+
+    let opts = HollowOptions {
+        nodes: 50,
+        rounds: 2,
+        connect_concurrency: 16,
+        put_concurrency: 32,
+        registry_poll: Duration::from_millis(50),
+        connect_timeout: Duration::from_secs(20),
+        round_timeout: Duration::from_secs(20),
+        ..HollowOptions::default()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(60), sim::hollow::run(&opts, &hub))
+        .await
+        .expect("hollow run timed out")
+        .unwrap();
+    assert_eq!(report.nodes, 50);
+    assert_eq!(report.connected, 50);
+    assert_eq!(report.rounds.len(), 2);
+    for (r, want) in report.rounds.iter().zip([1, 2]) {
+        assert_eq!(r.revision, want);
+        assert_eq!(r.put_errors, 0, "{:?}", r.first_put_error);
+        assert_eq!(r.converged_nodes, 50, "round {want}");
+        assert_eq!(r.converged_registry, 50, "round {want}");
+        assert_eq!(r.registry_agrees, 50, "round {want}");
+        assert_eq!(r.node.count, 50);
+        assert!(r.node.p50_ms <= r.node.p99_ms && r.node.p99_ms <= r.node.max_ms);
+    }
+    assert!(report.all_converged);
+    assert_eq!(report.desired_rejected, 0);
+    assert_eq!(report.publish_dropped, 0);
+    assert!(report.hub_rss_bytes_max > 0 && report.hub_in_process);
+    assert!(report.summary().contains("every node converged"));
+    let json = serde_json::to_value(&report).unwrap();
+    for key in [
+        "desired_convergence_ms_p50",
+        "desired_convergence_ms_p99",
+        "hub_rss_bytes_max",
+        "wall_seconds",
+    ] {
+        assert!(json[key].is_number(), "{key} missing from the report");
+    }
+
+    // Independently of the run's own bookkeeping: the hub's registry holds
+    // every hollow node as a real agent would appear, and its event log has
+    // the nodes' own `desired-applied` events.
+    let http = reqwest::Client::new();
+    let views: Vec<NodeView> = http
+        .get(format!("{}/v1/nodes", hub.http_base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hollow: Vec<&NodeView> = views
+        .iter()
+        .filter(|v| v.node.starts_with("hollow-"))
+        .collect();
+    assert_eq!(hollow.len(), 50);
+    for v in &hollow {
+        assert_eq!(v.desired_revision, 2, "{}", v.node);
+        let rep = v.reported.as_ref().unwrap();
+        assert_eq!(rep.applied_revision, 2, "{}", v.node);
+        assert_eq!(rep.counters["desired_applied"], 2, "{}", v.node);
+        assert!(v.status.is_some(), "{}", v.node);
+    }
+    let events: Vec<Event> = http
+        .get(format!("{}/v1/nodes/hollow-07/events", hub.http_base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let applied: Vec<&EventKind> = events
+        .iter()
+        .map(|e| &e.kind)
+        .filter(|k| matches!(k, EventKind::DesiredApplied { .. }))
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            &EventKind::DesiredApplied { revision: 1 },
+            &EventKind::DesiredApplied { revision: 2 }
+        ]
+    );
+
+    let ready = http
+        .get(format!("{}/readyz", hub.http_base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // The run has dropped its nodes' connections: the broker publishes each
+    // node's last will, and the registry shows them offline, as for agents.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let views: Vec<NodeView> = http
+            .get(format!("{}/v1/nodes", hub.http_base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let offline = views
+            .iter()
+            .filter(|v| v.node.starts_with("hollow-"))
+            .filter(|v| v.status.as_ref().map(|s| s.state) == Some(NodeState::Offline))
+            .count();
+        if offline == 50 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {offline} of 50 hollow nodes went offline after the run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), hub_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

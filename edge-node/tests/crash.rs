@@ -12,14 +12,16 @@
     reason = "test code"
 )]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cloud_hub::{App, Hub, HubConfig};
+use protocols::NodeConfig;
 use protocols::signing::key_to_hex;
-use protocols::{Device, DeviceProtocol, NodeConfig, Point, PointAddress, PointGroup, Signal};
 use rand::{Rng as _, SeedableRng as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -43,43 +45,17 @@ fn now_ms() -> u64 {
 }
 
 fn desired() -> protocols::DesiredState {
-    let points = (0..5)
-        .map(|i| Point {
-            index: i,
-            name: format!("p{i}"),
-            address: PointAddress::Synthetic {
-                signal: Signal::RandomWalk {
-                    start: 0.0,
-                    step: 1.0,
-                },
-            },
-            scale: 1.0,
-            offset: 0.0,
-            range: None,
-            unit: None,
-        })
-        .collect();
-    protocols::DesiredState {
-        node: "crash-1".into(),
-        revision: 1,
-        functions: vec![],
-        devices: vec![Device {
-            id: "gen".into(),
-            protocol: DeviceProtocol::Synthetic,
-            groups: vec![PointGroup {
-                name: "g".into(),
-                interval_ms: INTERVAL_MS,
-                points,
-            }],
-        }],
-        models: vec![],
-        config: NodeConfig {
+    common::random_walk_desired(
+        "crash-1",
+        5,
+        INTERVAL_MS,
+        NodeConfig {
             batch_max_samples: 100,
             batch_max_age_ms: BATCH_AGE_MS,
             report_interval_ms: 500,
             raw_stream: Some("raw".into()),
         },
-    }
+    )
 }
 
 /// A TCP proxy to the broker that the test can cut and restore.

@@ -10,83 +10,35 @@
     reason = "test code"
 )]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use cloud_hub::{App, Hub, HubConfig};
+use cloud_hub::HubConfig;
 use edge_node::store::Store;
 use edge_node::{Agent, Clock, EdgeConfig};
 use protocols::signing::key_to_hex;
-use protocols::{
-    Device, DeviceProtocol, NodeConfig, Point, PointAddress, PointGroup, Signal, SignedDesired,
-};
+use protocols::{NodeConfig, SignedDesired};
 use tokio_util::sync::CancellationToken;
 
 fn desired() -> protocols::DesiredState {
-    let points = (0..10)
-        .map(|i| Point {
-            index: i,
-            name: format!("p{i}"),
-            address: PointAddress::Synthetic {
-                signal: Signal::RandomWalk {
-                    start: 0.0,
-                    step: 1.0,
-                },
-            },
-            scale: 1.0,
-            offset: 0.0,
-            range: None,
-            unit: None,
-        })
-        .collect();
-    protocols::DesiredState {
-        node: "cap-1".into(),
-        revision: 1,
-        functions: vec![],
-        devices: vec![Device {
-            id: "gen".into(),
-            protocol: DeviceProtocol::Synthetic,
-            groups: vec![PointGroup {
-                name: "g".into(),
-                interval_ms: 100,
-                points,
-            }],
-        }],
-        models: vec![],
-        config: NodeConfig {
+    common::random_walk_desired(
+        "cap-1",
+        10,
+        100,
+        NodeConfig {
             batch_max_samples: 500,
             batch_max_age_ms: 5_000,
             report_interval_ms: 500,
             raw_stream: Some("raw".into()),
         },
-    }
-}
-
-fn start_hub(cfg: HubConfig, cancel: CancellationToken) -> Arc<Hub> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = App::start(cfg, cancel).await.unwrap();
-            tx.send(app.hub()).unwrap();
-            app.run().await.unwrap();
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    )
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn drop_oldest_is_exact_counted_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
     let mut cfg = EdgeConfig::default();
     cfg.node = "cap-1".into();
@@ -139,7 +91,7 @@ async fn drop_oldest_is_exact_counted_and_reported() {
     hub_cfg.http_listen = "127.0.0.1:0".parse().unwrap();
     hub_cfg.embedded_broker.as_mut().unwrap().listen = format!("127.0.0.1:{port}").parse().unwrap();
     hub_cfg.ack_interval = Duration::from_millis(50);
-    let hub = start_hub(hub_cfg, hub_cancel.clone());
+    let hub = common::start_hub_thread(hub_cfg, hub_cancel.clone());
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let st = hub

@@ -15,16 +15,15 @@
     reason = "test code"
 )]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use cloud_hub::{App, Hub, HubConfig};
+use cloud_hub::HubConfig;
 use edge_node::store::Store;
 use edge_node::{Agent, Clock, EdgeConfig};
 use protocols::signing::key_to_hex;
-use protocols::{
-    Device, DeviceProtocol, NodeConfig, Point, PointAddress, PointGroup, Signal, SignedDesired,
-};
+use protocols::{NodeConfig, SignedDesired};
 use tokio_util::sync::CancellationToken;
 
 const POINTS: u32 = 10;
@@ -56,75 +55,23 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
 }
 
 fn desired() -> protocols::DesiredState {
-    let points = (0..POINTS)
-        .map(|i| Point {
-            index: i,
-            name: format!("p{i}"),
-            address: PointAddress::Synthetic {
-                signal: Signal::RandomWalk {
-                    start: 0.0,
-                    step: 1.0,
-                },
-            },
-            scale: 1.0,
-            offset: 0.0,
-            range: None,
-            unit: None,
-        })
-        .collect();
-    protocols::DesiredState {
-        node: "offline-1".into(),
-        revision: 1,
-        functions: vec![],
-        devices: vec![Device {
-            id: "gen".into(),
-            protocol: DeviceProtocol::Synthetic,
-            groups: vec![PointGroup {
-                name: "g".into(),
-                interval_ms: INTERVAL_MS,
-                points,
-            }],
-        }],
-        models: vec![],
-        config: NodeConfig {
+    common::random_walk_desired(
+        "offline-1",
+        POINTS,
+        INTERVAL_MS,
+        NodeConfig {
             batch_max_samples: 1_000,
             batch_max_age_ms: 5_000,
             report_interval_ms: 2_000,
             raw_stream: Some("raw".into()),
         },
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the hub on its own real-time runtime thread.
-fn start_hub(cfg: HubConfig, cancel: CancellationToken) -> Arc<Hub> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = App::start(cfg, cancel).await.unwrap();
-            tx.send(app.hub()).unwrap();
-            app.run().await.unwrap();
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    )
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn outage_48h_then_reconnect_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
 
     let mut cfg = EdgeConfig::default();
@@ -203,7 +150,7 @@ async fn outage_48h_then_reconnect_loses_nothing() {
     hub_cfg.http_listen = "127.0.0.1:0".parse().unwrap();
     hub_cfg.embedded_broker.as_mut().unwrap().listen = format!("127.0.0.1:{port}").parse().unwrap();
     hub_cfg.ack_interval = Duration::from_millis(100);
-    let hub = start_hub(hub_cfg, hub_cancel.clone());
+    let hub = common::start_hub_thread(hub_cfg, hub_cancel.clone());
     let drain_start = std::time::Instant::now();
     let reconnect_ms = clock.now_ms();
     let target = during.next_seq - 1;

@@ -176,6 +176,12 @@ impl StreamEntry {
         }
     }
 
+    /// Recomputes `missing_now`: numbers in `(contiguous, max_seen]` not stored.
+    fn refresh_missing(&mut self) {
+        self.stats.missing_now = self.stats.max_seen.saturating_sub(self.stats.contiguous)
+            - self.stored_in(self.stats.contiguous + 1, self.stats.max_seen);
+    }
+
     /// Advances `contiguous` over stored runs that now touch it.
     fn advance(&mut self) {
         while let Some((&a, &b)) = self.above.first_key_value() {
@@ -289,8 +295,7 @@ impl Sink {
             e.stats.stored = stored;
             e.stats.max_seen = max_seen;
             e.advance();
-            e.stats.missing_now = e.stats.max_seen.saturating_sub(e.stats.contiguous)
-                - e.stored_in(e.stats.contiguous + 1, e.stats.max_seen);
+            e.refresh_missing();
             streams.insert((node.to_owned(), stream.to_owned()), e);
         }
         Ok(Self {
@@ -372,8 +377,7 @@ impl Sink {
             e.raise_watermark(to);
         }
         e.advance();
-        e.stats.missing_now = e.stats.max_seen.saturating_sub(e.stats.contiguous)
-            - e.stored_in(e.stats.contiguous + 1, e.stats.max_seen);
+        e.refresh_missing();
         Ok(out)
     }
 

@@ -88,10 +88,10 @@ pub struct SeqVerdict {
 pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
     let local = local::compare_point(filter, served, stored);
     let reference = match filter {
-        // Served logs record a value per change, not per read, so repeated
-        // reads of an unchanged value are not in them: the runner's own
-        // in-order comparison is the exact one for unfiltered points.
-        PointFilter::Passthrough => return local,
+        // Every served log holds one entry per value a client received (a
+        // Modbus read, an OPC UA notification, an MQTT message), so the
+        // identity filter is the exact reference for unfiltered points.
+        PointFilter::Passthrough => crate::truth::Filter::Passthrough,
         PointFilter::Guest { guest, config } => {
             match crate::truth::Filter::from_guest_text(guest.name(), config) {
                 Ok(f) => f,
@@ -134,6 +134,11 @@ pub fn seq_analysis(seqs: &[u64]) -> SeqVerdict {
 /// reconstruction error for filtered ones.
 pub mod local {
     use super::{Obs, PointFilter, PointVerdict, SeqVerdict};
+
+    /// How far an agent's timestamp may lie before the device's for the same
+    /// observation: both read `edge_node::Clock::system()` instances of one
+    /// process, whose bases are taken at different moments.
+    pub const CLOCK_SLACK_MS: u64 = 5;
     use crate::scenario::Guest;
 
     /// See [`super::compare_point`].
@@ -190,33 +195,34 @@ pub mod local {
     /// Largest error of the reconstruction from `stored` at every served
     /// observation: step-hold, or linear interpolation when `linear`.
     ///
-    /// Stored samples are matched to served values by order and value
-    /// (stored is a subsequence of served), not by timestamp: a Modbus
-    /// driver stamps its sample when the reply arrives, the simulator logs
-    /// the value when it answers, and under load the two differ by more
-    /// than the time between reads. Between two matched (anchor) samples
-    /// the linear reconstruction is evaluated on the served timeline.
-    /// After the last anchor a swinging door holds an open segment whose
-    /// end is not known yet: those values are not evaluated.
+    /// Each stored sample is anchored to the served observation it came
+    /// from: the latest one with the same value served at or before the
+    /// sample's timestamp (plus [`CLOCK_SLACK_MS`] for the two clocks of
+    /// device and agent), and after the previous anchor. A device-stamped
+    /// sample (OPC UA source timestamp, MQTT `ts_ms`) carries the served
+    /// timestamp itself; a Modbus driver stamps its sample when the reply
+    /// arrives, after the simulator logged the read and before the next
+    /// read, so "latest at or before" finds that read even when the same
+    /// value was served many times (a step signal). Between two anchors the
+    /// linear reconstruction is evaluated on the served timeline. After the
+    /// last anchor a swinging door holds an open segment whose end is not
+    /// known yet: those values are not evaluated.
     fn max_error(served: &[Obs], stored: &[Obs], linear: bool) -> f64 {
-        // anchors[i] = index into `served` of stored[i]'s value.
-        let mut anchors = Vec::with_capacity(stored.len());
-        let mut i = 0;
+        // anchors[i] = index into `served` of stored[i]'s observation.
+        let mut anchors: Vec<usize> = Vec::with_capacity(stored.len());
         for s in stored {
-            if anchors
-                .last()
-                .is_some_and(|&a: &usize| served[a].value.to_bits() == s.value.to_bits())
+            let from = anchors.last().map_or(0, |&a| a + 1);
+            let to = served.partition_point(|o| o.ts_ms <= s.ts_ms.saturating_add(CLOCK_SLACK_MS));
+            if to <= from {
+                continue; // the same observation again (a duplicate), or before it
+            }
+            if let Some(k) = served[from..to]
+                .iter()
+                .rposition(|o| o.value.to_bits() == s.value.to_bits())
             {
-                continue; // the same value read again (or a duplicate)
+                anchors.push(from + k);
             }
-            while i < served.len() && served[i].value.to_bits() != s.value.to_bits() {
-                i += 1;
-            }
-            if i == served.len() {
-                break; // an unexpected value: counted elsewhere
-            }
-            anchors.push(i);
-            i += 1;
+            // else: an unexpected value, counted elsewhere
         }
         let mut worst = 0.0f64;
         for (k, &a) in anchors.iter().enumerate() {
@@ -306,6 +312,25 @@ pub mod local {
         }
 
         #[test]
+        fn repeated_values_anchor_at_the_read_they_came_from() {
+            // A step signal read every 10 ms: a swinging door stores the
+            // last 1.0 before the step (t=20), not the first one.
+            let served = [o(0, 1.0), o(10, 1.0), o(20, 1.0), o(30, 2.0), o(40, 2.0)];
+            let stored = [o(2, 1.0), o(22, 1.0), o(33, 2.0), o(41, 2.0)];
+            let sd = PointFilter::Guest {
+                guest: Guest::SwingingDoor,
+                config: "deviation=0.1".into(),
+            };
+            let v = compare_point(&sd, &served, &stored);
+            assert!(v.max_abs_error < 1e-12, "{}", v.max_abs_error);
+            // Anchored at the first 1.0 instead, t=10 and t=20 would be
+            // interpolated towards 2.0.
+            let wrong = [o(2, 1.0), o(33, 2.0), o(41, 2.0)];
+            let v = compare_point(&sd, &served, &wrong);
+            assert!(v.max_abs_error > 0.6, "{}", v.max_abs_error);
+        }
+
+        #[test]
         fn seq_gaps_and_duplicates() {
             let v = seq_analysis(&[1, 2, 2, 5, 6, 9]);
             assert_eq!(v.count, 6);
@@ -337,11 +362,65 @@ pub struct Totals {
     pub seq_missing: u64,
     /// Largest error per function name (`""` for pass-through points).
     pub max_abs_error: std::collections::BTreeMap<String, f64>,
+    /// The same figures per (device protocol, function).
+    pub by_source: std::collections::BTreeMap<(String, String), SourceTotals>,
+}
+
+/// Point-level figures of one (device protocol, function) pair.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceTotals {
+    /// Device protocol (`modbus`, `opcua`, `mqtt`).
+    pub protocol: String,
+    /// Function name (`raw` for pass-through points).
+    pub function: String,
+    /// Points.
+    pub points: u64,
+    /// Values served.
+    pub served: u64,
+    /// Good samples stored.
+    pub stored: u64,
+    /// Samples the reference emits that the hub does not have.
+    pub lost: u64,
+    /// Stored samples the reference does not emit.
+    pub unexpected: u64,
+    /// Stored more than once.
+    pub duplicates: u64,
+    /// Largest reconstruction error.
+    pub max_abs_error: f64,
 }
 
 impl Totals {
     /// Adds one point's verdict, filed under `function` (empty: pass-through).
     pub fn add_point(&mut self, function: &str, v: &PointVerdict) {
+        self.add_point_of("", function, v);
+    }
+
+    /// As [`add_point`](Self::add_point), also filed under the device
+    /// `protocol` in [`by_source`](Self::by_source).
+    pub fn add_point_of(&mut self, protocol: &str, function: &str, v: &PointVerdict) {
+        if !protocol.is_empty() {
+            let b = self
+                .by_source
+                .entry((protocol.to_owned(), function.to_owned()))
+                .or_insert_with(|| SourceTotals {
+                    protocol: protocol.to_owned(),
+                    function: if function.is_empty() {
+                        "raw".to_owned()
+                    } else {
+                        function.to_owned()
+                    },
+                    ..SourceTotals::default()
+                });
+            b.points += 1;
+            b.served += v.served;
+            b.stored += v.stored;
+            b.lost += v.lost.unwrap_or(0);
+            b.unexpected += v.unexpected;
+            b.duplicates += v.duplicates;
+            if v.max_abs_error.is_nan() || v.max_abs_error > b.max_abs_error {
+                b.max_abs_error = v.max_abs_error;
+            }
+        }
         self.points += 1;
         self.served += v.served;
         self.stored += v.stored;
@@ -400,6 +479,10 @@ pub struct Report {
     pub max_abs_error: f64,
     /// Per function: configured bound and measured error.
     pub filter_errors: Vec<FilterError>,
+    /// Point-level figures per (device protocol, function), so a mismatch
+    /// can be traced to a protocol path.
+    #[serde(default)]
+    pub by_source: Vec<SourceTotals>,
     /// Samples expected by the reference but not stored, plus sequence gaps.
     pub samples_lost: u64,
     /// Duplicates (same sample twice, or a repeated sequence number).

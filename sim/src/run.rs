@@ -3,7 +3,9 @@
 //!
 //! Order of a run:
 //! 1. start the simulated device servers of every node (Modbus servers with
-//!    many unit ids, OPC UA servers with one variable folder per device);
+//!    many unit ids, OPC UA servers with one variable folder per device,
+//!    MQTT-native devices publishing to a device broker — an embedded
+//!    rumqttd shared by the run, separate from the hub's);
 //! 2. start the hub (child process `fleet-sim hub`, or in-process), one TCP
 //!    [`Proxy`] per node in front of the broker, and one real
 //!    `edge_node::Agent` per node (in this process, own sled directory);
@@ -38,6 +40,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::modbus::{ModbusSim, ModbusSimConfig, SimPoint, UnitConfig};
+use crate::devices::mqtt::{MqttSim, MqttSimConfig, MqttSimDevice, MqttSimPoint};
 use crate::devices::opcua::{OpcUaSim, OpcUaSimConfig, SimVariable, VarKind};
 use crate::proxy::{LinkMode, Proxy};
 use crate::report::{self, FilterError, Obs, PointFilter, Report, Totals};
@@ -57,11 +60,39 @@ pub struct RunOptions {
     pub hub_exe: Option<PathBuf>,
 }
 
+/// How long after the desired state is applied everywhere (the start of
+/// device time) every OPC UA and MQTT subscription must be active. Values
+/// served before the first one a point delivered, and before this, went to
+/// no subscriber and are not compared.
+const SUBSCRIBE_GRACE: Duration = Duration::from_secs(10);
+
 /// Where a point's ground truth lives.
 #[derive(Debug, Clone, Copy)]
 enum Source {
     Modbus { server: usize, unit: u8 },
     Opcua { server: usize },
+    Mqtt { client: usize },
+}
+
+impl Source {
+    fn protocol(self) -> Protocol {
+        match self {
+            Self::Modbus { .. } => Protocol::Modbus,
+            Self::Opcua { .. } => Protocol::Opcua,
+            Self::Mqtt { .. } => Protocol::Mqtt,
+        }
+    }
+}
+
+/// One node's simulated devices and what the agent is told about them.
+struct NodeDevices {
+    modbus: Vec<ModbusSim>,
+    opcua: Vec<OpcUaSim>,
+    mqtt: Vec<MqttSim>,
+    devices: Vec<Device>,
+    points: Vec<PointInfo>,
+    /// Driver connections the agent opens to them.
+    connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +112,7 @@ struct NodeRt {
     )>,
     modbus: Vec<ModbusSim>,
     opcua: Vec<OpcUaSim>,
+    mqtt: Vec<MqttSim>,
     points: Vec<PointInfo>,
     devices: Vec<Device>,
 }
@@ -457,18 +489,15 @@ impl HubRt {
     }
 }
 
-/// Builds one node's device servers, devices and points.
+/// Builds one node's device servers, devices and points. `broker` is the
+/// device broker MQTT-native devices publish to (needed when the node has
+/// any).
 async fn start_devices(
     s: &Scenario,
     layout: &NodeLayout,
     dir: &Path,
-) -> anyhow::Result<(
-    Vec<ModbusSim>,
-    Vec<OpcUaSim>,
-    Vec<Device>,
-    Vec<PointInfo>,
-    usize,
-)> {
+    broker: Option<SocketAddr>,
+) -> anyhow::Result<NodeDevices> {
     let g = &s.nodes[layout.group];
     let ppd = g.points_per_device;
     let interval_ms = s.sampling_interval.as_millis() as u64;
@@ -638,7 +667,83 @@ async fn start_devices(
         dev += u32::try_from(n)?;
         opcua.push(sim);
     }
-    Ok((modbus, opcua, devices, points, connections))
+
+    // MQTT: one simulator connection per `mqtt_devices_per_client` devices,
+    // each device on its own topic with keys unique to it; the agent
+    // subscribes to the group with one `+` filter (one edge `Device`).
+    let per = g.devices.mqtt_devices_per_client;
+    let mut mqtt = Vec::new();
+    for (client, chunk_start) in (0..g.devices.mqtt).step_by(per).enumerate() {
+        let broker = broker.context("MQTT devices need the device broker")?;
+        let n = per.min(g.devices.mqtt - chunk_start);
+        let base = format!("sim/{}/mqtt{client}", layout.name);
+        let mut sim_devices = Vec::with_capacity(n);
+        let mut pts = Vec::with_capacity(n * ppd as usize);
+        for _ in 0..n {
+            let mut dpts = Vec::with_capacity(ppd as usize);
+            for slot in 0..ppd {
+                let index = dev * ppd + slot;
+                let key = format!("d{dev}.p{slot}");
+                dpts.push(MqttSimPoint {
+                    id: index,
+                    key: key.clone(),
+                    model: model(slot),
+                });
+                pts.push(Point {
+                    index,
+                    name: key.clone(),
+                    address: PointAddress::Mqtt { key },
+                    scale: 1.0,
+                    offset: 0.0,
+                    range: None,
+                    unit: None,
+                });
+                points.push(PointInfo {
+                    index,
+                    slot,
+                    source: Source::Mqtt { client },
+                });
+            }
+            sim_devices.push(MqttSimDevice {
+                topic: format!("{base}/d{dev}"),
+                points: dpts,
+            });
+            dev += 1;
+        }
+        let mut cfg = MqttSimConfig::new(broker, sim_devices);
+        cfg.client_id = format!("sim-{}-mqtt{client}", layout.name);
+        cfg.tick = s.sampling_interval;
+        cfg.seed = node_seed;
+        cfg.connect_timeout = Duration::from_secs(30);
+        let sim = MqttSim::start(cfg)
+            .await
+            .context("starting an MQTT device simulator")?;
+        devices.push(Device {
+            id: format!("mq{client}"),
+            protocol: DeviceProtocol::Mqtt {
+                host: broker.ip().to_string(),
+                port: broker.port(),
+                topic: format!("{base}/+"),
+                qos: 1,
+                client_id: Some(format!("{}-mq{client}", layout.name)),
+            },
+            groups: vec![PointGroup {
+                name: "g".into(),
+                interval_ms,
+                points: pts,
+            }],
+        });
+        connections += 1;
+        mqtt.push(sim);
+    }
+    Ok(NodeDevices {
+        modbus,
+        opcua,
+        mqtt,
+        devices,
+        points,
+        connections,
+    })
 }
 
 fn desired_for(
@@ -653,7 +758,10 @@ fn desired_for(
         let inputs: Vec<u32> = node
             .points
             .iter()
-            .filter(|p| f.slots.contains(&p.slot))
+            .filter(|p| {
+                s.function_of(p.slot, p.source.protocol())
+                    .is_some_and(|g| g.name == f.name)
+            })
             .map(|p| p.index)
             .collect();
         if inputs.is_empty() {
@@ -1025,11 +1133,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
 
     // 1. Devices.
     let layouts = s.nodes();
+    let broker = if s.nodes.iter().any(|g| g.devices.mqtt > 0) {
+        Some(
+            crate::devices::mqtt::start_broker()
+                .await
+                .context("starting the MQTT device broker")?,
+        )
+    } else {
+        None
+    };
     let mut pre = Vec::with_capacity(layouts.len());
     for l in &layouts {
-        pre.push((l.clone(), start_devices(&s, l, &dir).await?));
+        pre.push((l.clone(), start_devices(&s, l, &dir, broker).await?));
     }
-    let device_connections: usize = pre.iter().map(|(_, d)| d.4).sum();
+    let device_connections: usize = pre.iter().map(|(_, d)| d.connections).sum();
     progress.println(format!(
         "devices up: {} devices, {} driver connections",
         s.device_count(),
@@ -1040,7 +1157,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let mut hub = HubCtl::start(&s, &dir, opts.hub_exe.clone(), &cancel).await?;
     let hub_pid = Arc::new(Mutex::new(hub.pid()));
     let mut nodes: Vec<NodeRt> = Vec::with_capacity(pre.len());
-    for (layout, (modbus, opcua, devices, points, _)) in pre {
+    for (layout, nd) in pre {
         let proxy = Proxy::start(hub.mqtt).await.context("starting a proxy")?;
         let mut cfg = EdgeConfig {
             node: layout.name.clone(),
@@ -1064,10 +1181,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             cfg,
             proxy,
             agent: None,
-            modbus,
-            opcua,
-            points,
-            devices,
+            modbus: nd.modbus,
+            opcua: nd.opcua,
+            mqtt: nd.mqtt,
+            points: nd.points,
+            devices: nd.devices,
         };
         start_agent(&mut n, &cancel).await?;
         nodes.push(n);
@@ -1125,6 +1243,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
 
     // 4. Live phase with the fault plan.
     let live = Instant::now();
+    // By then every subscription (OPC UA, MQTT) must be active: values
+    // served later count against the agent even if it stored none at all.
+    let subscribed_by_ms = now_ms() + SUBSCRIBE_GRACE.as_millis() as u64;
     let steps = timeline(&s);
     let mut next = 0usize;
     let mut fault_log = Vec::new();
@@ -1265,6 +1386,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                                 }
                             }
                         }
+                        Protocol::Mqtt => {
+                            for (i, m) in n.mqtt.iter().enumerate() {
+                                if server.is_none_or(|s| s == i) {
+                                    if up {
+                                        m.come_up();
+                                    } else {
+                                        m.go_down().await;
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
                 Action::Redeploy { function, config } => {
@@ -1306,6 +1438,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         for o in &n.opcua {
             o.stop().await;
         }
+        for m in &n.mqtt {
+            m.stop().await;
+        }
     }
     progress.bar.finish_and_clear();
     progress.println(format!(
@@ -1340,7 +1475,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     // Values served in the last moments before the devices stopped may not
     // have been delivered (an OPC UA publish cycle, a Modbus reply in
     // flight): the comparison window ends two sampling intervals earlier.
-    let cut_ms = end_ms.saturating_sub(2 * s.sampling_interval.as_millis() as u64);
+    let interval_ms = s.sampling_interval.as_millis() as u64;
+    let cut_ms = end_ms.saturating_sub(2 * interval_ms);
     let mut totals = Totals::default();
     let mut flagged = [0u32; 4]; // points logged at debug level, per kind
     for n in &nodes {
@@ -1350,7 +1486,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             let seqs: Vec<u64> = samples.iter().map(|x| x.seq).collect();
             totals.add_stream(&report::seq_analysis(&seqs));
             for x in samples {
-                if x.quality == Quality::GOOD.0 && x.ts_ms <= cut_ms {
+                if x.quality == Quality::GOOD.0 && x.ts_ms <= cut_ms + interval_ms {
                     stored.entry(x.point).or_default().push(Obs {
                         ts_ms: x.ts_ms,
                         value: x.value,
@@ -1365,6 +1501,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             let raw = match p.source {
                 Source::Modbus { server, unit } => n.modbus[server].served(unit, p.index),
                 Source::Opcua { server } => n.opcua[server].served(p.index),
+                Source::Mqtt { client } => n.mqtt[client].served(p.index),
             };
             let mut served: Vec<Obs> = raw
                 .into_iter()
@@ -1381,15 +1518,38 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 // The first notification carries the value current at
                 // subscription time, stamped with the latest tick (the log
                 // has it at the tick that changed it): keep that entry.
-                if let Some(first) = st.first() {
-                    let t0 = first.ts_ms;
-                    let keep_from = served.partition_point(|o| o.ts_ms <= t0).saturating_sub(1);
-                    served.drain(..keep_from);
-                } else {
-                    served.clear();
+                let t0 = st
+                    .first()
+                    .map_or(subscribed_by_ms, |f| f.ts_ms.min(subscribed_by_ms));
+                let keep_from = served.partition_point(|o| o.ts_ms <= t0).saturating_sub(1);
+                served.drain(..keep_from);
+                // ... and with the source timestamp of that tick, which is
+                // what the subscriber received.
+                if let (Some(f), Some(first)) = (st.first(), served.first_mut())
+                    && f.value.to_bits() == first.value.to_bits()
+                    && f.ts_ms > first.ts_ms
+                    && f.ts_ms <= t0
+                {
+                    first.ts_ms = f.ts_ms;
                 }
             }
-            let (filter, fname) = match s.function_of_slot(p.slot) {
+            if let Source::Mqtt { .. } = p.source {
+                // Messages published before the agent's subscription existed
+                // reached nobody: start at the first delivered one, which
+                // every filter stores (payload timestamps are exact).
+                let t0 = st
+                    .first()
+                    .map_or(subscribed_by_ms, |f| f.ts_ms.min(subscribed_by_ms));
+                served.drain(..served.partition_point(|o| o.ts_ms < t0));
+            }
+            // The compared window ends at the last served value: a Modbus
+            // sample is stamped after its read (by less than half an
+            // interval), so stored samples up to there belong to it; later
+            // ones belong to reads after the cut.
+            let window_end = served.last().map_or(cut_ms, |o| o.ts_ms + interval_ms / 2);
+            st.retain(|o| o.ts_ms <= window_end);
+            let func = s.function_of(p.slot, p.source.protocol());
+            let (filter, fname) = match func {
                 Some(f) => (
                     PointFilter::Guest {
                         guest: f.guest,
@@ -1400,7 +1560,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 None => (PointFilter::Passthrough, String::new()),
             };
             let v = report::compare_point(&filter, &served, &st);
-            let bound = s.function_of_slot(p.slot).map_or(0.0, |f| {
+            let bound = func.map_or(0.0, |f| {
                 max_error_of.get(&f.name).copied().unwrap_or(f.max_error)
             });
             let kind = if v.duplicates > 0 {
@@ -1427,7 +1587,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                     .collect();
                 tracing::debug!(node = %n.layout.name, point = p.index, slot = p.slot, source = ?p.source, ?v, ?stray, first_served = ?served.first(), "point verdict");
             }
-            totals.add_point(&fname, &v);
+            totals.add_point_of(p.source.protocol().name(), &fname, &v);
         }
     }
 
@@ -1487,6 +1647,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         },
         max_abs_error: max_err,
         filter_errors,
+        by_source: totals.by_source.values().cloned().collect(),
         samples_lost: totals.lost + totals.seq_missing,
         duplicates: totals.duplicates,
         unexpected: totals.unexpected,

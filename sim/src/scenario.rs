@@ -191,7 +191,9 @@ pub struct DeviceMix {
     /// OPC UA devices (one variable folder each).
     #[serde(default)]
     pub opcua: usize,
-    /// MQTT-native devices (not available yet).
+    /// MQTT-native devices (each publishes its points as one JSON message
+    /// per sampling interval to its own topic on the scenario's device
+    /// broker).
     #[serde(default)]
     pub mqtt: usize,
     /// Unit ids per simulated Modbus server (1..=247).
@@ -204,6 +206,10 @@ pub struct DeviceMix {
     /// subscription); must divide into `opcua_devices_per_server` groups.
     #[serde(default = "default_opcua_per_session")]
     pub opcua_devices_per_session: usize,
+    /// MQTT devices per simulator connection and per agent subscription (one
+    /// edge `Device` subscribed to a `+` topic filter over all of them).
+    #[serde(default = "default_mqtt_per_client")]
+    pub mqtt_devices_per_client: usize,
 }
 
 fn default_units() -> usize {
@@ -213,6 +219,9 @@ fn default_opcua_per_server() -> usize {
     500
 }
 fn default_opcua_per_session() -> usize {
+    100
+}
+fn default_mqtt_per_client() -> usize {
     100
 }
 
@@ -260,6 +269,13 @@ pub struct FunctionDef {
     pub config: String,
     /// Point slots (0-based, `< points_per_device`) routed through it.
     pub slots: Vec<u32>,
+    /// Device protocols whose points (of those slots) it takes; all when
+    /// absent. A swinging door decides on slopes, so it is exactly
+    /// reproducible only on device-timestamped points (OPC UA source
+    /// timestamps, MQTT payload `ts_ms`); polled Modbus values carry the
+    /// agent's read time, jittered by the poll latency (see [`crate::truth`]).
+    #[serde(default = "all_protocols")]
+    pub protocols: Vec<Protocol>,
     /// Output stream.
     #[serde(default = "default_output")]
     pub output: String,
@@ -272,14 +288,32 @@ fn default_output() -> String {
     "filtered".into()
 }
 
-/// Protocol of simulated devices (for device faults).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+fn all_protocols() -> Vec<Protocol> {
+    vec![Protocol::Modbus, Protocol::Opcua, Protocol::Mqtt]
+}
+
+/// Protocol of simulated devices (for device faults and function routing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// Modbus servers.
     Modbus,
     /// OPC UA servers.
     Opcua,
+    /// MQTT-native devices (one simulator connection per
+    /// `mqtt_devices_per_client` devices counts as one "server").
+    Mqtt,
+}
+
+impl Protocol {
+    /// Name as written in scenarios.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Modbus => "modbus",
+            Self::Opcua => "opcua",
+            Self::Mqtt => "mqtt",
+        }
+    }
 }
 
 /// How a partition behaves.
@@ -541,10 +575,10 @@ impl Scenario {
                     "a node needs at least one device (modbus, opcua or mqtt must be > 0)",
                 );
             }
-            if d.mqtt > 0 {
+            if d.mqtt_devices_per_client == 0 {
                 e(
-                    &format!("{p}.devices.mqtt"),
-                    "MQTT-native devices are not available yet (the MQTT device simulator and edge driver are not merged); use 0",
+                    &format!("{p}.devices.mqtt_devices_per_client"),
+                    "must be > 0",
                 );
             }
             if !(1..=247).contains(&d.modbus_units_per_server) {
@@ -568,7 +602,7 @@ impl Scenario {
                 );
             }
             let per_device = u64::from(g.points_per_device);
-            let total = (d.modbus + d.opcua) as u64 * per_device;
+            let total = (d.modbus + d.opcua + d.mqtt) as u64 * per_device;
             if total > u64::from(u32::MAX) {
                 e(&format!("{p}.devices"), "too many points for one node");
             }
@@ -604,6 +638,12 @@ impl Scenario {
             if f.slots.is_empty() {
                 e(&format!("{p}.slots"), "a function needs at least one slot");
             }
+            if f.protocols.is_empty() {
+                e(
+                    &format!("{p}.protocols"),
+                    "a function needs at least one protocol (leave the key out for all)",
+                );
+            }
             if !(f.max_error >= 0.0 && f.max_error.is_finite()) {
                 e(&format!("{p}.max_error"), "must be a finite number >= 0");
             }
@@ -614,11 +654,17 @@ impl Scenario {
                         &format!("slot {s} >= points_per_device ({min_points}) of some node group"),
                     );
                 }
-                if let Some(other) = used_slots.insert(*s, i) {
-                    e(
-                        &format!("{p}.slots[{k}]"),
-                        &format!("slot {s} is already routed to functions[{other}]"),
-                    );
+                for proto in &f.protocols {
+                    if let Some(other) = used_slots.insert((*s, *proto), i)
+                        && other != i
+                    {
+                        e(
+                            &format!("{p}.slots[{k}]"),
+                            &format!(
+                                "slot {s} of {proto:?} devices is already routed to functions[{other}]"
+                            ),
+                        );
+                    }
                 }
             }
         }
@@ -686,6 +732,7 @@ impl Scenario {
                 let servers = match protocol {
                     Protocol::Modbus => d.modbus.div_ceil(d.modbus_units_per_server.max(1)),
                     Protocol::Opcua => d.opcua.div_ceil(d.opcua_devices_per_server.max(1)),
+                    Protocol::Mqtt => d.mqtt.div_ceil(d.mqtt_devices_per_client.max(1)),
                 };
                 if *s >= servers {
                     e(
@@ -731,9 +778,12 @@ impl Scenario {
         out
     }
 
-    /// The function a point slot is routed through, if any.
-    pub fn function_of_slot(&self, slot: u32) -> Option<&FunctionDef> {
-        self.functions.iter().find(|f| f.slots.contains(&slot))
+    /// The function a point slot of a device speaking `protocol` is routed
+    /// through, if any.
+    pub fn function_of(&self, slot: u32, protocol: Protocol) -> Option<&FunctionDef> {
+        self.functions
+            .iter()
+            .find(|f| f.slots.contains(&slot) && f.protocols.contains(&protocol))
     }
 
     /// A one-paragraph human summary.
@@ -754,6 +804,9 @@ impl Scenario {
                 f.config,
                 f.slots
             );
+            if f.protocols.len() < all_protocols().len() {
+                let _ = write!(s, " of {:?}", f.protocols);
+            }
         }
         if !self.faults.is_empty() {
             let _ = write!(s, ", {} faults", self.faults.len());
@@ -795,8 +848,36 @@ node = 1
         assert_eq!(s.device_count(), 8);
         let n = s.nodes();
         assert_eq!(n[1].name, "edge-2");
-        assert_eq!(s.function_of_slot(1).unwrap().name, "db");
-        assert!(s.function_of_slot(2).is_none());
+        assert_eq!(s.function_of(1, Protocol::Mqtt).unwrap().name, "db");
+        assert!(s.function_of(2, Protocol::Modbus).is_none());
+    }
+
+    #[test]
+    fn functions_can_be_scoped_to_protocols() {
+        let scoped = MINIMAL.replace(
+            "[[faults]]",
+            "[[functions]]\nname = \"sd\"\nguest = \"swinging-door\"\nconfig = \"deviation=0.1\"\nslots = [2]\nprotocols = [\"opcua\", \"mqtt\"]\nmax_error = 0.1\n[[faults]]",
+        );
+        let s = Scenario::from_toml(&scoped, "t.toml").unwrap();
+        assert_eq!(s.function_of(2, Protocol::Opcua).unwrap().name, "sd");
+        assert!(s.function_of(2, Protocol::Modbus).is_none());
+        assert_eq!(s.function_of(0, Protocol::Modbus).unwrap().name, "db");
+        // The same slot of the same protocol cannot go to two functions.
+        let clash = scoped.replace("slots = [2]", "slots = [1]");
+        let err = Scenario::from_toml(&clash, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "functions[1].slots[0]: slot 1 of Opcua devices is already routed to functions[0]"
+            ),
+            "{err}"
+        );
+        let none = scoped.replace("protocols = [\"opcua\", \"mqtt\"]", "protocols = []");
+        let err = Scenario::from_toml(&none, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("functions[1].protocols"), "{err}");
     }
 
     #[test]
@@ -814,13 +895,19 @@ node = 1
         let text = MINIMAL
             .replace("node = 1", "node = 7")
             .replace("slots = [0, 1]", "slots = [0, 9]")
-            .replace("opcua = 1", "opcua = 1, mqtt = 2");
+            .replace(
+                "opcua = 1",
+                "opcua = 1, mqtt = 2, mqtt_devices_per_client = 0",
+            );
         let err = Scenario::from_toml(&text, "t.toml")
             .unwrap_err()
             .to_string();
         assert!(err.contains("faults[0].node: 7 is out of range"), "{err}");
         assert!(err.contains("functions[0].slots[1]"), "{err}");
-        assert!(err.contains("nodes[0].devices.mqtt"), "{err}");
+        assert!(
+            err.contains("nodes[0].devices.mqtt_devices_per_client"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -19,14 +19,11 @@
 //!   (usually hub order), duplicates included.
 //!
 //! `served` must be the function's input sequence: one observation per
-//! sample the agent produced. The MQTT device log is exactly that (every
-//! published message is delivered). The Modbus and OPC UA logs are
-//! run-length compacted (a value is logged when it changes), so they equal
-//! the input sequence only when every read sees a new value: poll at the
-//! device's tick interval and give every model some noise. A repeated read
-//! that a filter emits (e.g. a deadband heartbeat releasing it) still
-//! matches its served value when it lies within `skew_ms` of it, but a
-//! swinging door's decisions depend on the repeats it saw.
+//! sample the agent produced. Every simulated device logs exactly that: the
+//! MQTT devices every message the broker accepted (a subscriber receives
+//! each), the Modbus servers every read that covered the point (repeats
+//! included), the OPC UA servers every data change (a subscription delivers
+//! changes, one per device tick).
 //!
 //! # Timing model of the host
 //! The edge node calls `process` with each sample and `tick(now)` every

@@ -22,7 +22,11 @@ async fn smoke_scenario_loses_nothing_and_stays_within_bounds() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
     let scenario = Scenario::load(&path).unwrap();
     let filtered_slots = (0..scenario.nodes[0].points_per_device)
-        .filter(|s| scenario.function_of_slot(*s).is_some())
+        .filter(|s| {
+            scenario
+                .function_of(*s, sim::scenario::Protocol::Modbus)
+                .is_some()
+        })
         .count();
     assert!(filtered_slots > 0, "smoke deploys at least one filter");
     let r = run(RunOptions {
@@ -35,7 +39,7 @@ async fn smoke_scenario_loses_nothing_and_stays_within_bounds() {
     .unwrap();
     let json = serde_json::to_string_pretty(&r).unwrap();
 
-    assert_eq!(r.devices, 8, "{json}");
+    assert_eq!(r.devices, 12, "{json}");
     assert_eq!(r.edge_nodes, 2, "{json}");
     assert!(r.drained, "the edge nodes did not drain: {json}");
     assert!(r.samples_generated > 500, "{json}");

@@ -16,10 +16,11 @@
 //! # Invariants
 //! - Values change only at ticks ([`ModbusSimConfig::tick`]); a reply is
 //!   built under one lock of the unit, so it is a consistent snapshot.
-//! - The served log of a point records `(ts_ms, value)` whenever a read
-//!   covering the whole point returned a value different from the last one
-//!   logged for it (run-length compaction): the value served at time `t` is
-//!   the last entry with `ts_ms <= t`.
+//! - The served log of a point records `(ts_ms, value)` for every read that
+//!   covered the whole point, repeats included: one entry per value a
+//!   client received, which is one input sample of the agent's function per
+//!   successful poll. The value served at time `t` is the last entry with
+//!   `ts_ms <= t`.
 
 pub mod pdu;
 
@@ -251,13 +252,7 @@ impl Unit {
                     continue;
                 }
                 let v = self.current[i];
-                let log = self.log.entry(p.id).or_default();
-                if log
-                    .last()
-                    .is_none_or(|&(_, last)| last.to_bits() != v.to_bits())
-                {
-                    log.push((ts_ms, v));
-                }
+                self.log.entry(p.id).or_default().push((ts_ms, v));
             }
         }
     }
@@ -463,7 +458,7 @@ impl ModbusSim {
     }
 
     /// Values served for point `id` of `unit`: `(ts_ms, engineering value)`,
-    /// run-length compacted (see the module invariants).
+    /// one entry per read (see the module invariants).
     pub fn served(&self, unit: u8, id: u32) -> Vec<(u64, f64)> {
         self.inner
             .0

@@ -21,7 +21,7 @@ const SCENARIO: &str = r#"
 name = "virtual-outage-small"
 seed = 3
 duration = "10s"
-sampling_interval = "2s"
+sampling_interval = "5s"
 drain_timeout = "60s"
 
 [hub]
@@ -44,9 +44,12 @@ devices = { modbus = 2 }
 [[signals]]
 base = { shape = "sine", amplitude = 10.0, period_s = 600.0, offset = 50.0 }
 noise = 0.05
+# Wide noise on the swinging-door slot: the Modbus served log is run-length
+# compacted, so two reads returning the same F32 value would hide one input
+# from the reference replay (see sim/README.md, outage-48h).
 [[signals]]
 base = { shape = "random-walk", start = 5.0, step = 0.2 }
-noise = 0.05
+noise = 0.2
 [[signals]]
 base = { shape = "steps", height = 1.0, every_s = 60.0 }
 noise = 0.05
@@ -90,8 +93,8 @@ async fn virtual_two_hour_partition_loses_nothing() {
     assert!(r.outage_virtual, "{json}");
     assert!((r.outage_seconds - 7200.0).abs() < 1e-6, "{json}");
     assert!(r.drained, "the edge nodes did not drain: {json}");
-    // Node 0 alone served 2 devices x 3 points every 2 s for 2 h.
-    assert!(r.samples_generated > 6 * 3600, "{json}");
+    // Node 0 alone served 2 devices x 3 points every 5 s for 2 h.
+    assert!(r.samples_generated > 6 * 1440, "{json}");
     assert_eq!(r.samples_lost, 0, "{json}");
     assert_eq!(r.duplicates, 0, "{json}");
     assert_eq!(r.unexpected, 0, "{json}");

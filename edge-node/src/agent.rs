@@ -53,6 +53,15 @@ pub enum AgentError {
     Task(String),
 }
 
+/// Optional extras of [`Agent::start_with`]; the default is what
+/// [`Agent::start`] uses.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// How drivers reach devices whose host is registered here (instead of
+    /// the network); see [`drivers::transport`].
+    pub device_transports: drivers::transport::DeviceTransports,
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -69,6 +78,16 @@ impl Agent {
         cfg: EdgeConfig,
         clock: Clock,
         cancel: CancellationToken,
+    ) -> Result<Self, AgentError> {
+        Self::start_with(cfg, clock, cancel, AgentOptions::default()).await
+    }
+
+    /// [`start`](Self::start) with [`AgentOptions`].
+    pub async fn start_with(
+        cfg: EdgeConfig,
+        clock: Clock,
+        cancel: CancellationToken,
+        agent_options: AgentOptions,
     ) -> Result<Self, AgentError> {
         let store_cfg = cfg.store_config();
         let store = {
@@ -212,6 +231,7 @@ impl Agent {
             routing: routing_tx,
             samples: samples_tx,
             device_cancel: cancel.child_token(),
+            transports: agent_options.device_transports,
         };
         control.restore()?;
         {
@@ -317,6 +337,7 @@ struct Control {
     routing: watch::Sender<Routing>,
     samples: mpsc::Sender<Vec<protocols::Sample>>,
     device_cancel: CancellationToken,
+    transports: drivers::transport::DeviceTransports,
     trusted: Option<VerifyingKey>,
     applied: Option<DesiredState>,
     previous: Option<Arc<DesiredState>>,
@@ -596,8 +617,10 @@ impl Control {
         }
         for d in &desired.devices {
             if !self.devices.contains_key(&d.id) {
-                let h = drivers::spawn(
+                let h = drivers::spawn_routed(
                     d.clone(),
+                    drivers::DriverOptions::default(),
+                    &self.transports,
                     self.samples.clone(),
                     self.clock,
                     self.device_cancel.child_token(),

@@ -26,6 +26,6 @@ pub mod pipeline;
 pub mod store;
 pub mod uplink;
 
-pub use agent::{Agent, AgentError};
+pub use agent::{Agent, AgentError, AgentOptions};
 pub use clock::Clock;
 pub use config::EdgeConfig;

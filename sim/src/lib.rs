@@ -5,7 +5,8 @@
 //! [`report::Report`]), [`devices`] (simulated Modbus / OPC UA servers that
 //! log every value they serve — the ground truth), [`proxy`] (link faults
 //! between an agent and the broker), [`signal`] (seeded signal models),
-//! [`demo`] (one hub + one node on embedded defaults).
+//! [`demo`] (one hub + one node on embedded defaults), [`virtual_time`] (a
+//! node on its own paused clock for long outages).
 
 pub mod demo;
 pub mod devices;
@@ -16,3 +17,4 @@ pub mod run;
 pub mod scenario;
 pub mod signal;
 pub mod truth;
+pub mod virtual_time;

@@ -501,8 +501,16 @@ pub struct Report {
     pub desired_convergence_ms_p99: f64,
     /// Convergence samples (node × revision).
     pub desired_convergence_samples: u64,
-    /// Time some node was cut from the broker, or the broker was down.
+    /// Time some node was cut from the broker, or the broker was down
+    /// (virtual time for a virtual-time partition, see `outage_virtual`).
     pub outage_seconds: f64,
+    /// Whether a partition ran in virtual time (`clock = "virtual"`): its
+    /// share of `outage_seconds` is virtual time on the node's paused clock.
+    #[serde(default)]
+    pub outage_virtual: bool,
+    /// Wall time the virtual-time outages took.
+    #[serde(default)]
+    pub virtual_outage_wall_seconds: f64,
     /// Longest time, after an outage ended, until every node's oldest
     /// unacked sample was fresh again (backlog drained to live); the final
     /// drain when there was no outage.

@@ -18,6 +18,12 @@
 //!    stream back through `GET …/samples`, and compare point by point with
 //!    the servers' logs ([`crate::report`]).
 //!
+//! A node with a virtual-time partition (`clock = "virtual"`) runs its
+//! device servers and agent on its own paused-clock runtime and reaches the
+//! devices in memory ([`crate::virtual_time`]); its partition heals when
+//! the virtual duration has passed, and comparisons with its timestamps are
+//! shifted by its clock's offset from the wall clock.
+//!
 //! Everything listens on 127.0.0.1 with ephemeral ports. Work files (hub
 //! and node data) go to a temporary directory unless one is given.
 
@@ -44,7 +50,10 @@ use crate::devices::mqtt::{MqttSim, MqttSimConfig, MqttSimDevice, MqttSimPoint};
 use crate::devices::opcua::{OpcUaSim, OpcUaSimConfig, SimVariable, VarKind};
 use crate::proxy::{LinkMode, Proxy};
 use crate::report::{self, FilterError, Obs, PointFilter, Report, Totals};
-use crate::scenario::{Fault, Guest, HubMode, NodeLayout, PartitionMode, Protocol, Scenario};
+use crate::scenario::{
+    Fault, Guest, HubMode, NodeLayout, PartitionClock, PartitionMode, Protocol, Scenario,
+};
+use crate::virtual_time::{Outage, VirtualNode};
 
 /// Options of a run.
 #[derive(Debug, Clone)]
@@ -110,11 +119,18 @@ struct NodeRt {
         CancellationToken,
         tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
     )>,
-    modbus: Vec<ModbusSim>,
+    modbus: Vec<Arc<ModbusSim>>,
     opcua: Vec<OpcUaSim>,
     mqtt: Vec<MqttSim>,
     points: Vec<PointInfo>,
     devices: Vec<Device>,
+    /// The node's own runtime when it has a virtual-time partition.
+    vnode: Option<VirtualNode>,
+    /// In-memory routes to this node's device servers (virtual-time nodes).
+    transports: edge_node::drivers::transport::DeviceTransports,
+    /// The node's clock minus the wall clock (non-zero after a virtual-time
+    /// outage): added to wall-clock instants compared with node timestamps.
+    clock_offset_ms: i64,
 }
 
 /// Hub child process or in-process app.
@@ -497,6 +513,7 @@ async fn start_devices(
     layout: &NodeLayout,
     dir: &Path,
     broker: Option<SocketAddr>,
+    clock: Clock,
 ) -> anyhow::Result<NodeDevices> {
     let g = &s.nodes[layout.group];
     let ppd = g.points_per_device;
@@ -569,6 +586,7 @@ async fn start_devices(
             units,
             tick: s.sampling_interval,
             seed: node_seed,
+            clock,
             ..ModbusSimConfig::default()
         })
         .await
@@ -624,6 +642,7 @@ async fn start_devices(
             seed: node_seed,
             pki_dir: dir.join("opcua-pki"),
             secure_endpoints: false,
+            clock,
             ..OpcUaSimConfig::default()
         })
         .await
@@ -714,6 +733,7 @@ async fn start_devices(
         cfg.client_id = format!("sim-{}-mqtt{client}", layout.name);
         cfg.tick = s.sampling_interval;
         cfg.seed = node_seed;
+        cfg.clock = clock;
         cfg.connect_timeout = Duration::from_secs(30);
         let sim = MqttSim::start(cfg)
             .await
@@ -803,6 +823,18 @@ fn desired_for(
 
 async fn start_agent(node: &mut NodeRt, cancel: &CancellationToken) -> anyhow::Result<()> {
     let token = cancel.child_token();
+    if let Some(vn) = &node.vnode {
+        let options = edge_node::AgentOptions {
+            device_transports: node.transports.clone(),
+        };
+        let (cfg, clock, t) = (node.cfg.clone(), vn.clock(), token.clone());
+        let agent = vn
+            .run(async move { Agent::start_with(cfg, clock, t, options).await })
+            .await?
+            .with_context(|| format!("starting edge node {}", node.layout.name))?;
+        node.agent = Some((token, vn.handle().spawn(agent.run())));
+        return Ok(());
+    }
     let agent = Agent::start(node.cfg.clone(), Clock::system(), token.clone())
         .await
         .with_context(|| format!("starting edge node {}", node.layout.name))?;
@@ -844,6 +876,12 @@ enum Action {
         function: String,
         config: String,
     },
+    /// Cut `node`'s link and let `duration` pass on its paused clock; the
+    /// link heals when the virtual time has passed.
+    VirtualOutage {
+        node: usize,
+        duration: Duration,
+    },
 }
 
 fn timeline(s: &Scenario) -> Vec<(Duration, Action)> {
@@ -854,7 +892,15 @@ fn timeline(s: &Scenario) -> Vec<(Duration, Action)> {
                 at,
                 duration,
                 node,
+                clock: PartitionClock::Virtual,
+                ..
+            } => t.push((at, Action::VirtualOutage { node, duration })),
+            Fault::Partition {
+                at,
+                duration,
+                node,
                 mode,
+                clock: PartitionClock::Real,
             } => {
                 let m = match mode {
                     PartitionMode::Cut => LinkMode::Cut,
@@ -1053,6 +1099,9 @@ fn drained(
         else {
             return false;
         };
+        // Wall-clock instants in the node's time.
+        let after_ms = after_ms.saturating_add_signed(n.clock_offset_ms);
+        let before_ms = before_ms.map(|b| b.saturating_add_signed(n.clock_offset_ms));
         if rep.at_ms <= after_ms {
             return false;
         }
@@ -1142,11 +1191,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     } else {
         None
     };
+    let virtual_nodes = s.virtual_partitions();
     let mut pre = Vec::with_capacity(layouts.len());
     for l in &layouts {
-        pre.push((l.clone(), start_devices(&s, l, &dir, broker).await?));
+        if virtual_nodes.iter().any(|(n, _)| *n == l.index) {
+            let vn = VirtualNode::start(&l.name)?;
+            let (s2, l2, d2, clock) = (s.clone(), l.clone(), dir.clone(), vn.clock());
+            let devs = vn
+                .run(async move { start_devices(&s2, &l2, &d2, broker, clock).await })
+                .await??;
+            pre.push((l.clone(), devs, Some(vn)));
+        } else {
+            pre.push((
+                l.clone(),
+                start_devices(&s, l, &dir, broker, Clock::system()).await?,
+                None,
+            ));
+        }
     }
-    let device_connections: usize = pre.iter().map(|(_, d)| d.connections).sum();
+    let device_connections: usize = pre.iter().map(|(_, d, _)| d.connections).sum();
     progress.println(format!(
         "devices up: {} devices, {} driver connections",
         s.device_count(),
@@ -1157,7 +1220,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let mut hub = HubCtl::start(&s, &dir, opts.hub_exe.clone(), &cancel).await?;
     let hub_pid = Arc::new(Mutex::new(hub.pid()));
     let mut nodes: Vec<NodeRt> = Vec::with_capacity(pre.len());
-    for (layout, nd) in pre {
+    for (layout, nd, vnode) in pre {
+        let modbus: Vec<Arc<ModbusSim>> = nd.modbus.into_iter().map(Arc::new).collect();
+        let mut devices = nd.devices;
+        let transports = if vnode.is_some() {
+            crate::virtual_time::in_memory_routes(&layout.name, &modbus, &mut devices)
+        } else {
+            edge_node::drivers::transport::DeviceTransports::default()
+        };
         let proxy = Proxy::start(hub.mqtt).await.context("starting a proxy")?;
         let mut cfg = EdgeConfig {
             node: layout.name.clone(),
@@ -1181,11 +1251,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             cfg,
             proxy,
             agent: None,
-            modbus: nd.modbus,
+            modbus,
             opcua: nd.opcua,
             mqtt: nd.mqtt,
             points: nd.points,
-            devices: nd.devices,
+            devices,
+            vnode,
+            transports,
+            clock_offset_ms: 0,
         };
         start_agent(&mut n, &cancel).await?;
         nodes.push(n);
@@ -1259,13 +1332,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         + 2_000;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Virtual-time outages in progress, and the wall time finished ones
+    // took: the live phase is extended by it (`duration` counts wall time
+    // outside virtual outages).
+    let mut virtual_outages: Vec<(usize, Outage)> = Vec::new();
+    let mut virtual_wall = Duration::ZERO;
+    let mut live_for = s.duration;
     loop {
         let elapsed = live.elapsed();
-        if elapsed >= s.duration && next >= steps.len() {
+        if elapsed >= live_for && next >= steps.len() && virtual_outages.is_empty() {
             break;
         }
-        if elapsed >= s.duration {
-            // Run the remaining (healing) steps now.
+        if elapsed >= live_for {
+            // Run the remaining (healing) steps now; wait for virtual outages.
+            if next >= steps.len() {
+                tick.tick().await;
+            }
         } else if next < steps.len() && steps[next].0 > elapsed {
             let wait = steps[next]
                 .0
@@ -1290,14 +1372,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 .sum();
             progress
                 .bar
-                .set_position(live.elapsed().as_secs().min(s.duration.as_secs()));
-            let msg = format!(
+                .set_position(live.elapsed().as_secs().min(live_for.as_secs()));
+            let mut msg = format!(
                 "hub stored {stored}  edge backlog {backlog}  rss {} MiB",
                 rss_bytes("self").unwrap_or(0) >> 20
             );
+            for (node, o) in &virtual_outages {
+                use std::fmt::Write as _;
+                let _ = write!(
+                    msg,
+                    "  node {node} virtual outage {:.1}/{:.1} h",
+                    o.progress().as_secs_f64() / 3600.0,
+                    o.duration().as_secs_f64() / 3600.0
+                );
+            }
             progress.status(live.elapsed().as_secs(), &msg);
             progress.bar.set_message(msg);
-            let open_outages = !outage_since.is_empty();
+            let open_outages = !outage_since.is_empty() || !virtual_outages.is_empty();
             drain_watch.retain(|(end, end_ms)| {
                 if !open_outages && drained(&st, &nodes, *end_ms, None, fresh_ms) {
                     drain_max = drain_max.max(end.elapsed().as_secs_f64());
@@ -1307,9 +1398,38 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 }
             });
         }
+        // Virtual-time outages that ended: heal the link.
+        let mut k = 0;
+        while k < virtual_outages.len() {
+            if !virtual_outages[k].1.is_finished() {
+                k += 1;
+                continue;
+            }
+            let (node, o) = virtual_outages.remove(k);
+            let virtual_for = o.duration();
+            let took = o.finish().await?;
+            let n = &mut nodes[node];
+            if let Some(vn) = &n.vnode {
+                n.clock_offset_ms = vn.clock_offset_ms().await?;
+            }
+            n.proxy.set_mode(LinkMode::Pass);
+            outage += virtual_for;
+            virtual_wall += took;
+            live_for += took;
+            had_outage = true;
+            drain_watch.push((Instant::now(), now_ms()));
+            let t = live.elapsed().as_secs_f64();
+            let line = format!(
+                "{t:>7.1}s virtual outage of node {node} ended: {:.1} h virtual in {:.1} s wall; node clock now {:+.1} s from wall clock; link healed",
+                virtual_for.as_secs_f64() / 3600.0,
+                took.as_secs_f64(),
+                n.clock_offset_ms as f64 / 1000.0
+            );
+            progress.println(&line);
+            fault_log.push(line);
+        }
         // Due steps.
-        while next < steps.len()
-            && (steps[next].0 <= live.elapsed() || live.elapsed() >= s.duration)
+        while next < steps.len() && (steps[next].0 <= live.elapsed() || live.elapsed() >= live_for)
         {
             let (at, action) = steps[next].clone();
             next += 1;
@@ -1399,6 +1519,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                         }
                     }
                 }
+                Action::VirtualOutage { node, duration } => {
+                    let n = &nodes[node];
+                    let vn = n
+                        .vnode
+                        .as_ref()
+                        .with_context(|| format!("node {node} has no virtual-time runtime"))?;
+                    n.proxy.set_mode(LinkMode::Cut);
+                    virtual_outages.push((node, vn.begin_outage(duration)));
+                }
                 Action::Redeploy { function, config } => {
                     if let Some(f) = s.faults.iter().find_map(|f| match f {
                         Fault::Redeploy {
@@ -1480,6 +1609,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let mut totals = Totals::default();
     let mut flagged = [0u32; 4]; // points logged at debug level, per kind
     for n in &nodes {
+        // In the node's time (shifted after a virtual-time outage).
+        let cut_ms = cut_ms.saturating_add_signed(n.clock_offset_ms);
         let mut stored: HashMap<u32, Vec<Obs>> = HashMap::new();
         for stream in hub.streams(&n.layout.name).await? {
             let samples = hub.samples(&n.layout.name, &stream).await?;
@@ -1597,8 +1728,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     for n in &mut nodes {
         stop_agent(n).await?;
     }
-    for n in nodes.drain(..) {
+    for mut n in nodes.drain(..) {
         n.proxy.stop().await;
+        if let Some(vn) = n.vnode.take() {
+            tokio::task::spawn_blocking(move || vn.shutdown())
+                .await
+                .context("stopping a virtual-time node")?;
+        }
     }
     let mon = std::mem::take(&mut *lock(&monitor));
     hub.stop().await?;
@@ -1657,6 +1793,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         desired_convergence_ms_p99: p99,
         desired_convergence_samples: mon.convergence_ms.len() as u64,
         outage_seconds: outage.as_secs_f64(),
+        outage_virtual: !virtual_nodes.is_empty(),
+        virtual_outage_wall_seconds: virtual_wall.as_secs_f64(),
         drain_seconds,
         final_drain_seconds: final_drain,
         drained: is_drained,

@@ -328,6 +328,23 @@ pub enum PartitionMode {
     Blackhole,
 }
 
+/// Which clock a partition runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PartitionClock {
+    /// Wall time: the partition lasts `duration` of real time.
+    #[default]
+    Real,
+    /// Virtual time: the node (agent and its simulated devices) lives on
+    /// its own single-threaded tokio runtime, reaches its devices over
+    /// in-memory streams, and that runtime's clock is paused and
+    /// auto-advances for the partition, so `duration` (48 h) passes in
+    /// minutes. The node's clock is then ahead of the wall clock by about
+    /// `duration`; the runner accounts for that offset. Needs a node with
+    /// Modbus devices only and no other fault on it; `mode` must be `cut`.
+    Virtual,
+}
+
 /// One planned fault. `at` is measured from the moment every node applied
 /// its first desired state (the start of the device-time clock).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -346,6 +363,9 @@ pub enum Fault {
         /// Cut or blackhole.
         #[serde(default)]
         mode: PartitionMode,
+        /// Real (default) or virtual time; see [`PartitionClock`].
+        #[serde(default)]
+        clock: PartitionClock,
     },
     /// Add latency between node `node` and the broker.
     Latency {
@@ -744,7 +764,88 @@ impl Scenario {
                 }
             }
         }
+        self.validate_virtual(&mut errs);
         if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+
+    /// Rules of virtual-time partitions (see [`PartitionClock::Virtual`]).
+    fn validate_virtual(&self, errs: &mut Vec<String>) {
+        let layouts = self.nodes();
+        let virtual_nodes = self.virtual_partitions();
+        for (i, f) in self.faults.iter().enumerate() {
+            let p = format!("faults[{i}]");
+            if let Fault::Partition {
+                node,
+                mode,
+                clock: PartitionClock::Virtual,
+                ..
+            } = f
+            {
+                if *mode != PartitionMode::Cut {
+                    errs.push(format!(
+                        "{p}.mode: a virtual-time partition must be \"cut\" (a blackholed link keeps a socket in flight, which the paused clock cannot wait for)"
+                    ));
+                }
+                if let Some(l) = layouts.get(*node) {
+                    let d = &self.nodes[l.group].devices;
+                    if d.opcua > 0 || d.mqtt > 0 {
+                        errs.push(format!(
+                            "{p}.clock: virtual time needs devices reachable over in-memory streams; node {node} (nodes[{}]) has OPC UA or MQTT devices, only Modbus supports in-memory transport (set nodes[{}].devices.opcua and .mqtt to 0 or use clock = \"real\")",
+                            l.group, l.group
+                        ));
+                    }
+                }
+                if virtual_nodes.iter().filter(|(n, _)| n == node).count() > 1 {
+                    errs.push(format!(
+                        "{p}.node: node {node} has more than one virtual-time partition"
+                    ));
+                }
+            }
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            let node = match f {
+                Fault::Partition {
+                    clock: PartitionClock::Virtual,
+                    ..
+                }
+                | Fault::BrokerRestart { .. }
+                | Fault::Redeploy { .. } => continue,
+                Fault::Partition { node, .. }
+                | Fault::Latency { node, .. }
+                | Fault::KillNode { node, .. }
+                | Fault::DevicesDown { node, .. } => *node,
+            };
+            if virtual_nodes.iter().any(|(n, _)| *n == node) {
+                errs.push(format!(
+                    "faults[{i}].node: node {node} has a virtual-time partition; other faults on that node are not supported"
+                ));
+            }
+        }
+        if !virtual_nodes.is_empty() {
+            for (i, f) in self.faults.iter().enumerate() {
+                if matches!(f, Fault::BrokerRestart { .. } | Fault::Redeploy { .. }) {
+                    errs.push(format!(
+                        "faults[{i}].kind: not supported in a scenario with a virtual-time partition (it would reach the virtual node at an undefined virtual time)"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Nodes with a virtual-time partition, with the partition's duration.
+    pub fn virtual_partitions(&self) -> Vec<(usize, Duration)> {
+        self.faults
+            .iter()
+            .filter_map(|f| match f {
+                Fault::Partition {
+                    node,
+                    duration,
+                    clock: PartitionClock::Virtual,
+                    ..
+                } => Some((*node, *duration)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Number of edge nodes.
@@ -906,6 +1007,47 @@ node = 1
         assert!(err.contains("functions[0].slots[1]"), "{err}");
         assert!(
             err.contains("nodes[0].devices.mqtt_devices_per_client"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn virtual_partition_parses_and_is_checked() {
+        let text = MINIMAL.replace("node = 1", "node = 1\nclock = \"virtual\"");
+        let err = Scenario::from_toml(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        // The nodes have an OPC UA device: no in-memory transport for it.
+        assert!(err.contains("faults[0].clock: virtual time needs"), "{err}");
+        let ok = text.replace("opcua = 1", "opcua = 0");
+        let s = Scenario::from_toml(&ok, "t.toml").unwrap();
+        assert_eq!(s.virtual_partitions(), vec![(1, Duration::from_secs(3))]);
+        let bad = ok.replace(
+            "clock = \"virtual\"",
+            "clock = \"virtual\"\nmode = \"blackhole\"",
+        );
+        let err = Scenario::from_toml(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("faults[0].mode"), "{err}");
+        let typo = ok.replace("clock = \"virtual\"", "clock = \"virtua\"");
+        let err = Scenario::from_toml(&typo, "t.toml")
+            .unwrap_err()
+            .to_string();
+        // Fault kinds are an internally tagged enum: the path stops at the
+        // fault, the message names the bad value.
+        assert!(err.contains("faults[0]") && err.contains("virtua"), "{err}");
+        let unknown = ok.replace("clock = \"virtual\"", "clok = \"virtual\"");
+        let err = Scenario::from_toml(&unknown, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("faults[0]") && err.contains("clok"), "{err}");
+        let other = format!(
+            "{ok}\n[[faults]]\nkind = \"kill-node\"\nat = \"1s\"\nnode = 1\ndown = \"1s\"\n"
+        );
+        let err = Scenario::from_toml(&other, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("faults[1].node: node 1 has a virtual-time"),
             "{err}"
         );
     }

@@ -22,7 +22,9 @@
 //! - [`modbus`]: the Modbus TCP/RTU poller (one request in flight per connection);
 //! - [`opcua`]: the OPC UA subscription/polling client;
 //! - [`mqtt`]: the subscriber for devices that publish to an MQTT broker;
-//! - [`synthetic`]: signal generators, shared with the simulator.
+//! - [`synthetic`]: signal generators, shared with the simulator;
+//! - [`transport`]: reaching devices over registered byte streams instead
+//!   of the network (in-memory pipes to simulated devices, tunnels).
 
 pub mod backoff;
 pub mod coalesce;
@@ -32,6 +34,7 @@ pub mod modbus;
 pub mod mqtt;
 pub mod opcua;
 pub mod synthetic;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use backoff::BackoffConfig;
 use health::Health;
+use transport::DeviceTransports;
 
 /// Driver tuning shared by all protocols. Every field has a sane default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,9 +197,40 @@ pub fn spawn_with(
     clock: Clock,
     cancel: CancellationToken,
 ) -> DeviceHandle {
+    spawn_routed(
+        device,
+        options,
+        &DeviceTransports::default(),
+        out,
+        clock,
+        cancel,
+    )
+}
+
+/// Starts the driver of `device` with `options`, reaching it through
+/// `transports` when its host is registered there (Modbus TCP only; see
+/// [`transport`]), over the network otherwise.
+pub fn spawn_routed(
+    device: Device,
+    options: DriverOptions,
+    transports: &DeviceTransports,
+    out: mpsc::Sender<Vec<Sample>>,
+    clock: Clock,
+    cancel: CancellationToken,
+) -> DeviceHandle {
     match &device.protocol {
         DeviceProtocol::ModbusTcp { host, port, unit } => {
-            let c = modbus::Connector::tcp(host.clone(), *port, *unit);
+            let c = match transports.dialer(host) {
+                Some(dial) => {
+                    let port = *port;
+                    modbus::Connector::tcp_over(
+                        format!("modbus-tcp://{host}:{port}/{unit} (registered transport)"),
+                        *unit,
+                        move || dial(port),
+                    )
+                }
+                None => modbus::Connector::tcp(host.clone(), *port, *unit),
+            };
             spawn_modbus(device, c, options, out, clock, cancel)
         }
         DeviceProtocol::ModbusRtu { path, unit, .. } => {

@@ -102,6 +102,29 @@ impl Connector {
         }
     }
 
+    /// Modbus TCP (MBAP framing) over whatever byte stream `open` returns
+    /// instead of a TCP connection (see [`super::transport`]). Behaves like
+    /// [`tcp`](Self::tcp): a timed-out request reopens the stream. `open` is
+    /// called again after every loss.
+    pub fn tcp_over<F, Fut, S>(describe: impl Into<String>, unit: u8, mut open: F) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<S>> + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug + 'static,
+    {
+        Self {
+            describe: describe.into(),
+            open: Box::new(move || {
+                let fut = open();
+                Box::pin(async move {
+                    let s = fut.await?;
+                    Ok(tokio_modbus::client::tcp::attach_slave(s, Slave(unit)))
+                })
+            }),
+            reopen_on_timeout: true,
+        }
+    }
+
     /// Modbus RTU over a serial device opened as a plain file (no baud
     /// configuration: set the line up beforehand, e.g. with `stty`).
     pub fn serial_file(path: String, unit: u8) -> Self {

@@ -34,7 +34,7 @@ use edge_node::clock::Clock;
 use edge_node::drivers::decode::{self, Format};
 use protocols::{ModbusTable, Point, PointAddress};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -457,6 +457,29 @@ impl ModbusSim {
         });
     }
 
+    /// Serves Modbus TCP (MBAP framing) on `stream`, e.g. one end of
+    /// `tokio::io::duplex`, as if it were an accepted connection: an
+    /// in-memory accept path for clients that must not use sockets (a node
+    /// on tokio's paused clock). Ends when the stream closes or the server
+    /// goes down; while down the stream is dropped at once (the client
+    /// sees EOF).
+    pub async fn attach_tcp<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let token = lock(&self.generation).clone();
+        if token.is_cancelled() {
+            return;
+        }
+        let shared = self.inner.0.clone();
+        self.tasks.lock().await.spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                r = serve_tcp(stream, shared) => { let _ = r; }
+            }
+        });
+    }
+
     /// Values served for point `id` of `unit`: `(ts_ms, engineering value)`,
     /// one entry per read (see the module invariants).
     pub fn served(&self, unit: u8, id: u32) -> Vec<(u64, f64)> {
@@ -536,7 +559,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
     conns.shutdown().await;
 }
 
-async fn serve_tcp(mut s: TcpStream, shared: Arc<Shared>) -> std::io::Result<()> {
+async fn serve_tcp<S>(mut s: S, shared: Arc<Shared>) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut hdr = [0u8; 7];
     let mut buf = vec![0u8; 260];
     loop {

@@ -258,6 +258,26 @@ async fn serve_hub(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM (never, if the handlers cannot be set).
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut t) => {
+                t.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if r.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        () = term => {}
+    }
+}
+
 async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
     let opts = HollowOptions {
         nodes: a.nodes,
@@ -317,6 +337,7 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
             nodes: opts.nodes,
         };
         let mut stack = Stack::start(&so).await?;
+        let so_broker_version = stack.broker_version().map(str::to_owned);
         if !a.quiet {
             let ep = stack.endpoint();
             eprintln!(
@@ -339,14 +360,22 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        let mut r = sim::hollow::run(&opts, stack.endpoint()).await;
-        if let Ok(report) = &mut r {
-            report.broker_version = stack.broker_version().map(str::to_owned);
-        }
+        // Ctrl-C or SIGTERM stop the run, and then hub and broker: a process
+        // that died of the signal would leave both running.
+        let outcome = tokio::select! {
+            r = sim::hollow::run(&opts, stack.endpoint()) => Some(r),
+            () = interrupted() => None,
+        };
         let alive = stack.check_alive();
-        let keep = a.keep_hub_dir || r.is_err() || alive.is_err();
+        let keep = a.keep_hub_dir || matches!(outcome, Some(Err(_))) || alive.is_err();
         for d in stack.stop(keep).await {
             eprintln!("directory kept: {}", d.display());
+        }
+        let Some(mut r) = outcome else {
+            anyhow::bail!("interrupted; hub and broker stopped");
+        };
+        if let Ok(report) = &mut r {
+            report.broker_version = so_broker_version;
         }
         alive?;
         (r, Some(so.hub_bin))

@@ -318,6 +318,11 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
                 vec!["hub".to_owned()],
             ),
         };
+        if a.broker != BrokerArg::Mosquitto
+            && (a.mosquitto_bin.is_some() || a.mosquitto_max_queued.is_some())
+        {
+            anyhow::bail!("--mosquitto-bin and --mosquitto-max-queued need --broker mosquitto");
+        }
         let mut mosquitto = MosquittoOptions::for_fleet(opts.nodes);
         mosquitto.bin = a.mosquitto_bin.clone();
         if let Some(q) = a.mosquitto_max_queued {

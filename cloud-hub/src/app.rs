@@ -18,7 +18,8 @@ use bytes::Bytes;
 use protocols::codec::{decode_batch, decode_json, encode_json};
 use protocols::signing::SigningKey;
 use protocols::{
-    Ack, DesiredState, Event, NodeStatus, ReportedState, SignedDesired, TopicKind, Topics,
+    Ack, DesiredState, Event, NodeState, NodeStatus, ReportedState, SignedDesired, TopicKind,
+    Topics,
 };
 use rand::Rng as _;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS, SubscribeFilter};
@@ -269,7 +270,7 @@ impl App {
         })?;
 
         let mut tasks = JoinSet::new();
-        let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Bytes)>(4096);
+        let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Bytes, Delivery)>(4096);
         let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Control>();
         {
             let cancel = cancel.clone();
@@ -293,7 +294,7 @@ impl App {
                         Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                             tokio::select! {
                                 () = cancel.cancelled() => return Ok(()),
-                                r = msg_tx.send((p.topic, p.payload)) => if r.is_err() { return Ok(()) },
+                                r = msg_tx.send((p.topic, p.payload, Delivery::of(p.retain))) => if r.is_err() { return Ok(()) },
                             }
                         }
                         Ok(_) => {}
@@ -370,10 +371,10 @@ impl App {
                         () = cancel.cancelled() => return Ok(()),
                         m = msg_rx.recv() => m,
                     };
-                    let Some((topic, payload)) = msg else {
+                    let Some((topic, payload, delivery)) = msg else {
                         return Ok(());
                     };
-                    handle_message(&hub, &topic, &payload)?;
+                    handle_message(&hub, &topic, &payload, delivery)?;
                 }
             });
         }
@@ -470,8 +471,40 @@ fn free_port(addr: SocketAddr) -> Result<SocketAddr, HubError> {
         .map_err(|source| HubError::Broker(crate::broker::BrokerError::Bind { addr, source }))
 }
 
+/// How a message reached the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Forwarded as it was published (MQTT 3.1.1 §3.3.1.3: retain flag 0
+    /// on a matching, established subscription; also messages queued for
+    /// the hub's persistent session while it was away).
+    Live,
+    /// A stored retained message, replayed because the hub (re)subscribed.
+    Retained,
+}
+
+impl Delivery {
+    fn of(retain: bool) -> Self {
+        if retain { Self::Retained } else { Self::Live }
+    }
+}
+
 /// Handles one incoming message; bad payloads are counted and logged, never fatal.
-fn handle_message(hub: &Hub, topic: &str, payload: &[u8]) -> Result<(), HubError> {
+///
+/// A node's `status` is published only when it connects (online) and as its
+/// last will (offline). A hub that subscribes while nodes are connected
+/// learns their status from retained messages, and a broker may replay only
+/// part of them (rumqttd 0.20 forwards at most 100 to a new subscription).
+/// So a *live* reported state — proof that the node is connected now — from
+/// a node the registry holds as offline or unknown marks it online. A
+/// retained reported state proves nothing (the node may have died since),
+/// and ordering per subscription means a node's last will, published after
+/// its last report, still lands after it.
+fn handle_message(
+    hub: &Hub,
+    topic: &str,
+    payload: &[u8],
+    delivery: Delivery,
+) -> Result<(), HubError> {
     let Some((node, kind)) = hub.topics.parse(topic) else {
         Metrics::inc(&hub.metrics.unexpected_messages);
         return Ok(());
@@ -493,6 +526,18 @@ fn handle_message(hub: &Hub, topic: &str, payload: &[u8]) -> Result<(), HubError
         },
         TopicKind::Reported => match decode_json::<ReportedState>("reported state", payload) {
             Ok(r) if r.node == node => hub.registry.update(node, |rec| {
+                let online = rec
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.state == NodeState::Online);
+                if delivery == Delivery::Live && !online {
+                    rec.status = Some(NodeStatus {
+                        node: node.to_owned(),
+                        state: NodeState::Online,
+                        at_ms: r.at_ms,
+                    });
+                    Metrics::inc(&hub.metrics.status_inferred_online);
+                }
                 rec.reported = Some(r);
                 Ok(())
             })?,
@@ -523,4 +568,121 @@ fn handle_message(hub: &Hub, topic: &str, payload: &[u8]) -> Result<(), HubError
         TopicKind::Desired | TopicKind::Ack => Metrics::inc(&hub.metrics.unexpected_messages),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    fn status(node: &str, state: NodeState, at_ms: u64) -> Vec<u8> {
+        encode_json(
+            "status",
+            &NodeStatus {
+                node: node.into(),
+                state,
+                at_ms,
+            },
+        )
+        .unwrap()
+    }
+
+    fn reported(node: &str, at_ms: u64) -> Vec<u8> {
+        encode_json(
+            "reported",
+            &ReportedState {
+                node: node.into(),
+                applied_revision: 3,
+                at_ms,
+                ..ReportedState::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_live_report_marks_a_node_with_missed_status_online_a_retained_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = HubConfig {
+            data_dir: dir.path().to_owned(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            ..HubConfig::default()
+        };
+        cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
+        let cancel = CancellationToken::new();
+        let app = App::start(cfg, cancel.clone()).await.unwrap();
+        let hub = app.hub();
+        let topics = hub.topics.clone();
+        let rep_topic = |n: &str| topics.node(n, TopicKind::Reported);
+        let st_topic = |n: &str| topics.node(n, TopicKind::Status);
+        let state = |n: &str| {
+            hub.registry
+                .get(n)
+                .unwrap()
+                .and_then(|r| r.status)
+                .map(|s| (s.state, s.at_ms))
+        };
+        let inferred = || hub.metrics.status_inferred_online.load(Ordering::Relaxed);
+
+        // A retained report (replayed on subscribe) proves nothing.
+        handle_message(
+            &hub,
+            &rep_topic("a"),
+            &reported("a", 10),
+            Delivery::Retained,
+        )
+        .unwrap();
+        assert_eq!(state("a"), None);
+        assert_eq!(
+            hub.registry
+                .get("a")
+                .unwrap()
+                .unwrap()
+                .reported
+                .unwrap()
+                .applied_revision,
+            3
+        );
+        // A live one means the node is connected: its missed status is healed.
+        handle_message(&hub, &rep_topic("a"), &reported("a", 20), Delivery::Live).unwrap();
+        assert_eq!(state("a"), Some((NodeState::Online, 20)));
+        assert_eq!(inferred(), 1);
+        // Its last will, published after its last report, wins.
+        handle_message(
+            &hub,
+            &st_topic("a"),
+            &status("a", NodeState::Offline, 5),
+            Delivery::Live,
+        )
+        .unwrap();
+        assert_eq!(state("a"), Some((NodeState::Offline, 5)));
+        // A retained report of an offline node leaves it offline.
+        handle_message(
+            &hub,
+            &rep_topic("a"),
+            &reported("a", 20),
+            Delivery::Retained,
+        )
+        .unwrap();
+        assert_eq!(state("a"), Some((NodeState::Offline, 5)));
+        // A node whose status arrived is left alone.
+        handle_message(
+            &hub,
+            &st_topic("b"),
+            &status("b", NodeState::Online, 7),
+            Delivery::Live,
+        )
+        .unwrap();
+        handle_message(&hub, &rep_topic("b"), &reported("b", 30), Delivery::Live).unwrap();
+        assert_eq!(state("b"), Some((NodeState::Online, 7)));
+        assert_eq!(inferred(), 1);
+        assert!(
+            hub.metrics
+                .render()
+                .contains("edgefleet_hub_status_inferred_online_total 1")
+        );
+
+        cancel.cancel();
+        app.run().await.unwrap();
+    }
 }

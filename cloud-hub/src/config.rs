@@ -20,6 +20,9 @@ pub struct HubConfig {
     /// MQTT topic root shared with the edge nodes.
     pub topic_root: String,
     /// Embedded broker (standalone mode). When `None`, connect to `mqtt`.
+    /// In TOML: a `[embedded_broker]` table, or `embedded_broker = false`
+    /// for an external broker (a missing key means the default broker).
+    #[serde(with = "embedded_or_false")]
     pub embedded_broker: Option<EmbeddedBroker>,
     /// External broker connection (ignored when the broker is embedded).
     pub mqtt: MqttConfig,
@@ -64,6 +67,52 @@ impl Default for EmbeddedBroker {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 20_000,
         }
+    }
+}
+
+/// `embedded_broker` in a file: a table, `true` (the default broker) or
+/// `false` (none: use `mqtt`). `None` serializes as `false` so a written
+/// config reads back the same; a missing key keeps the default (embedded).
+mod embedded_or_false {
+    use serde::de::{self, MapAccess, Visitor, value::MapAccessDeserializer};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::EmbeddedBroker;
+
+    #[expect(clippy::ref_option, reason = "the signature serde's `with` calls")]
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<EmbeddedBroker>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => b.serialize(s),
+            None => s.serialize_bool(false),
+        }
+    }
+
+    struct OrFalse;
+
+    impl<'de> Visitor<'de> for OrFalse {
+        type Value = Option<EmbeddedBroker>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a table, or false for an external broker")
+        }
+
+        fn visit_bool<E: de::Error>(self, on: bool) -> Result<Self::Value, E> {
+            Ok(on.then(EmbeddedBroker::default))
+        }
+
+        // A table keeps the inner field errors ("unknown field `listn`").
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            EmbeddedBroker::deserialize(MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<EmbeddedBroker>, D::Error> {
+        d.deserialize_any(OrFalse)
     }
 }
 
@@ -240,5 +289,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("EDGEFLEET_HUB_HTTP_LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn an_external_broker_config_survives_a_toml_round_trip() {
+        // Without `false`, a written config with no embedded broker would
+        // read back with the default one (a missing key means the default).
+        let mut cfg = HubConfig {
+            embedded_broker: None,
+            ..HubConfig::default()
+        };
+        cfg.mqtt.port = 41_883;
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("embedded_broker = false"), "{text}");
+        let back: HubConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(back.broker_address(), ("127.0.0.1".to_owned(), 41_883));
+
+        let mut on = HubConfig::default();
+        on.embedded_broker.as_mut().unwrap().max_connections = 7;
+        let back: HubConfig = toml::from_str(&toml::to_string(&on).unwrap()).unwrap();
+        assert_eq!(back, on);
+        let t: HubConfig = toml::from_str("embedded_broker = true").unwrap();
+        assert_eq!(t.embedded_broker, Some(EmbeddedBroker::default()));
+        let missing: HubConfig = toml::from_str("").unwrap();
+        assert_eq!(missing.embedded_broker, Some(EmbeddedBroker::default()));
+        let e = toml::from_str::<HubConfig>("embedded_broker = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("embedded_broker"), "{e}");
+        let e = toml::from_str::<HubConfig>("[embedded_broker]\nlistn = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `listn`"), "{e}");
     }
 }

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub desired_published: AtomicU64,
     /// Events received.
     pub events: AtomicU64,
+    /// Nodes marked online because a live reported state arrived while the
+    /// registry had them offline or unknown (a missed `status`).
+    pub status_inferred_online: AtomicU64,
     nodes: Mutex<BTreeMap<String, NodeTelemetry>>,
 }
 
@@ -73,6 +76,10 @@ impl Metrics {
                 &self.desired_published,
             ),
             ("edgefleet_hub_events_total", &self.events),
+            (
+                "edgefleet_hub_status_inferred_online_total",
+                &self.status_inferred_online,
+            ),
         ] {
             let _ = writeln!(
                 s,

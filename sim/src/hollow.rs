@@ -26,10 +26,14 @@
 //! client hears "accepted". The PUT latency is reported on its own.
 //!
 //! The hub normally runs as a separate process ([`hub::HubProcess`]) so the
-//! two ends of 10,000 connections do not share one descriptor table.
+//! two ends of 10,000 connections do not share one descriptor table. The
+//! broker is the hub's embedded rumqttd or, for large fleets, a Mosquitto
+//! process ([`broker::Mosquitto`]) that the hub uses as an external broker.
 
+pub mod broker;
 pub mod hub;
 pub mod session;
+pub mod stack;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -48,8 +52,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use broker::{BrokerKind, Mosquitto, MosquittoOptions};
 pub use hub::{HubEndpoint, HubProcess, Memory};
 use session::{Input, Output, Session};
+pub use stack::{Stack, StackOptions};
 
 /// Why a hollow run failed (as opposed to finishing with nodes that did not
 /// converge, which the report shows).
@@ -88,6 +94,9 @@ pub enum HollowError {
     /// The hub process failed.
     #[error("{0}")]
     Hub(String),
+    /// The external broker process could not be started or failed.
+    #[error("{0}")]
+    Broker(String),
     /// Nodes did not connect (or the hub did not see them) in time.
     #[error("{0}")]
     Timeout(String),
@@ -266,6 +275,9 @@ pub struct RoundReport {
     /// PUT sent → hub registry shows the revision applied (upper bound: time
     /// the poll that first showed it returned).
     pub registry: Latency,
+    /// Duration of each `GET /v1/nodes` poll during the round (the hub reads
+    /// and serializes every node's record; its cost grows with the fleet).
+    pub registry_get: Latency,
     /// Nodes that applied the revision.
     pub converged_nodes: usize,
     /// Nodes whose registry record showed it applied.
@@ -317,6 +329,24 @@ pub struct HollowReport {
     /// Whether the hub ran in the simulator's process (its memory figures
     /// then include the hollow nodes).
     pub hub_in_process: bool,
+    /// The broker the nodes and the hub met on.
+    pub broker: BrokerKind,
+    /// Its version, when known (`mosquitto version 2.0.11`).
+    pub broker_version: Option<String>,
+    /// External broker's resident memory before any node connected (0 when
+    /// the broker is embedded in the hub or not measured).
+    pub broker_rss_bytes_idle: u64,
+    /// External broker's resident memory once every node was online.
+    pub broker_rss_bytes_connected: u64,
+    /// External broker's peak resident memory (`VmHWM`, or the sampled
+    /// maximum if larger).
+    pub broker_rss_bytes_max: u64,
+    /// `/proc/loadavg` (1, 5, 15 min) when the run started.
+    pub load_average_start: [f64; 3],
+    /// `/proc/loadavg` when the run ended.
+    pub load_average_end: [f64; 3],
+    /// Highest 1-minute load average sampled during the run.
+    pub load_average_1m_max: f64,
     /// Reconnects after a first CONNACK, all nodes.
     pub reconnects: u64,
     /// Connection attempts that failed, all nodes.
@@ -364,11 +394,13 @@ impl HollowReport {
             );
             let _ = writeln!(
                 s,
-                "  PUT → hub registry:     p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms  (poll every {} ms)",
+                "  PUT → hub registry:     p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms  (poll every {} ms; GET /v1/nodes p50 {:.0} ms, max {:.0} ms)",
                 r.registry.p50_ms,
                 r.registry.p99_ms,
                 r.registry.max_ms,
-                self.options.registry_poll.as_millis()
+                self.options.registry_poll.as_millis(),
+                r.registry_get.p50_ms,
+                r.registry_get.max_ms
             );
         }
         let _ = writeln!(
@@ -384,6 +416,25 @@ impl HollowReport {
                 ""
             },
             mb(self.sim_rss_bytes_max)
+        );
+        if self.broker == BrokerKind::Mosquitto {
+            let _ = writeln!(
+                s,
+                "broker ({}) RSS: idle {:.0} MiB, {} nodes online {:.0} MiB, peak {:.0} MiB",
+                self.broker_version.as_deref().unwrap_or("mosquitto"),
+                mb(self.broker_rss_bytes_idle),
+                self.nodes,
+                mb(self.broker_rss_bytes_connected),
+                mb(self.broker_rss_bytes_max),
+            );
+        }
+        let l = |a: [f64; 3]| format!("{:.2} {:.2} {:.2}", a[0], a[1], a[2]);
+        let _ = writeln!(
+            s,
+            "load average: start {}, end {}, highest 1-min {:.2}",
+            l(self.load_average_start),
+            l(self.load_average_end),
+            self.load_average_1m_max
         );
         let _ = write!(
             s,
@@ -712,24 +763,59 @@ impl Api {
     }
 }
 
-/// Samples resident memory of the hub and of this process.
+/// Samples resident memory of the hub, the external broker and this
+/// process, and the load average.
 #[derive(Debug, Default)]
 struct MemWatch {
+    hub_pid: Option<u32>,
+    broker_pid: Option<u32>,
     hub_max: AtomicU64,
+    broker_max: AtomicU64,
     sim_max: AtomicU64,
+    /// Highest 1-minute load average, `f64` bits.
+    load_max: AtomicU64,
+}
+
+/// What one [`MemWatch::sample`] read (0: not measured).
+#[derive(Debug, Clone, Copy, Default)]
+struct MemSample {
+    hub_rss: u64,
+    broker_rss: u64,
 }
 
 impl MemWatch {
-    fn sample(&self, hub_pid: Option<u32>) -> Option<Memory> {
+    fn sample(&self) -> MemSample {
+        let peak = |m: Memory| m.rss_bytes.max(m.hwm_bytes);
         if let Some(m) = hub::memory(std::process::id()) {
-            self.sim_max
-                .fetch_max(m.rss_bytes.max(m.hwm_bytes), Ordering::Relaxed);
+            self.sim_max.fetch_max(peak(m), Ordering::Relaxed);
         }
-        let m = hub::memory(hub_pid?)?;
-        self.hub_max
-            .fetch_max(m.rss_bytes.max(m.hwm_bytes), Ordering::Relaxed);
-        Some(m)
+        let mut out = MemSample::default();
+        if let Some(m) = self.hub_pid.and_then(hub::memory) {
+            self.hub_max.fetch_max(peak(m), Ordering::Relaxed);
+            out.hub_rss = m.rss_bytes;
+        }
+        if let Some(m) = self.broker_pid.and_then(hub::memory) {
+            self.broker_max.fetch_max(peak(m), Ordering::Relaxed);
+            out.broker_rss = m.rss_bytes;
+        }
+        if let Some([one, ..]) = load_average() {
+            // Non-negative floats order like their bits.
+            self.load_max.fetch_max(one.to_bits(), Ordering::Relaxed);
+        }
+        out
     }
+}
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute figures (`None` off Linux).
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    parse_loadavg(&text)
+}
+
+fn parse_loadavg(text: &str) -> Option<[f64; 3]> {
+    let mut it = text.split_whitespace().map(str::parse::<f64>);
+    let mut next = || it.next()?.ok().filter(|x| *x >= 0.0);
+    Some([next()?, next()?, next()?])
 }
 
 fn say(opts: &HollowOptions, msg: &str) {
@@ -782,13 +868,18 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
         .max()
         .unwrap_or(0);
 
-    let mem = Arc::new(MemWatch::default());
+    let load_average_start = load_average().unwrap_or_default();
+    let mem = Arc::new(MemWatch {
+        hub_pid: hub.pid,
+        broker_pid: hub.broker_pid,
+        ..MemWatch::default()
+    });
     let cancel = CancellationToken::new();
     let sampler = {
-        let (mem, cancel, pid) = (mem.clone(), cancel.clone(), hub.pid);
+        let (mem, cancel) = (mem.clone(), cancel.clone());
         tokio::spawn(async move {
             loop {
-                mem.sample(pid);
+                mem.sample();
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -796,8 +887,7 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
             }
         })
     };
-    let hub_rss_now = |mem: &MemWatch| mem.sample(hub.pid).map_or(0, |m| m.rss_bytes);
-    let hub_rss_bytes_idle = hub_rss_now(&mem);
+    let idle = mem.sample();
 
     let fleet = Arc::new(Fleet {
         t0,
@@ -838,15 +928,22 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
         );
     }
 
-    let result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem, hub).await;
+    let result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem).await;
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
     let _ = sampler.await;
     let mut report = result?;
-    report.hub_rss_bytes_idle = hub_rss_bytes_idle;
+    mem.sample();
+    report.hub_rss_bytes_idle = idle.hub_rss;
     report.hub_rss_bytes_max = mem.hub_max.load(Ordering::Relaxed);
+    report.broker_rss_bytes_idle = idle.broker_rss;
+    report.broker_rss_bytes_max = mem.broker_max.load(Ordering::Relaxed);
     report.sim_rss_bytes_max = mem.sim_max.load(Ordering::Relaxed);
     report.hub_in_process = hub.in_process;
+    report.broker = hub.broker;
+    report.load_average_start = load_average_start;
+    report.load_average_end = load_average().unwrap_or_default();
+    report.load_average_1m_max = f64::from_bits(mem.load_max.load(Ordering::Relaxed));
     report.reconnects = fleet.reconnects.load(Ordering::Relaxed);
     report.connect_errors = fleet.connect_errors.load(Ordering::Relaxed);
     report.desired_rejected = fleet.rejected.load(Ordering::Relaxed);
@@ -856,10 +953,6 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
     Ok(report)
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one private step of `run`, sharing its locals"
-)]
 async fn measure(
     opts: &HollowOptions,
     api: &Arc<Api>,
@@ -868,7 +961,6 @@ async fn measure(
     index: &HashMap<&str, usize>,
     base_revision: u64,
     mem: &MemWatch,
-    hub: &HubEndpoint,
 ) -> Result<HollowReport, HollowError> {
     let n = names.len();
     let t0 = fleet.t0;
@@ -938,12 +1030,18 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let registry_online_seconds = t0.elapsed().as_secs_f64();
-    let hub_rss_bytes_connected = mem.sample(hub.pid).map_or(0, |m| m.rss_bytes);
+    let online = mem.sample();
+    let mib = |b: u64| b as f64 / 1_048_576.0;
     say(
         opts,
         &format!(
-            "[{registry_online_seconds:>6.1}s] hub registry shows all {n} nodes online; hub RSS {:.0} MiB",
-            hub_rss_bytes_connected as f64 / 1_048_576.0
+            "[{registry_online_seconds:>6.1}s] hub registry shows all {n} nodes online; hub RSS {:.0} MiB{}",
+            mib(online.hub_rss),
+            if mem.broker_pid.is_some() {
+                format!(", broker RSS {:.0} MiB", mib(online.broker_rss))
+            } else {
+                String::new()
+            }
         ),
     );
 
@@ -953,7 +1051,7 @@ async fn measure(
         let revision = base_revision + r;
         let round = round(opts, api, fleet, names, index, revision).await?;
         let mut round = round;
-        round.0.hub_rss_bytes = mem.sample(hub.pid).map_or(0, |m| m.rss_bytes);
+        round.0.hub_rss_bytes = mem.sample().hub_rss;
         say(
             opts,
             &format!(
@@ -989,7 +1087,8 @@ async fn measure(
         registry_convergence_ms_p99: reg.p99_ms,
         registry_convergence_ms_max: reg.max_ms,
         all_converged,
-        hub_rss_bytes_connected,
+        hub_rss_bytes_connected: online.hub_rss,
+        broker_rss_bytes_connected: online.broker_rss,
         ..HollowReport::default()
     })
 }
@@ -1046,6 +1145,7 @@ async fn round(
     let mut node_ms: Vec<Option<f64>> = vec![None; n];
     let mut reg_ms: Vec<Option<f64>> = vec![None; n];
     let mut last_reg_us = t_start;
+    let mut get_ms = Vec::new();
     let mut last_print = Instant::now();
     loop {
         for (i, slot) in fleet.slots.iter().enumerate() {
@@ -1059,8 +1159,10 @@ async fn round(
         }
         let reg_done = reg_ms.iter().filter(|x| x.is_some()).count();
         if reg_done < n {
+            let asked = fleet.now_us();
             let views = api.nodes().await?;
             let now = fleet.now_us();
+            get_ms.push(now.saturating_sub(asked) as f64 / 1000.0);
             for v in views {
                 let Some(&i) = index.get(v.node.as_str()) else {
                     continue;
@@ -1133,6 +1235,7 @@ async fn round(
         first_put_error,
         node: Latency::of(&node_samples),
         registry: Latency::of(&reg_samples),
+        registry_get: Latency::of(&get_ms),
         converged_nodes: node_samples.len(),
         converged_registry: reg_samples.len(),
         registry_agrees,
@@ -1175,6 +1278,16 @@ mod tests {
         let one = Latency::of(&[7.0]);
         assert_eq!((one.p50_ms, one.p99_ms, one.count), (7.0, 7.0, 1));
         assert_eq!(Latency::of(&[]), Latency::default());
+    }
+
+    #[test]
+    fn load_average_is_parsed_from_proc() {
+        assert_eq!(
+            parse_loadavg("0.23 1.27 1.72 1/79 11951\n"),
+            Some([0.23, 1.27, 1.72])
+        );
+        assert_eq!(parse_loadavg("0.2 x 1"), None);
+        assert_eq!(parse_loadavg(""), None);
     }
 
     #[test]

@@ -5,16 +5,17 @@
     clippy::field_reassign_with_default,
     reason = "test code"
 )]
-//! Hollow nodes against a real hub (in this process, embedded broker): every
-//! node converges to each pushed revision, and the hub's registry and event
-//! log agree with what the nodes did.
+//! Hollow nodes against a real hub (in this process, embedded broker; or a
+//! hub process on a Mosquitto broker): every node converges to each pushed
+//! revision, and the hub's registry and event log agree with what the nodes
+//! did.
 
 use std::time::Duration;
 
 use cloud_hub::api::NodeView;
 use cloud_hub::{App, HubConfig};
 use protocols::{Event, EventKind, NodeState};
-use sim::hollow::{HollowOptions, HubEndpoint};
+use sim::hollow::{BrokerKind, HollowOptions, HubEndpoint, MosquittoOptions, Stack, StackOptions};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,6 +34,8 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         mqtt_host: host,
         mqtt_port: port,
         pid: Some(std::process::id()),
+        broker_pid: None,
+        broker: BrokerKind::Embedded,
         in_process: true,
     };
     let hub_task = tokio::spawn(app.run());
@@ -163,4 +166,100 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// 300 hollow nodes against a hub process that uses a Mosquitto process as
+/// its external broker, started and stopped the way `fleet-sim hollow
+/// --broker mosquitto` does. Needs `mosquitto` (apt-get install mosquitto):
+/// run by `.ci/run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the mosquitto broker (apt-get install mosquitto); run by .ci/run"]
+async fn hollow_external_mosquitto() {
+    const N: usize = 300;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    sim::hollow::raise_fd_limit().unwrap();
+    let so = StackOptions {
+        hub_bin: env!("CARGO_BIN_EXE_fleet-sim").into(),
+        hub_args: vec!["hub".into()],
+        hub_config: HubConfig::default(),
+        hub_log: "warn".into(),
+        hub_ready_timeout: Duration::from_secs(30),
+        broker: BrokerKind::Mosquitto,
+        mosquitto: MosquittoOptions::for_fleet(N),
+        nodes: N,
+    };
+    let stack = Stack::start(&so).await.unwrap();
+    let hub = stack.endpoint().clone();
+    let m = stack.mosquitto().unwrap();
+    let (broker_pid, broker_dir) = (m.pid().unwrap(), m.dir().unwrap().to_owned());
+    assert_eq!(hub.broker, BrokerKind::Mosquitto);
+    assert_eq!(hub.broker_pid, Some(broker_pid));
+    assert_eq!(hub.mqtt_port, m.port());
+    assert!(
+        stack
+            .broker_version()
+            .unwrap()
+            .starts_with("mosquitto version"),
+        "{:?}",
+        stack.broker_version()
+    );
+    // The hub was started without its embedded broker, pointing at Mosquitto.
+    let hub_toml = std::fs::read_to_string(stack.hub_log().with_file_name("hub.toml")).unwrap();
+    let hub_cfg: HubConfig = toml::from_str(&hub_toml).unwrap();
+    assert_eq!(hub_cfg.embedded_broker, None);
+    assert_eq!(hub_cfg.broker_address(), ("127.0.0.1".to_owned(), m.port()));
+
+    let opts = HollowOptions {
+        nodes: N,
+        rounds: 2,
+        connect_concurrency: 100,
+        put_concurrency: 32,
+        registry_poll: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(40),
+        round_timeout: Duration::from_secs(30),
+        ..HollowOptions::default()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(120), sim::hollow::run(&opts, &hub))
+        .await
+        .expect("hollow run timed out")
+        .unwrap();
+    for (r, want) in report.rounds.iter().zip([1, 2]) {
+        assert_eq!(r.revision, want);
+        assert_eq!(r.put_errors, 0, "{:?}", r.first_put_error);
+        assert_eq!(r.converged_nodes, N, "round {want}");
+        assert_eq!(r.converged_registry, N, "round {want}");
+        assert_eq!(r.registry_agrees, N, "round {want}");
+    }
+    assert!(report.all_converged, "{}", report.summary());
+    assert_eq!(report.broker, BrokerKind::Mosquitto);
+    assert!(report.broker_rss_bytes_max > 0 && report.broker_rss_bytes_idle > 0);
+    assert!(report.hub_rss_bytes_max > 0 && !report.hub_in_process);
+    assert!(report.summary().contains("broker ("));
+
+    // The hub's own registry, read independently of the run's bookkeeping:
+    // every node applied revision 2 twice over Mosquitto.
+    let views: Vec<NodeView> = reqwest::get(format!("{}/v1/nodes", hub.http_base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let applied = views
+        .iter()
+        .filter(|v| v.node.starts_with("hollow-"))
+        .filter(|v| {
+            v.desired_revision == 2
+                && v.reported.as_ref().is_some_and(|r| {
+                    r.applied_revision == 2 && r.counters.get("desired_applied") == Some(&2)
+                })
+                && v.status.is_some()
+        })
+        .count();
+    assert_eq!(applied, N);
+
+    let kept = stack.stop(false).await;
+    assert!(kept.is_empty());
+    // Killed and reaped; its directory (config, log) removed.
+    assert!(!std::path::Path::new(&format!("/proc/{broker_pid}")).exists());
+    assert!(!broker_dir.exists());
 }

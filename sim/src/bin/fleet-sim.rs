@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
-use sim::hollow::{HollowOptions, HubEndpoint, HubProcess};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sim::hollow::{BrokerKind, HollowOptions, HubEndpoint, MosquittoOptions, Stack, StackOptions};
 
 #[derive(Parser)]
 #[command(name = "fleet-sim", version, about = "edgefleet fleet simulator")]
@@ -57,7 +57,7 @@ enum Cmd {
     },
     /// Measure the hub with hollow nodes: lightweight edge-node stand-ins
     /// that speak the real sync protocol without devices.
-    Hollow(HollowArgs),
+    Hollow(Box<HollowArgs>),
 }
 
 #[derive(Args)]
@@ -114,6 +114,19 @@ struct HollowArgs {
     /// this executable's hidden `hub` subcommand.
     #[arg(long, conflicts_with = "hub_url")]
     hub_bin: Option<PathBuf>,
+    /// Broker of the started hub: its embedded rumqttd, or a Mosquitto
+    /// process started on 127.0.0.1 for the run (needs `mosquitto`: apt-get
+    /// install mosquitto) that the hub uses as an external broker.
+    #[arg(long, value_enum, default_value_t = BrokerArg::Embedded, conflicts_with = "hub_url")]
+    broker: BrokerArg,
+    /// The mosquitto executable (default: found on PATH or in /usr/sbin).
+    #[arg(long)]
+    mosquitto_bin: Option<PathBuf>,
+    /// Mosquitto max_queued_messages per client (default: 8 per node, at
+    /// least 10000; the hub's subscriptions queue 2 messages per node per
+    /// desired-state change).
+    #[arg(long)]
+    mosquitto_max_queued: Option<usize>,
     /// Base hub config (TOML) for the started hub; data dir and listen
     /// addresses are chosen by fleet-sim.
     #[arg(long, conflicts_with = "hub_url")]
@@ -121,12 +134,22 @@ struct HollowArgs {
     /// RUST_LOG of the started hub.
     #[arg(long, default_value = "warn")]
     hub_log: String,
-    /// Keep the started hub's directory (config, data, log) afterwards.
+    /// Keep the started hub's (and broker's) directory (config, data, log)
+    /// afterwards.
     #[arg(long)]
     keep_hub_dir: bool,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+}
+
+/// `--broker`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BrokerArg {
+    /// The hub's embedded rumqttd.
+    Embedded,
+    /// A Mosquitto process started for the run.
+    Mosquitto,
 }
 
 fn main() -> ExitCode {
@@ -204,7 +227,7 @@ fn main() -> ExitCode {
             println!("{json}");
             Ok(())
         }),
-        Cmd::Hollow(args) => match rt.block_on(hollow(args)) {
+        Cmd::Hollow(args) => match rt.block_on(hollow(*args)) {
             Ok(code) => return code,
             Err(e) => Err(e),
         },
@@ -235,6 +258,26 @@ async fn serve_hub(config: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM (never, if the handlers cannot be set).
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut t) => {
+                t.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if r.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        () = term => {}
+    }
+}
+
 async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
     let opts = HollowOptions {
         nodes: a.nodes,
@@ -262,56 +305,85 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
             mqtt_host: mqtt.ip().to_string(),
             mqtt_port: mqtt.port(),
             pid: a.hub_pid,
+            broker_pid: None,
+            broker: BrokerKind::External,
             in_process: false,
         };
         (sim::hollow::run(&opts, &ep).await, None)
     } else {
-        let mut cfg = cloud_hub::HubConfig::load(a.hub_config.as_deref(), |_| None)?;
-        let broker = cfg.embedded_broker.get_or_insert_with(Default::default);
-        // The hub's own client and a margin beside the nodes.
-        broker.max_connections = broker.max_connections.max(opts.nodes + 64);
-        let (bin, args) = match &a.hub_bin {
+        let (hub_bin, hub_args) = match &a.hub_bin {
             Some(b) => (b.clone(), vec!["serve".to_owned()]),
             None => (
                 std::env::current_exe().context("locating fleet-sim itself")?,
                 vec!["hub".to_owned()],
             ),
         };
-        let dir = tempfile::Builder::new()
-            .prefix("fleet-sim-hollow-")
-            .tempdir()
-            .context("creating the hub directory")?;
-        let mut hub = HubProcess::spawn(
-            &bin,
-            &args,
-            cfg,
-            dir.path(),
-            &a.hub_log,
-            Duration::from_secs(30),
-        )
-        .await?;
+        if a.broker != BrokerArg::Mosquitto
+            && (a.mosquitto_bin.is_some() || a.mosquitto_max_queued.is_some())
+        {
+            anyhow::bail!("--mosquitto-bin and --mosquitto-max-queued need --broker mosquitto");
+        }
+        let mut mosquitto = MosquittoOptions::for_fleet(opts.nodes);
+        mosquitto.bin = a.mosquitto_bin.clone();
+        if let Some(q) = a.mosquitto_max_queued {
+            mosquitto.max_queued_messages = q;
+        }
+        let so = StackOptions {
+            hub_bin,
+            hub_args,
+            hub_config: cloud_hub::HubConfig::load(a.hub_config.as_deref(), |_| None)?,
+            hub_log: a.hub_log.clone(),
+            hub_ready_timeout: Duration::from_secs(30),
+            broker: match a.broker {
+                BrokerArg::Embedded => BrokerKind::Embedded,
+                BrokerArg::Mosquitto => BrokerKind::Mosquitto,
+            },
+            mosquitto,
+            nodes: opts.nodes,
+        };
+        let mut stack = Stack::start(&so).await?;
+        let so_broker_version = stack.broker_version().map(str::to_owned);
         if !a.quiet {
+            let ep = stack.endpoint();
             eprintln!(
                 "hub: {} {} (pid {:?}), REST {}, MQTT {}:{}, log {}",
-                bin.display(),
-                args.join(" "),
-                hub.endpoint().pid,
-                hub.endpoint().http_base,
-                hub.endpoint().mqtt_host,
-                hub.endpoint().mqtt_port,
-                hub.log().display()
+                so.hub_bin.display(),
+                so.hub_args.join(" "),
+                ep.pid,
+                ep.http_base,
+                ep.mqtt_host,
+                ep.mqtt_port,
+                stack.hub_log().display()
             );
+            if let Some(m) = stack.mosquitto() {
+                eprintln!(
+                    "broker: {} (pid {:?}), {}, log {}",
+                    m.bin().display(),
+                    m.pid(),
+                    stack.broker_version().unwrap_or("version unknown"),
+                    m.log().display()
+                );
+            }
         }
-        let r = sim::hollow::run(&opts, hub.endpoint()).await;
-        let alive = hub.check_alive();
-        hub.stop().await;
-        let keep = a.keep_hub_dir || r.is_err() || alive.is_err();
-        if keep {
-            let kept = dir.keep();
-            eprintln!("hub directory kept: {}", kept.display());
+        // Ctrl-C or SIGTERM stop the run, and then hub and broker: a process
+        // that died of the signal would leave both running.
+        let outcome = tokio::select! {
+            r = sim::hollow::run(&opts, stack.endpoint()) => Some(r),
+            () = interrupted() => None,
+        };
+        let alive = stack.check_alive();
+        let keep = a.keep_hub_dir || matches!(outcome, Some(Err(_))) || alive.is_err();
+        for d in stack.stop(keep).await {
+            eprintln!("directory kept: {}", d.display());
+        }
+        let Some(mut r) = outcome else {
+            anyhow::bail!("interrupted; hub and broker stopped");
+        };
+        if let Ok(report) = &mut r {
+            report.broker_version = so_broker_version;
         }
         alive?;
-        (r, Some(bin))
+        (r, Some(so.hub_bin))
     };
     let report = report?;
     if let Some(path) = &a.report {

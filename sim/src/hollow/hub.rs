@@ -1,10 +1,11 @@
 //! The hub under test as a separate process, and memory readings from `/proc`.
 //!
 //! 10,000 MQTT connections need 10,000 file descriptors on each side, so the
-//! hub (with its embedded broker) runs in its own process with its own
-//! descriptor table. [`HubProcess::spawn`] writes a [`HubConfig`] to a TOML
-//! file, starts `BIN [ARGS…] --config FILE` with stdout and stderr going to a
-//! log file beside it, and waits until `/healthz` answers.
+//! hub (with its embedded broker, or connected to an external one) runs in
+//! its own process with its own descriptor table. [`HubProcess::spawn`]
+//! writes a [`HubConfig`] to a TOML file, starts `BIN [ARGS…] --config FILE`
+//! with stdout and stderr going to a log file beside it, and waits until
+//! `/healthz` answers.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use cloud_hub::HubConfig;
 use tokio::process::{Child, Command};
 
-use super::HollowError;
+use super::{BrokerKind, HollowError};
 
 /// Where the hollow fleet finds the hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,11 @@ pub struct HubEndpoint {
     pub mqtt_port: u16,
     /// The hub's process id, to sample its memory (`None`: not sampled).
     pub pid: Option<u32>,
+    /// The external broker's process id, to sample its memory (`None`: the
+    /// broker is embedded in the hub, or not ours to measure).
+    pub broker_pid: Option<u32>,
+    /// Which broker it is.
+    pub broker: BrokerKind,
     /// Whether the hub runs inside this process (its memory then includes
     /// the hollow nodes').
     pub in_process: bool,
@@ -40,7 +46,7 @@ pub struct HubProcess {
 }
 
 /// Reserves a free loopback port (bind to 0, read it back, release it).
-fn free_port() -> Result<u16, HollowError> {
+pub(crate) fn free_port() -> Result<u16, HollowError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| HollowError::Io {
         what: "reserving a loopback port".into(),
         source,
@@ -54,9 +60,12 @@ fn free_port() -> Result<u16, HollowError> {
 }
 
 impl HubProcess {
-    /// Starts `bin args… --config <dir>/hub.toml` with `cfg` (its data dir,
-    /// HTTP and broker addresses are set here: `dir`, free loopback ports)
-    /// and waits up to `ready_timeout` for `/healthz`.
+    /// Starts `bin args… --config <dir>/hub.toml` with `cfg` and waits up to
+    /// `ready_timeout` for `/healthz`. Its data dir and HTTP address are set
+    /// here (`dir`, a free loopback port); so is the embedded broker's
+    /// address when `cfg.embedded_broker` is set. When it is `None` the hub
+    /// connects to the external broker `cfg.mqtt`, which is also where the
+    /// hollow nodes connect.
     pub async fn spawn(
         bin: &Path,
         args: &[String],
@@ -68,10 +77,15 @@ impl HubProcess {
         let io = |what: String| move |source| HollowError::Io { what, source };
         cfg.data_dir = dir.join("data");
         let http_port = free_port()?;
-        let mqtt_port = free_port()?;
         cfg.http_listen = ([127, 0, 0, 1], http_port).into();
-        let broker = cfg.embedded_broker.get_or_insert_with(Default::default);
-        broker.listen = ([127, 0, 0, 1], mqtt_port).into();
+        let (mqtt_host, mqtt_port) = match &mut cfg.embedded_broker {
+            Some(broker) => {
+                let port = free_port()?;
+                broker.listen = ([127, 0, 0, 1], port).into();
+                ("127.0.0.1".to_owned(), port)
+            }
+            None => (cfg.mqtt.host.clone(), cfg.mqtt.port),
+        };
         cfg.validate()
             .map_err(|e| HollowError::Config(format!("hub config: {e}")))?;
         let toml = toml::to_string(&cfg)
@@ -96,9 +110,15 @@ impl HubProcess {
             .map_err(io(format!("starting hub {}", bin.display())))?;
         let endpoint = HubEndpoint {
             http_base: format!("http://127.0.0.1:{http_port}"),
-            mqtt_host: "127.0.0.1".into(),
+            mqtt_host,
             mqtt_port,
             pid: child.id(),
+            broker_pid: None,
+            broker: if cfg.embedded_broker.is_some() {
+                BrokerKind::Embedded
+            } else {
+                BrokerKind::External
+            },
             in_process: false,
         };
         let mut me = Self {
@@ -139,6 +159,13 @@ impl HubProcess {
     /// Where to reach it.
     pub fn endpoint(&self) -> &HubEndpoint {
         &self.endpoint
+    }
+
+    /// Records which broker it uses and that broker's process (for memory
+    /// sampling), when the caller started one.
+    pub fn set_broker(&mut self, kind: BrokerKind, pid: Option<u32>) {
+        self.endpoint.broker = kind;
+        self.endpoint.broker_pid = pid;
     }
 
     /// Its log file (stdout and stderr).

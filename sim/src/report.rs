@@ -74,8 +74,8 @@ pub struct SeqVerdict {
     pub duplicates: u64,
 }
 
-/// Compares one point: `served` is the device's log, `stored` the good
-/// samples the hub stored, both in time order.
+/// Compares one point: `served` is the device's log, `stored` the samples
+/// the hub stored (any quality), both in time order.
 ///
 /// Expected, lost, duplicate and unexpected samples come from replaying
 /// `served` through the independent reference filter in [`crate::truth`]
@@ -86,7 +86,11 @@ pub struct SeqVerdict {
 /// parse falls back to [`local`] entirely (its `lost` is `None`, counted as
 /// unverified).
 pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
-    let local = local::compare_point(filter, served, stored);
+    // Bad-quality samples are the agent's outage markers (a failed read):
+    // the filter saw them, so the reference gets them too; the counts and
+    // the reconstruction use the good ones.
+    let good: Vec<Obs> = stored.iter().filter(|o| o.quality == 0).copied().collect();
+    let local = local::compare_point(filter, served, &good);
     let reference = match filter {
         // Every served log holds one entry per value a client received (a
         // Modbus read, an OPC UA notification, an MQTT message), so the
@@ -110,7 +114,7 @@ pub fn compare_point(filter: &PointFilter, served: &[Obs], stored: &[Obs]) -> Po
     PointVerdict {
         served: v.served,
         expected: Some(v.expected),
-        stored: v.stored,
+        stored: good.len() as u64,
         lost: Some(v.lost),
         duplicates: v.duplicates,
         unexpected: v.unexpected,
@@ -364,6 +368,8 @@ pub struct Totals {
     pub max_abs_error: std::collections::BTreeMap<String, f64>,
     /// The same figures per (device protocol, function).
     pub by_source: std::collections::BTreeMap<(String, String), SourceTotals>,
+    /// Served values inside function-restart windows (not compared).
+    pub in_restart_windows: u64,
 }
 
 /// Point-level figures of one (device protocol, function) pair.
@@ -483,6 +489,11 @@ pub struct Report {
     /// can be traced to a protocol path.
     #[serde(default)]
     pub by_source: Vec<SourceTotals>,
+    /// Served values between a function restart (agent restart, re-deploy)
+    /// and the first sample the new instance stored: the documented restart
+    /// window, not compared (see `run::compare_segmented`).
+    #[serde(default)]
+    pub samples_in_restart_windows: u64,
     /// Samples expected by the reference but not stored, plus sequence gaps.
     pub samples_lost: u64,
     /// Duplicates (same sample twice, or a repeated sequence number).

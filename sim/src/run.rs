@@ -39,7 +39,7 @@ use edge_node::{Agent, Clock, EdgeConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use protocols::{
     ByteOrder, DataType, DesiredState, Device, DeviceProtocol, FunctionLimits, FunctionSpec,
-    ModbusTable, NodeConfig, OpcUaSecurity, Point, PointAddress, PointGroup, Quality, WordOrder,
+    ModbusTable, NodeConfig, OpcUaSecurity, Point, PointAddress, PointGroup, WordOrder,
 };
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -74,6 +74,22 @@ pub struct RunOptions {
 /// served before the first one a point delivered, and before this, went to
 /// no subscriber and are not compared.
 const SUBSCRIBE_GRACE: Duration = Duration::from_secs(10);
+
+/// Added to the moment a re-deploy was seen applied, to bound when the
+/// function instances were actually swapped.
+const RESTART_SLACK: Duration = Duration::from_secs(1);
+
+/// A moment a node's function instances may have restarted with fresh state
+/// (an agent restart, or a new desired revision that re-deploys them).
+#[derive(Debug, Clone, Copy)]
+struct Restart {
+    node: usize,
+    /// Wall ms before the restart could begin.
+    lo_ms: u64,
+    /// For a re-deploy: the revision, whose applied time (seen by the
+    /// monitor) bounds when it happened.
+    revision: Option<u64>,
+}
 
 /// Where a point's ground truth lives.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +184,8 @@ struct Monitor {
     nodes: HashMap<String, NodeSeen>,
     /// (node, revision) → when it was put.
     pending: HashMap<(String, u64), Instant>,
+    /// (node, revision) → wall ms when the hub first showed it applied.
+    applied_at_ms: HashMap<(String, u64), u64>,
     convergence_ms: Vec<f64>,
     hub_rss_max: u64,
     edge_rss_max: u64,
@@ -766,6 +784,105 @@ async fn start_devices(
     })
 }
 
+/// Compares one point whose function instances restarted at `restarts`
+/// (`(lo, hi)` wall ms: the restart happened between them), each segment
+/// with the filter in force then (`filter(segment start)`).
+///
+/// A restarted instance starts with fresh state, which the reference cannot
+/// place exactly in time. But the state of both reference filters right
+/// after they emit a sample is fully determined by that sample (deadband:
+/// the last value sent; swinging door: the archived point, the door reopened
+/// from it), so the comparison restarts the reference at an *anchor*: the
+/// first stored sample at or after `hi`, which only the new instance can
+/// have emitted. Served values and stored samples from `lo` to the anchor
+/// are not compared; they are counted in `excluded` (the documented restart
+/// window), never as lost.
+fn compare_segmented(
+    filter: impl Fn(u64) -> PointFilter,
+    served: &[Obs],
+    stored: &[Obs],
+    restarts: &[(u64, u64)],
+    interval_ms: u64,
+    excluded: &mut u64,
+) -> report::PointVerdict {
+    let slack = report::local::CLOCK_SLACK_MS;
+    let mut total = report::PointVerdict::default();
+    let (mut ss, mut ts) = (0usize, 0usize); // segment starts in served / stored
+    let mut seg_at = 0u64;
+    let mut first = true;
+    let mut owned: Vec<Obs>;
+    for &(lo, hi) in restarts {
+        // The segment ends before `lo`; a Modbus sample is stamped after its
+        // read, so stored samples up to half an interval after the last
+        // served value of the segment belong to it.
+        let se = served.partition_point(|o| o.ts_ms < lo).max(ss);
+        let te_limit = served[ss..se].last().map_or(lo, |o| {
+            (o.ts_ms + interval_ms / 2).min(lo + interval_ms / 2)
+        });
+        let te = stored.partition_point(|o| o.ts_ms <= te_limit).max(ts);
+        // (a good sample: a bad one is an outage marker, not a value)
+        let a = stored.partition_point(|o| o.ts_ms < hi).max(te);
+        let a = stored[a..]
+            .iter()
+            .position(|o| o.quality == 0)
+            .map_or(stored.len(), |i| a + i);
+        let seg_filter = filter(seg_at);
+        let v = report::compare_point(&seg_filter, &served[ss..se], &stored[ts..te]);
+        merge(&mut total, &v, first);
+        first = false;
+        // Restart at the anchor: the served observation it came from is the
+        // latest with its value served at or before it.
+        let Some(anchor) = stored.get(a) else {
+            *excluded += (served.len() - se) as u64;
+            return total;
+        };
+        let k = served[se..].partition_point(|o| o.ts_ms <= anchor.ts_ms + slack);
+        let k = served[se..se + k]
+            .iter()
+            .rposition(|o| o.value.to_bits() == anchor.value.to_bits())
+            .map_or(se + k, |i| se + i);
+        *excluded += (k - se) as u64;
+        ss = k;
+        ts = a;
+        seg_at = lo;
+    }
+    // Last segment; its first served value takes the anchor's timestamp
+    // (the observation it came from, as the agent stamped it: an OPC UA
+    // re-subscription delivers the current value with the latest tick).
+    owned = served[ss..].to_vec();
+    if ss > 0
+        && let (Some(f), Some(a)) = (owned.first_mut(), stored.get(ts))
+        && f.value.to_bits() == a.value.to_bits()
+        && a.ts_ms > f.ts_ms
+    {
+        f.ts_ms = a.ts_ms;
+    }
+    let v = report::compare_point(&filter(seg_at), &owned, &stored[ts..]);
+    merge(&mut total, &v, first);
+    total
+}
+
+/// Adds segment verdict `v` to `total`.
+fn merge(total: &mut report::PointVerdict, v: &report::PointVerdict, first: bool) {
+    total.served += v.served;
+    total.stored += v.stored;
+    total.duplicates += v.duplicates;
+    total.unexpected += v.unexpected;
+    total.expected = match (first, total.expected, v.expected) {
+        (true, _, e) => e,
+        (false, Some(a), Some(b)) => Some(a + b),
+        _ => None,
+    };
+    total.lost = match (first, total.lost, v.lost) {
+        (true, _, l) => l,
+        (false, Some(a), Some(b)) => Some(a + b),
+        _ => None,
+    };
+    if v.max_abs_error.is_nan() || v.max_abs_error > total.max_abs_error {
+        total.max_abs_error = v.max_abs_error;
+    }
+}
+
 fn desired_for(
     s: &Scenario,
     node: &NodeRt,
@@ -1051,6 +1168,7 @@ async fn monitor_loop(
                     .collect();
                 for k in done {
                     if let Some(t) = st.pending.remove(&k) {
+                        st.applied_at_ms.insert(k.clone(), now_ms());
                         st.convergence_ms
                             .push(now.duration_since(t).as_secs_f64() * 1_000.0);
                     }
@@ -1320,6 +1438,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     // served later count against the agent even if it stored none at all.
     let subscribed_by_ms = now_ms() + SUBSCRIBE_GRACE.as_millis() as u64;
     let steps = timeline(&s);
+    let mut restarts: Vec<Restart> = Vec::new();
+    // (wall ms, function, config) of every re-deploy.
+    let mut config_log: Vec<(u64, String, String)> = Vec::new();
     let mut next = 0usize;
     let mut fault_log = Vec::new();
     let mut outage_since: HashMap<String, Instant> = HashMap::new();
@@ -1474,7 +1595,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 }
                 Action::AgentDown(node) => stop_agent(&mut nodes[node]).await?,
                 Action::AgentUp(node) => {
+                    let lo_ms = now_ms();
                     start_agent(&mut nodes[node], &cancel).await?;
+                    restarts.push(Restart {
+                        node,
+                        lo_ms,
+                        revision: None,
+                    });
                 }
                 Action::Devices {
                     node,
@@ -1542,6 +1669,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                         let e = max_error_of.entry(function.clone()).or_insert(0.0);
                         *e = e.max(f);
                     }
+                    config_log.push((now_ms(), function.clone(), config.clone()));
                     overrides.insert(function, config);
                     revision += 1;
                     for n in &nodes {
@@ -1549,6 +1677,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                         lock(&monitor)
                             .pending
                             .insert((n.layout.name.clone(), revision), Instant::now());
+                        restarts.push(Restart {
+                            node: n.layout.index,
+                            lo_ms: now_ms(),
+                            revision: Some(revision),
+                        });
                         hub.put_desired(&d).await?;
                     }
                 }
@@ -1617,7 +1750,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             let seqs: Vec<u64> = samples.iter().map(|x| x.seq).collect();
             totals.add_stream(&report::seq_analysis(&seqs));
             for x in samples {
-                if x.quality == Quality::GOOD.0 && x.ts_ms <= cut_ms + interval_ms {
+                if x.ts_ms <= cut_ms + interval_ms {
                     stored.entry(x.point).or_default().push(Obs {
                         ts_ms: x.ts_ms,
                         value: x.value,
@@ -1626,6 +1759,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 }
             }
         }
+        // Restart windows of this node: [lo, hi]. An agent restart is over
+        // when `start_agent` returns. A re-deploy is reported applied when
+        // the agent has handed the new functions to its function host, which
+        // swaps the instances asynchronously right after (a cached module
+        // instantiates in well under a millisecond): hi is when the monitor
+        // saw it applied plus RESTART_SLACK.
+        let mut node_restarts: Vec<(u64, u64)> = restarts
+            .iter()
+            .filter(|r| r.node == n.layout.index)
+            .map(|r| {
+                let hi = r.revision.map_or(r.lo_ms, |rev| {
+                    lock(&monitor)
+                        .applied_at_ms
+                        .get(&(n.layout.name.clone(), rev))
+                        .map_or(end_ms, |t| t + RESTART_SLACK.as_millis() as u64)
+                });
+                (r.lo_ms, hi.max(r.lo_ms))
+            })
+            .collect();
+        node_restarts.sort_unstable();
         for p in &n.points {
             let mut st = stored.remove(&p.index).unwrap_or_default();
             st.sort_by_key(|o| o.ts_ms);
@@ -1680,17 +1833,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             let window_end = served.last().map_or(cut_ms, |o| o.ts_ms + interval_ms / 2);
             st.retain(|o| o.ts_ms <= window_end);
             let func = s.function_of(p.slot, p.source.protocol());
-            let (filter, fname) = match func {
-                Some(f) => (
-                    PointFilter::Guest {
-                        guest: f.guest,
-                        config: overrides.get(&f.name).unwrap_or(&f.config).clone(),
-                    },
-                    f.name.clone(),
-                ),
-                None => (PointFilter::Passthrough, String::new()),
+            let fname = func.map_or_else(String::new, |f| f.name.clone());
+            // The filter in force from wall ms `at` on (re-deploys change it).
+            let filter = |at: u64| match func {
+                Some(f) => PointFilter::Guest {
+                    guest: f.guest,
+                    config: config_log
+                        .iter()
+                        .rev()
+                        .find(|(t, name, _)| *t <= at && *name == f.name)
+                        .map_or_else(|| f.config.clone(), |(_, _, c)| c.clone()),
+                },
+                None => PointFilter::Passthrough,
             };
-            let v = report::compare_point(&filter, &served, &st);
+            let v = compare_segmented(
+                filter,
+                &served,
+                &st,
+                &node_restarts,
+                interval_ms,
+                &mut totals.in_restart_windows,
+            );
             let bound = func.map_or(0.0, |f| {
                 max_error_of.get(&f.name).copied().unwrap_or(f.max_error)
             });
@@ -1784,6 +1947,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         max_abs_error: max_err,
         filter_errors,
         by_source: totals.by_source.values().cloned().collect(),
+        samples_in_restart_windows: totals.in_restart_windows,
         samples_lost: totals.lost + totals.seq_missing,
         duplicates: totals.duplicates,
         unexpected: totals.unexpected,

@@ -70,7 +70,10 @@
 //! (OPC UA source timestamp, MQTT payload `ts_ms`), a decision that lies
 //! within the latency jitter of the door's edge may flip, which shows as a
 //! lost plus an unexpected sample. Deadband decisions only depend on time
-//! through the heartbeat (see ties above).
+//! through the heartbeat (see ties above). Scenarios therefore scope a
+//! swinging door to device-timestamped protocols
+//! (`functions[].protocols` in [`crate::scenario`]); factory-10k, chaos and
+//! smoke do.
 //!
 //! # Reconstruction
 //! [`reconstruct_max_error`] rebuilds the signal from the stored samples

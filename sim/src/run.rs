@@ -51,7 +51,7 @@ use crate::devices::opcua::{OpcUaSim, OpcUaSimConfig, SimVariable, VarKind};
 use crate::proxy::{LinkMode, Proxy};
 use crate::report::{self, FilterError, Obs, PointFilter, Report, Totals};
 use crate::scenario::{
-    Fault, Guest, HubMode, NodeLayout, PartitionClock, PartitionMode, Protocol, Scenario,
+    EdgeMode, Fault, Guest, HubMode, NodeLayout, PartitionClock, PartitionMode, Protocol, Scenario,
 };
 use crate::virtual_time::{Outage, VirtualNode};
 
@@ -131,10 +131,9 @@ struct NodeRt {
     layout: NodeLayout,
     cfg: EdgeConfig,
     proxy: Proxy,
-    agent: Option<(
-        CancellationToken,
-        tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
-    )>,
+    agent: Option<AgentRt>,
+    /// `Some(fleet-sim executable)` when agents run as child processes.
+    agent_exe: Option<PathBuf>,
     modbus: Vec<Arc<ModbusSim>>,
     opcua: Vec<OpcUaSim>,
     mqtt: Vec<MqttSim>,
@@ -147,6 +146,15 @@ struct NodeRt {
     /// The node's clock minus the wall clock (non-zero after a virtual-time
     /// outage): added to wall-clock instants compared with node timestamps.
     clock_offset_ms: i64,
+}
+
+/// A running agent: a task of this process, or a `fleet-sim agent` child.
+enum AgentRt {
+    Task(
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
+    ),
+    Process(tokio::process::Child),
 }
 
 /// Hub child process or in-process app.
@@ -207,6 +215,9 @@ struct NodeViewLite {
 #[derive(Debug, Clone, Deserialize)]
 struct ReportedLite {
     applied_revision: u64,
+    /// Windows in which the agent may have lost samples (after a crash).
+    #[serde(default)]
+    loss_windows: Vec<protocols::LossWindow>,
     backlog: protocols::Backlog,
     at_ms: u64,
 }
@@ -949,26 +960,94 @@ async fn start_agent(node: &mut NodeRt, cancel: &CancellationToken) -> anyhow::R
             .run(async move { Agent::start_with(cfg, clock, t, options).await })
             .await?
             .with_context(|| format!("starting edge node {}", node.layout.name))?;
-        node.agent = Some((token, vn.handle().spawn(agent.run())));
+        node.agent = Some(AgentRt::Task(token, vn.handle().spawn(agent.run())));
+        return Ok(());
+    }
+    if let Some(exe) = &node.agent_exe {
+        let dir = node
+            .cfg
+            .data_dir
+            .parent()
+            .map_or_else(|| node.cfg.data_dir.clone(), Path::to_path_buf);
+        std::fs::create_dir_all(&dir).context("node directory")?;
+        let config = dir.join(format!("{}.toml", node.layout.name));
+        let text = toml::to_string(&node.cfg).context("writing the agent config")?;
+        std::fs::write(&config, text).context("writing the agent config")?;
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", node.layout.name)))
+            .context("agent log")?;
+        let child = tokio::process::Command::new(exe)
+            .arg("agent")
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting edge node {}: {} agent",
+                    node.layout.name,
+                    exe.display()
+                )
+            })?;
+        node.agent = Some(AgentRt::Process(child));
         return Ok(());
     }
     let agent = Agent::start(node.cfg.clone(), Clock::system(), token.clone())
         .await
         .with_context(|| format!("starting edge node {}", node.layout.name))?;
-    node.agent = Some((token, tokio::spawn(agent.run())));
+    node.agent = Some(AgentRt::Task(token, tokio::spawn(agent.run())));
     Ok(())
 }
 
+/// Stops a node's agent cleanly (cancel, or SIGTERM to its process).
 async fn stop_agent(node: &mut NodeRt) -> anyhow::Result<()> {
-    if let Some((token, task)) = node.agent.take() {
-        token.cancel();
-        match tokio::time::timeout(Duration::from_secs(60), task).await {
-            Ok(Ok(r)) => r.with_context(|| format!("edge node {}", node.layout.name))?,
-            Ok(Err(e)) => bail!("edge node {} task: {e}", node.layout.name),
-            Err(_) => bail!("edge node {} did not stop within 60 s", node.layout.name),
+    match node.agent.take() {
+        Some(AgentRt::Task(token, task)) => {
+            token.cancel();
+            match tokio::time::timeout(Duration::from_secs(60), task).await {
+                Ok(Ok(r)) => r.with_context(|| format!("edge node {}", node.layout.name))?,
+                Ok(Err(e)) => bail!("edge node {} task: {e}", node.layout.name),
+                Err(_) => bail!("edge node {} did not stop within 60 s", node.layout.name),
+            }
         }
+        Some(AgentRt::Process(mut c)) => {
+            if let Some(pid) = c.id() {
+                let _ = tokio::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+            }
+            match tokio::time::timeout(Duration::from_secs(60), c.wait()).await {
+                Ok(Ok(st)) if st.success() => {}
+                Ok(Ok(st)) => bail!("edge node {} exited with {st}", node.layout.name),
+                Ok(Err(e)) => bail!("edge node {}: {e}", node.layout.name),
+                Err(_) => {
+                    c.kill().await?;
+                    bail!("edge node {} did not stop within 60 s", node.layout.name);
+                }
+            }
+        }
+        None => {}
     }
     Ok(())
+}
+
+/// Takes a node's agent down for a `kill-node` fault: SIGKILL when it is a
+/// process (nothing flushed, the outbox keeps what was committed), a clean
+/// stop when it is a task of this process.
+async fn kill_agent(node: &mut NodeRt) -> anyhow::Result<()> {
+    if let Some(AgentRt::Process(mut c)) = node.agent.take() {
+        c.kill()
+            .await
+            .with_context(|| format!("killing edge node {}", node.layout.name))?;
+        return Ok(());
+    }
+    stop_agent(node).await
 }
 
 /// One step of the fault timeline.
@@ -1336,6 +1415,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
 
     // 2. Hub, proxies, agents.
     let mut hub = HubCtl::start(&s, &dir, opts.hub_exe.clone(), &cancel).await?;
+    let agent_exe = match s.edge.mode {
+        EdgeMode::Process => Some(match &opts.hub_exe {
+            Some(e) => e.clone(),
+            None => std::env::current_exe().context("locating the fleet-sim executable")?,
+        }),
+        EdgeMode::InProcess => None,
+    };
     let hub_pid = Arc::new(Mutex::new(hub.pid()));
     let mut nodes: Vec<NodeRt> = Vec::with_capacity(pre.len());
     for (layout, nd, vnode) in pre {
@@ -1369,6 +1455,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
             cfg,
             proxy,
             agent: None,
+            agent_exe: agent_exe.clone(),
             modbus,
             opcua: nd.opcua,
             mqtt: nd.mqtt,
@@ -1593,7 +1680,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                         drain_watch.push((Instant::now(), now_ms()));
                     }
                 }
-                Action::AgentDown(node) => stop_agent(&mut nodes[node]).await?,
+                Action::AgentDown(node) => kill_agent(&mut nodes[node]).await?,
                 Action::AgentUp(node) => {
                     let lo_ms = now_ms();
                     start_agent(&mut nodes[node], &cancel).await?;
@@ -1778,6 +1865,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                 (r.lo_ms, hi.max(r.lo_ms))
             })
             .collect();
+        // After a crash (SIGKILL) the agent reports the window in which
+        // samples not yet committed may be lost; the restarted instance
+        // begins at its end.
+        if let Some(rep) = lock(&monitor)
+            .nodes
+            .get(&n.layout.name)
+            .and_then(|v| v.reported.as_ref())
+        {
+            node_restarts.extend(rep.loss_windows.iter().map(|w| (w.from_ms, w.to_ms)));
+        }
         node_restarts.sort_unstable();
         for p in &n.points {
             let mut st = stored.remove(&p.index).unwrap_or_default();
@@ -1926,6 +2023,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let rss_note = match s.hub.mode {
         HubMode::Process => "hub_rss_bytes_max: VmRSS of the hub child process (fleet-sim hub), sampled every 0.5 s; edge_rss_bytes_max: VmRSS of the fleet-sim process, which holds every edge agent AND the simulated device servers, so it over-states the agents".into(),
         HubMode::InProcess => "hub and edge share this process: both figures are the VmRSS of the fleet-sim process (agents, hub and device servers together), sampled every 0.5 s".into(),
+    };
+    let rss_note: String = if s.edge.mode == EdgeMode::Process {
+        format!(
+            "{rss_note}; the edge agents ran as separate processes (edge.mode = \"process\") and are not in edge_rss_bytes_max"
+        )
+    } else {
+        rss_note
     };
     let hub_rss = match s.hub.mode {
         HubMode::Process => mon.hub_rss_max,

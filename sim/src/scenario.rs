@@ -119,6 +119,10 @@ impl Default for HubSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeSettings {
+    /// Where the agents run: `in-process` (default; tasks of the fleet-sim
+    /// process) or `process` (one `fleet-sim agent` child process per node,
+    /// so `kill-node` is a real SIGKILL).
+    pub mode: EdgeMode,
     /// Largest telemetry batch.
     pub batch_max_samples: u32,
     /// Longest a sample waits for its batch.
@@ -139,9 +143,21 @@ pub struct EdgeSettings {
     pub cache_capacity_bytes: u64,
 }
 
+/// Where edge agents run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EdgeMode {
+    /// Tasks of the fleet-sim process; `kill-node` stops one cleanly.
+    #[default]
+    InProcess,
+    /// One child process per node; `kill-node` sends SIGKILL.
+    Process,
+}
+
 impl Default for EdgeSettings {
     fn default() -> Self {
         Self {
+            mode: EdgeMode::InProcess,
             batch_max_samples: 1_000,
             batch_max_age: Duration::from_millis(500),
             report_interval: Duration::from_secs(1),
@@ -765,6 +781,12 @@ impl Scenario {
             }
         }
         self.validate_virtual(&mut errs);
+        if self.edge.mode == EdgeMode::Process && !self.virtual_partitions().is_empty() {
+            errs.push(
+                "edge.mode: a virtual-time partition needs in-process agents (its agent shares a paused runtime with its devices)"
+                    .to_owned(),
+            );
+        }
         if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 

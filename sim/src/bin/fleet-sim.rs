@@ -58,6 +58,13 @@ enum Cmd {
     /// Measure the hub with hollow nodes: lightweight edge-node stand-ins
     /// that speak the real sync protocol without devices.
     Hollow(Box<HollowArgs>),
+    /// Run one edge agent (used by `run` with `edge.mode = "process"`).
+    #[command(hide = true)]
+    Agent {
+        /// Edge config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -232,6 +239,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Hub { config } => rt.block_on(serve_hub(config)),
+        Cmd::Agent { config } => rt.block_on(serve_agent(config)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,6 +248,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn serve_agent(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = edge_node::EdgeConfig::load(Some(&config), |k| std::env::var(k).ok())?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let agent = edge_node::Agent::start(cfg, edge_node::Clock::system(), cancel.clone()).await?;
+    let task = tokio::spawn(agent.run());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    cancel.cancel();
+    task.await??;
+    Ok(())
 }
 
 async fn serve_hub(config: PathBuf) -> anyhow::Result<()> {

@@ -2074,3 +2074,50 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
         faults: fault_log,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(i: u64) -> Obs {
+        Obs {
+            ts_ms: 10 * i,
+            value: 0.4 * i as f64,
+            quality: 0,
+        }
+    }
+
+    /// A deadband instance restarted between reads 10 and 11: the old one
+    /// sent every even read, the fresh one starts by sending read 11 and
+    /// then every odd read.
+    #[test]
+    fn a_restart_window_restarts_the_reference_at_the_new_instance() {
+        let served: Vec<Obs> = (0..=20).map(o).collect();
+        let stored: Vec<Obs> = (0..=10)
+            .step_by(2)
+            .chain((11..=19).step_by(2))
+            .map(o)
+            .collect();
+        let filter = |_| PointFilter::Guest {
+            guest: Guest::Deadband,
+            config: "deadband=0.5".into(),
+        };
+        let mut excluded = 0;
+        let v = compare_segmented(filter, &served, &stored, &[(105, 110)], 10, &mut excluded);
+        assert_eq!(v.lost, Some(0), "{v:?}");
+        assert_eq!(v.unexpected, 0, "{v:?}");
+        assert_eq!(v.stored, stored.len() as u64);
+        assert_eq!(excluded, 0, "read 11 is the anchor itself");
+
+        // Without the restart the continuous reference disagrees.
+        let v = compare_segmented(filter, &served, &stored, &[], 10, &mut excluded);
+        assert!(v.unexpected > 0 && v.lost.unwrap_or(0) > 0, "{v:?}");
+
+        // A sample the new instance should have sent but that is missing
+        // is still lost.
+        let mut gappy = stored.clone();
+        gappy.retain(|x| x.ts_ms != 150);
+        let v = compare_segmented(filter, &served, &gappy, &[(105, 110)], 10, &mut excluded);
+        assert_eq!(v.lost, Some(1), "{v:?}");
+    }
+}

@@ -385,6 +385,11 @@ impl Control {
                 to_ms: self.clock.now_ms(),
             };
             self.store.record_loss_window(w)?;
+            warn!(
+                from_ms = w.from_ms,
+                to_ms = w.to_ms,
+                "restarted after an unclean stop: samples in this window that no group commit covered may be missing"
+            );
             self.event(
                 EventKind::UncleanRestart {
                     from_ms: w.from_ms,

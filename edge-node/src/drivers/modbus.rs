@@ -83,45 +83,60 @@ impl Connector {
     /// Modbus RTU over whatever byte stream `open` returns (a serial port, a
     /// TCP tunnel, an in-memory pipe in tests). `open` is called again after
     /// every transport error.
-    pub fn stream<F, Fut, S>(describe: impl Into<String>, unit: u8, mut open: F) -> Self
+    pub fn stream<F, Fut, S>(describe: impl Into<String>, unit: u8, open: F) -> Self
     where
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = io::Result<S>> + Send + 'static,
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        Self {
-            describe: describe.into(),
-            open: Box::new(move || {
-                let fut = open();
-                Box::pin(async move {
-                    let s = fut.await?;
-                    Ok(tokio_modbus::client::rtu::attach_slave(s, Slave(unit)))
-                })
-            }),
-            reopen_on_timeout: false,
-        }
+        Self::over(
+            describe,
+            unit,
+            false,
+            open,
+            tokio_modbus::client::rtu::attach_slave,
+        )
     }
 
     /// Modbus TCP (MBAP framing) over whatever byte stream `open` returns
     /// instead of a TCP connection (see [`super::transport`]). Behaves like
     /// [`tcp`](Self::tcp): a timed-out request reopens the stream. `open` is
     /// called again after every loss.
-    pub fn tcp_over<F, Fut, S>(describe: impl Into<String>, unit: u8, mut open: F) -> Self
+    pub fn tcp_over<F, Fut, S>(describe: impl Into<String>, unit: u8, open: F) -> Self
     where
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = io::Result<S>> + Send + 'static,
         S: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug + 'static,
     {
+        Self::over(
+            describe,
+            unit,
+            true,
+            open,
+            tokio_modbus::client::tcp::attach_slave,
+        )
+    }
+
+    /// A connector that frames the streams `open` returns with `attach`.
+    fn over<F, Fut, S>(
+        describe: impl Into<String>,
+        unit: u8,
+        reopen_on_timeout: bool,
+        mut open: F,
+        attach: fn(S, Slave) -> Context,
+    ) -> Self
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<S>> + Send + 'static,
+        S: Send + 'static,
+    {
         Self {
             describe: describe.into(),
             open: Box::new(move || {
                 let fut = open();
-                Box::pin(async move {
-                    let s = fut.await?;
-                    Ok(tokio_modbus::client::tcp::attach_slave(s, Slave(unit)))
-                })
+                Box::pin(async move { Ok(attach(fut.await?, Slave(unit))) })
             }),
-            reopen_on_timeout: true,
+            reopen_on_timeout,
         }
     }
 

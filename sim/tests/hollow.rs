@@ -18,6 +18,19 @@ use protocols::{Event, EventKind, NodeState};
 use sim::hollow::{BrokerKind, HollowOptions, HubEndpoint, MosquittoOptions, Stack, StackOptions};
 use tokio_util::sync::CancellationToken;
 
+/// Two rounds (revisions 1 and 2), each PUT accepted and each of `n` nodes
+/// holding it, at the node and in the hub's registry.
+fn assert_rounds_converged(report: &sim::hollow::HollowReport, n: usize) {
+    assert_eq!(report.rounds.len(), 2);
+    for (r, want) in report.rounds.iter().zip([1, 2]) {
+        assert_eq!(r.revision, want);
+        assert_eq!(r.put_errors, 0, "{:?}", r.first_put_error);
+        assert_eq!(r.converged_nodes, n, "round {want}");
+        assert_eq!(r.converged_registry, n, "round {want}");
+        assert_eq!(r.registry_agrees, n, "round {want}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -57,12 +70,8 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
     assert_eq!(report.nodes, 50);
     assert_eq!(report.connected, 50);
     assert_eq!(report.rounds.len(), 2);
-    for (r, want) in report.rounds.iter().zip([1, 2]) {
-        assert_eq!(r.revision, want);
-        assert_eq!(r.put_errors, 0, "{:?}", r.first_put_error);
-        assert_eq!(r.converged_nodes, 50, "round {want}");
-        assert_eq!(r.converged_registry, 50, "round {want}");
-        assert_eq!(r.registry_agrees, 50, "round {want}");
+    assert_rounds_converged(&report, 50);
+    for r in &report.rounds {
         assert_eq!(r.node.count, 50);
         assert!(r.node.p50_ms <= r.node.p99_ms && r.node.p99_ms <= r.node.max_ms);
     }
@@ -223,13 +232,7 @@ async fn hollow_external_mosquitto() {
         .await
         .expect("hollow run timed out")
         .unwrap();
-    for (r, want) in report.rounds.iter().zip([1, 2]) {
-        assert_eq!(r.revision, want);
-        assert_eq!(r.put_errors, 0, "{:?}", r.first_put_error);
-        assert_eq!(r.converged_nodes, N, "round {want}");
-        assert_eq!(r.converged_registry, N, "round {want}");
-        assert_eq!(r.registry_agrees, N, "round {want}");
-    }
+    assert_rounds_converged(&report, N);
     assert!(report.all_converged, "{}", report.summary());
     assert_eq!(report.broker, BrokerKind::Mosquitto);
     assert!(report.broker_rss_bytes_max > 0 && report.broker_rss_bytes_idle > 0);

@@ -1893,35 +1893,33 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
                     quality: 0,
                 })
                 .collect();
-            if let Source::Opcua { .. } = p.source {
-                // Values that changed before the subscription existed were
-                // never observable: start at the first delivered one.
-                // The first notification carries the value current at
-                // subscription time, stamped with the latest tick (the log
-                // has it at the tick that changed it): keep that entry.
-                let t0 = st
-                    .first()
-                    .map_or(subscribed_by_ms, |f| f.ts_ms.min(subscribed_by_ms));
-                let keep_from = served.partition_point(|o| o.ts_ms <= t0).saturating_sub(1);
-                served.drain(..keep_from);
-                // ... and with the source timestamp of that tick, which is
-                // what the subscriber received.
-                if let (Some(f), Some(first)) = (st.first(), served.first_mut())
-                    && f.value.to_bits() == first.value.to_bits()
-                    && f.ts_ms > first.ts_ms
-                    && f.ts_ms <= t0
-                {
-                    first.ts_ms = f.ts_ms;
+            // Subscriptions (OPC UA, MQTT): values served before the first
+            // one a point delivered (or before every subscription had to be
+            // active) reached no subscriber.
+            let t0 = st
+                .first()
+                .map_or(subscribed_by_ms, |f| f.ts_ms.min(subscribed_by_ms));
+            match p.source {
+                Source::Opcua { .. } => {
+                    // The first notification carries the value current at
+                    // subscription time, stamped with the latest tick (the
+                    // log has it at the tick that changed it): keep that
+                    // entry, with the source timestamp the subscriber got.
+                    let keep_from = served.partition_point(|o| o.ts_ms <= t0).saturating_sub(1);
+                    served.drain(..keep_from);
+                    if let (Some(f), Some(first)) = (st.first(), served.first_mut())
+                        && f.value.to_bits() == first.value.to_bits()
+                        && f.ts_ms > first.ts_ms
+                        && f.ts_ms <= t0
+                    {
+                        first.ts_ms = f.ts_ms;
+                    }
                 }
-            }
-            if let Source::Mqtt { .. } = p.source {
-                // Messages published before the agent's subscription existed
-                // reached nobody: start at the first delivered one, which
-                // every filter stores (payload timestamps are exact).
-                let t0 = st
-                    .first()
-                    .map_or(subscribed_by_ms, |f| f.ts_ms.min(subscribed_by_ms));
-                served.drain(..served.partition_point(|o| o.ts_ms < t0));
+                // Payload timestamps are exact: start at the first delivered.
+                Source::Mqtt { .. } => {
+                    served.drain(..served.partition_point(|o| o.ts_ms < t0));
+                }
+                Source::Modbus { .. } => {}
             }
             // The compared window ends at the last served value: a Modbus
             // sample is stamped after its read (by less than half an

@@ -409,14 +409,8 @@ impl HubCtl {
         match &mut self.rt {
             HubRt::Process { child, .. } => {
                 if let Some(mut c) = child.take() {
-                    #[allow(clippy::cast_possible_wrap, reason = "pids fit i32")]
-                    if let Some(pid) = c.id() {
-                        // Ask politely (SIGTERM via `kill`), then insist.
-                        let _ = tokio::process::Command::new("kill")
-                            .arg(pid.to_string())
-                            .status()
-                            .await;
-                    }
+                    // Ask politely, then insist.
+                    sigterm(&c).await;
                     if tokio::time::timeout(Duration::from_secs(15), c.wait())
                         .await
                         .is_err()
@@ -513,24 +507,45 @@ impl HubRt {
             child,
         } = self
         {
-            let logf = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&*log)
-                .context("hub log")?;
-            let c = tokio::process::Command::new(&*exe)
-                .arg("hub")
-                .arg("--config")
-                .arg(&*config)
-                .stdin(std::process::Stdio::null())
-                .stdout(logf.try_clone()?)
-                .stderr(logf)
-                .kill_on_drop(true)
-                .spawn()
+            let c = spawn_logged(exe, "hub", config, log)
                 .with_context(|| format!("starting the hub: {} hub", exe.display()))?;
             *child = Some(c);
         }
         Ok(())
+    }
+}
+
+/// Starts `exe SUBCOMMAND --config CONFIG` (a `fleet-sim` child: hub or
+/// agent) with stdout and stderr appended to `log`, killed if dropped.
+fn spawn_logged(
+    exe: &Path,
+    subcommand: &str,
+    config: &Path,
+    log: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    Ok(tokio::process::Command::new(exe)
+        .arg(subcommand)
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// Asks a child process to stop (SIGTERM, through `kill`); the caller waits.
+async fn sigterm(c: &tokio::process::Child) {
+    if let Some(pid) = c.id() {
+        let _ = tokio::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status()
+            .await;
     }
 }
 
@@ -973,27 +988,14 @@ async fn start_agent(node: &mut NodeRt, cancel: &CancellationToken) -> anyhow::R
         let config = dir.join(format!("{}.toml", node.layout.name));
         let text = toml::to_string(&node.cfg).context("writing the agent config")?;
         std::fs::write(&config, text).context("writing the agent config")?;
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{}.log", node.layout.name)))
-            .context("agent log")?;
-        let child = tokio::process::Command::new(exe)
-            .arg("agent")
-            .arg("--config")
-            .arg(&config)
-            .stdin(std::process::Stdio::null())
-            .stdout(logf.try_clone()?)
-            .stderr(logf)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting edge node {}: {} agent",
-                    node.layout.name,
-                    exe.display()
-                )
-            })?;
+        let log = dir.join(format!("{}.log", node.layout.name));
+        let child = spawn_logged(exe, "agent", &config, &log).with_context(|| {
+            format!(
+                "starting edge node {}: {} agent",
+                node.layout.name,
+                exe.display()
+            )
+        })?;
         node.agent = Some(AgentRt::Process(child));
         return Ok(());
     }
@@ -1016,12 +1018,7 @@ async fn stop_agent(node: &mut NodeRt) -> anyhow::Result<()> {
             }
         }
         Some(AgentRt::Process(mut c)) => {
-            if let Some(pid) = c.id() {
-                let _ = tokio::process::Command::new("kill")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
-            }
+            sigterm(&c).await;
             match tokio::time::timeout(Duration::from_secs(60), c.wait()).await {
                 Ok(Ok(st)) if st.success() => {}
                 Ok(Ok(st)) => bail!("edge node {} exited with {st}", node.layout.name),

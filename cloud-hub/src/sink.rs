@@ -627,3 +627,7 @@ mod tests {
         assert_eq!(seqs(&sink), (1..=34).collect::<Vec<_>>());
     }
 }
+
+#[cfg(test)]
+#[path = "sink_tests.rs"]
+mod range_set_tests;

@@ -1,13 +1,20 @@
 //! Hub configuration: typed, documented, with defaults.
 //!
 //! Layering: defaults < TOML file < environment (`EDGEFLEET_HUB_…`) < flags.
+//! The loading skeleton and [`ConfigError`] are shared with the edge node
+//! ([`protocols::config`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use protocols::config;
 use protocols::validate::{Collector, Path, ValidationErrors, check_name};
 use serde::{Deserialize, Serialize};
+
+/// Why configuration could not be loaded (shared with the edge node: the
+/// file, the variable or the field is named in the message).
+pub use protocols::config::ConfigError;
 
 /// Everything the hub needs to start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,42 +145,6 @@ impl Default for MqttConfig {
     }
 }
 
-/// Why configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file does not fit the schema (the message names the field).
-    #[error("config file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The TOML error.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// An environment variable has a bad value.
-    #[error("environment variable {name}={value:?}: {reason}")]
-    Env {
-        /// Variable.
-        name: String,
-        /// Value.
-        value: String,
-        /// Problem.
-        reason: String,
-    },
-    /// Values parse but are invalid.
-    #[error("invalid configuration: {0}")]
-    Invalid(#[from] ValidationErrors),
-}
-
 impl HubConfig {
     /// Loads defaults < file < environment (through `env`, so tests need not
     /// touch the process environment).
@@ -181,42 +152,30 @@ impl HubConfig {
         file: Option<&std::path::Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut cfg: Self = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source,
-                })?
-            }
-            None => Self::default(),
-        };
-        let addr = |name: &str, v: String| {
-            v.parse::<SocketAddr>().map_err(|e| ConfigError::Env {
-                name: name.into(),
-                value: v.clone(),
-                reason: e.to_string(),
-            })
-        };
+        config::load(
+            file,
+            |p: &std::path::Path| std::fs::read_to_string(p),
+            |t: &str| toml::from_str(t),
+            |cfg: &mut Self| cfg.apply_env(&env),
+        )
+    }
+
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = env("EDGEFLEET_HUB_DATA_DIR") {
-            cfg.data_dir = v.into();
+            self.data_dir = v.into();
         }
-        if let Some(v) = env("EDGEFLEET_HUB_HTTP_LISTEN") {
-            cfg.http_listen = addr("EDGEFLEET_HUB_HTTP_LISTEN", v)?;
+        if let Some(addr) = config::env_parse(env, "EDGEFLEET_HUB_HTTP_LISTEN")? {
+            self.http_listen = addr;
         }
-        if let Some(v) = env("EDGEFLEET_HUB_MQTT_LISTEN") {
-            let listen = addr("EDGEFLEET_HUB_MQTT_LISTEN", v)?;
-            cfg.embedded_broker
+        if let Some(listen) = config::env_parse(env, "EDGEFLEET_HUB_MQTT_LISTEN")? {
+            self.embedded_broker
                 .get_or_insert_with(EmbeddedBroker::default)
                 .listen = listen;
         }
         if let Some(v) = env("EDGEFLEET_TOPIC_ROOT") {
-            cfg.topic_root = v;
+            self.topic_root = v;
         }
-        Ok(cfg)
+        Ok(())
     }
 
     /// Every problem, each naming its field.
@@ -226,15 +185,7 @@ impl HubConfig {
         if self.data_dir.as_os_str().is_empty() {
             c.push(&root.field("data_dir"), "must not be empty");
         }
-        if self.topic_root.is_empty() || self.topic_root.contains(['+', '#']) {
-            c.push(
-                &root.field("topic_root"),
-                format!(
-                    "{:?} must be non-empty and free of + and #",
-                    self.topic_root
-                ),
-            );
-        }
+        config::check_topic_root(&mut c, &root.field("topic_root"), &self.topic_root);
         if self.ack_interval.is_zero() || self.ack_interval > Duration::from_secs(10) {
             c.push(&root.field("ack_interval"), "must be between 1ms and 10s");
         }
@@ -254,12 +205,11 @@ impl HubConfig {
                 "must be greater than 0",
             );
         }
-        if self.cache_capacity_bytes < 1024 * 1024 {
-            c.push(
-                &root.field("cache_capacity_bytes"),
-                "must be at least 1048576",
-            );
-        }
+        config::check_cache_capacity(
+            &mut c,
+            &root.field("cache_capacity_bytes"),
+            self.cache_capacity_bytes,
+        );
         c.finish()
     }
 

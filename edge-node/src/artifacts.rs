@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use protocols::backoff::{Backoff, BackoffPolicy, SplitMix64};
 use protocols::{DesiredState, Event, EventKind};
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
@@ -38,6 +39,15 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::store::{ArtifactRecord, Store, StoreError};
+
+/// Retry policy of a failed download: 500 ms doubling to 60 s, with up to
+/// 20 % removed at random so a fleet does not retry in lockstep.
+pub const RETRY: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(60),
+    factor: 2.0,
+    jitter: 0.2,
+};
 
 /// Why one download attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -387,7 +397,7 @@ impl ArtifactFetcher {
     }
 
     /// Runs until `cancel`: on every change of `desired`, downloads what is
-    /// missing (retrying failures with exponential backoff, 500 ms to 60 s),
+    /// missing (retrying failures with the [`RETRY`] backoff, 500 ms to 60 s),
     /// bumps `ready` after each new artifact, and garbage-collects blobs
     /// neither the current nor the previous desired state names.
     pub async fn run(
@@ -398,10 +408,10 @@ impl ArtifactFetcher {
         node: String,
         cancel: CancellationToken,
     ) -> Result<(), FetchError> {
-        const MIN: Duration = Duration::from_millis(500);
-        const MAX: Duration = Duration::from_secs(60);
-        // digest -> (attempt, next try)
-        let mut retry: BTreeMap<String, (u32, tokio::time::Instant)> = BTreeMap::new();
+        // digest -> (its backoff, next try)
+        let mut retry: BTreeMap<String, (Backoff, tokio::time::Instant)> = BTreeMap::new();
+        // One random draw per run seeds the jitter of every digest.
+        let mut seeds = SplitMix64::new(rand::random());
         let mut pair = desired.borrow_and_update().clone();
         loop {
             let want = pair.current.as_deref().map(wanted).unwrap_or_default();
@@ -423,9 +433,12 @@ impl ArtifactFetcher {
                         }
                     }
                     Err(e) => {
-                        let attempt = retry.get(&w.sha256).map_or(0, |(a, _)| *a) + 1;
-                        let delay = backoff(attempt, MIN, MAX);
-                        retry.insert(w.sha256.clone(), (attempt, now + delay));
+                        let (backoff, at) = retry
+                            .entry(w.sha256.clone())
+                            .or_insert_with(|| (Backoff::new(RETRY, seeds.next_u64()), now));
+                        let delay = backoff.next_delay();
+                        *at = now + delay;
+                        let attempt = backoff.attempt();
                         warn!(digest = %w.sha256, attempt, retry_in = ?delay, error = %e, "artifact download failed");
                         if let FetchError::Verify { .. } = e {
                             add(&self.counters.artifacts_rejected, 1);
@@ -479,14 +492,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
-    let exp = min.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    let base = exp.min(max);
-    // ±20 % jitter so a fleet does not retry in lockstep.
-    let jitter = rand::random_range(0.8..1.2);
-    base.mul_f64(jitter).min(max)
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String), FetchError> {
@@ -579,6 +584,26 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await });
         format!("http://{addr}")
+    }
+
+    #[test]
+    fn retries_start_at_half_a_second_and_stay_within_a_minute() {
+        let mut b = Backoff::new(RETRY, 3);
+        let first = b.next_delay();
+        assert!(
+            (Duration::from_millis(400)..=Duration::from_millis(500)).contains(&first),
+            "{first:?}"
+        );
+        let later: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(
+            later.iter().all(|d| *d <= Duration::from_secs(60)),
+            "{later:?}"
+        );
+        // From the 8th failure on the nominal delay is capped at 60 s.
+        assert!(
+            later[8..].iter().all(|d| *d >= Duration::from_secs(48)),
+            "{later:?}"
+        );
     }
 
     fn sha(b: &[u8]) -> String {

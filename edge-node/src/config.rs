@@ -2,15 +2,21 @@
 //!
 //! Layering: built-in defaults < TOML file < environment (`EDGEFLEET_…`) <
 //! command-line flags. [`EdgeConfig::validate`] returns every problem with the
-//! field that has it; the binary exits with status 64 on any.
+//! field that has it; the binary exits with status 64 on any. The loading
+//! skeleton and [`ConfigError`] are shared with the hub ([`protocols::config`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use protocols::config;
 use protocols::validate::{Collector, Path, ValidationErrors, check_name};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{OutboxLimits, OverflowPolicy, StoreConfig};
+
+/// Why configuration could not be loaded (shared with the hub: the file, the
+/// variable or the field is named in the message).
+pub use protocols::config::ConfigError;
 
 /// Everything the agent needs to start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,49 +187,10 @@ impl Default for UplinkConfig {
     }
 }
 
-/// Why configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema (the message names the field).
-    #[error("config file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The TOML error.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// An environment variable has a value of the wrong type.
-    #[error("environment variable {name}={value:?}: {reason}")]
-    Env {
-        /// Variable name.
-        name: String,
-        /// Its value.
-        value: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Values parse but are invalid.
-    #[error("invalid configuration: {0}")]
-    Invalid(#[from] ValidationErrors),
-}
-
 impl EdgeConfig {
     /// Parses TOML text (unknown fields are errors).
     pub fn from_toml(text: &str, path: &std::path::Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        config::parse_file(path, text, |t: &str| toml::from_str(t))
     }
 
     /// Loads defaults < file (if given) < environment from `env` (a lookup
@@ -232,21 +199,15 @@ impl EdgeConfig {
         file: Option<&std::path::Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut cfg = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                Self::from_toml(&text, path)?
-            }
-            None => Self::default(),
-        };
-        cfg.apply_env(env)?;
-        Ok(cfg)
+        config::load(
+            file,
+            |p: &std::path::Path| std::fs::read_to_string(p),
+            |t: &str| toml::from_str(t),
+            |cfg: &mut Self| cfg.apply_env(&env),
+        )
     }
 
-    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = env("EDGEFLEET_NODE") {
             self.node = v;
         }
@@ -256,14 +217,8 @@ impl EdgeConfig {
         if let Some(v) = env("EDGEFLEET_MQTT_HOST") {
             self.mqtt.host = v;
         }
-        if let Some(v) = env("EDGEFLEET_MQTT_PORT") {
-            self.mqtt.port = v
-                .parse()
-                .map_err(|e: std::num::ParseIntError| ConfigError::Env {
-                    name: "EDGEFLEET_MQTT_PORT".into(),
-                    value: v.clone(),
-                    reason: e.to_string(),
-                })?;
+        if let Some(port) = config::env_parse(env, "EDGEFLEET_MQTT_PORT")? {
+            self.mqtt.port = port;
         }
         if let Some(v) = env("EDGEFLEET_HUB_PUBLIC_KEY") {
             self.hub.public_key = Some(v);
@@ -314,15 +269,7 @@ impl EdgeConfig {
             }
         }
         let h = root.field("hub");
-        if self.hub.topic_root.is_empty() || self.hub.topic_root.contains(['+', '#']) {
-            c.push(
-                &h.field("topic_root"),
-                format!(
-                    "{:?} must be non-empty and free of + and #",
-                    self.hub.topic_root
-                ),
-            );
-        }
+        config::check_topic_root(&mut c, &h.field("topic_root"), &self.hub.topic_root);
         if let Some(k) = &self.hub.public_key
             && protocols::signing::key_from_hex(k).is_err()
         {
@@ -359,12 +306,11 @@ impl EdgeConfig {
         if self.uplink.max_in_flight_samples == 0 {
             c.push(&u.field("max_in_flight_samples"), "must be greater than 0");
         }
-        if self.cache_capacity_bytes < 1024 * 1024 {
-            c.push(
-                &root.field("cache_capacity_bytes"),
-                "must be at least 1048576",
-            );
-        }
+        config::check_cache_capacity(
+            &mut c,
+            &root.field("cache_capacity_bytes"),
+            self.cache_capacity_bytes,
+        );
         c.finish()
     }
 

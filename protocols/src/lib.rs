@@ -17,12 +17,22 @@
 //! - [`signing`]: Ed25519 signatures over desired-state documents.
 //! - [`validate`]: semantic checks whose errors name the field, e.g.
 //!   `devices[3].points[7].address: 70000 is out of range 0..=65535`.
+//!
+//! Small pieces both apps share, pure like the rest:
+//! - [`limits`]: the protocol size limits (MQTT packets, device messages,
+//!   telemetry batches, OPC UA messages);
+//! - [`backoff`]: the jittered exponential retry policy, seeded by the caller;
+//! - [`config`]: the config loading skeleton (defaults < file < environment)
+//!   and its [`ConfigError`](config::ConfigError).
 
 pub mod ack;
+pub mod backoff;
 pub mod codec;
+pub mod config;
 pub mod desired;
 pub mod device;
 pub mod event;
+pub mod limits;
 pub mod reported;
 pub mod signing;
 pub mod status;

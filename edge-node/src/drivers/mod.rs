@@ -17,7 +17,7 @@
 //! Modules:
 //! - [`decode`]: register ⇄ value conversion (pure);
 //! - [`coalesce`]: merging point reads into ≤125-register requests (pure);
-//! - [`backoff`]: reconnect delays (pure);
+//! - [`backoff`]: reconnect delay settings; the policy is [`protocols::backoff`] (pure);
 //! - [`health`]: per-device status and counters;
 //! - [`modbus`]: the Modbus TCP/RTU poller (one request in flight per connection);
 //! - [`opcua`]: the OPC UA subscription/polling client;

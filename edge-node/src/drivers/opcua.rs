@@ -37,6 +37,7 @@ use opcua::types::{
     UserTokenPolicy, Variant,
 };
 use protocols::device::OpcUaSecurity;
+use protocols::limits;
 use protocols::{Device, DeviceProtocol, PointAddress, Quality, Sample};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -368,9 +369,9 @@ async fn session(
         .keep_alive_interval(Duration::from_secs(5).min(b.max))
         .max_failed_keep_alive_count(2)
         .recreate_subscriptions(true)
-        .max_message_size(64 << 20)
-        .max_chunk_count(1024)
-        .max_array_length(1 << 20)
+        .max_message_size(limits::MAX_OPCUA_MESSAGE_BYTES)
+        .max_chunk_count(limits::MAX_OPCUA_CHUNKS)
+        .max_array_length(limits::MAX_OPCUA_ARRAY_LENGTH)
         .client();
     let mut client = match client {
         Ok(c) => c,

@@ -132,6 +132,10 @@ fn a_raised_watermark_forgets_runs_below_it_and_cuts_the_one_across_it() {
     e.raise_watermark(19);
     e.advance();
     assert_eq!((e.stats.contiguous, runs(&e)), (22, vec![]));
+    // A cut that leaves a single number keeps it.
+    e.add_run(30, 31);
+    e.raise_watermark(30);
+    assert_eq!(runs(&e), [(31, 31)]);
 }
 
 #[test]

@@ -25,13 +25,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use protocols::{Event, NodeStatus, ReportedState};
-use serde::{Deserialize, Serialize};
+use protocols::Event;
 
 use crate::app::Hub;
 use crate::artifacts::{ArtifactError, ArtifactInfo, ArtifactStore, RangeRequest, parse_range};
 use crate::metrics::NodeTelemetry;
-use crate::sink::{StoredSample, StreamStats};
+use crate::sink::StreamStats;
 
 /// Builds the router.
 pub fn router(hub: Arc<Hub>) -> Router {
@@ -59,11 +58,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body {
-            error: String,
-        }
-        (self.0, Json(Body { error: self.1 })).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -76,33 +71,9 @@ impl ApiError {
     }
 }
 
-/// One node as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Node name.
-    pub node: String,
-    /// Current desired revision (0: none).
-    pub desired_revision: u64,
-    /// Last reported state.
-    pub reported: Option<ReportedState>,
-    /// Last status.
-    pub status: Option<NodeStatus>,
-    /// Telemetry counters since the hub started.
-    pub telemetry: NodeTelemetryView,
-}
-
-/// Telemetry counters (mirror of [`NodeTelemetry`] for clients).
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct NodeTelemetryView {
-    /// Batches received.
-    pub batches: u64,
-    /// New samples stored.
-    pub samples: u64,
-    /// Duplicates dropped.
-    pub duplicates: u64,
-    /// Payloads that did not decode.
-    pub bad_payloads: u64,
-}
+pub use protocols::api::{
+    DesiredAccepted, ErrorBody, HubInfo, NodeTelemetryView, NodeView, SamplePage, SampleQuery,
+};
 
 impl From<NodeTelemetry> for NodeTelemetryView {
     fn from(t: NodeTelemetry) -> Self {
@@ -130,11 +101,11 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> String {
     hub.metrics.render()
 }
 
-async fn hub_info(State(hub): State<Arc<Hub>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "public_key": protocols::signing::key_to_hex(&hub.key.verifying_key()),
-        "topic_root": hub.topics.root(),
-    }))
+async fn hub_info(State(hub): State<Arc<Hub>>) -> Json<HubInfo> {
+    Json(HubInfo {
+        public_key: protocols::signing::key_to_hex(&hub.key.verifying_key()),
+        topic_root: hub.topics.root().to_owned(),
+    })
 }
 
 fn view(hub: &Hub, node: String, rec: crate::registry::NodeRecord) -> NodeView {
@@ -200,39 +171,17 @@ async fn streams(
     Json(hub.sink.streams(&node))
 }
 
-/// Query of `/samples`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleQuery {
-    /// First sequence number (default 1).
-    pub from_seq: Option<u64>,
-    /// Earliest timestamp (inclusive).
-    pub from_ms: Option<u64>,
-    /// Latest timestamp (exclusive).
-    pub to_ms: Option<u64>,
-    /// Most samples returned (default 10 000, at most 1 000 000).
-    pub limit: Option<usize>,
-}
-
-/// Response of `/samples`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SamplePage {
-    /// The samples, in sequence order.
-    pub samples: Vec<StoredSample>,
-    /// Where to continue (`from_seq`), if the page was full.
-    pub next_seq: Option<u64>,
-}
-
 async fn samples(
     State(hub): State<Arc<Hub>>,
     Path((node, stream)): Path<(String, String)>,
     q: Result<Query<SampleQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SamplePage>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
-    let limit = q.limit.unwrap_or(10_000);
-    if !(1..=1_000_000).contains(&limit) {
+    let limit = q.limit.unwrap_or(SampleQuery::DEFAULT_LIMIT);
+    if !(1..=SampleQuery::MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad(format!(
-            "limit: {limit} is out of range 1..=1000000"
+            "limit: {limit} is out of range 1..={}",
+            SampleQuery::MAX_LIMIT
         )));
     }
     let samples = hub

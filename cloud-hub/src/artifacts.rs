@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 /// Why an artifact operation failed.
@@ -55,14 +54,7 @@ pub enum ArtifactError {
     Task(String),
 }
 
-/// What `PUT /v1/artifacts` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArtifactInfo {
-    /// sha256 of the bytes, lower-case hex.
-    pub sha256: String,
-    /// Size in bytes.
-    pub size: u64,
-}
+pub use protocols::api::ArtifactInfo;
 
 /// The store. Cheap to share behind an `Arc`.
 #[derive(Debug)]

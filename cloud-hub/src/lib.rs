@@ -12,6 +12,7 @@ pub mod api;
 pub mod app;
 pub mod artifacts;
 pub mod broker;
+pub mod client;
 pub mod commit;
 pub mod config;
 pub mod keys;

@@ -26,8 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
 use protocols::codec::{decode_batch, encode_batch};
-use protocols::{Quality, Sample, TelemetryBatch};
-use serde::{Deserialize, Serialize};
+use protocols::{Sample, TelemetryBatch};
 
 const HEADER: usize = 20;
 
@@ -61,29 +60,7 @@ fn db_err(op: &'static str) -> impl FnOnce(sled::Error) -> SinkError {
     db(op)
 }
 
-/// Counters and watermark of one (node, stream).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamStats {
-    /// Every sequence number up to here is stored or declared dropped.
-    pub contiguous: u64,
-    /// Highest sequence number acked to the edge.
-    pub acked: u64,
-    /// Highest sequence number seen.
-    pub max_seen: u64,
-    /// Distinct samples stored.
-    pub stored: u64,
-    /// Samples received again and dropped.
-    pub duplicates: u64,
-    /// Samples the edge declared dropped by its overflow policy.
-    pub dropped_by_edge: u64,
-    /// Times a batch arrived ahead of what was stored, opening a gap (the
-    /// edge resends; a gap normally closes within an ack timeout).
-    #[serde(default)]
-    pub gaps_seen: u64,
-    /// Sequence numbers between `contiguous` and `max_seen` not stored yet.
-    #[serde(default)]
-    pub missing_now: u64,
-}
+pub use protocols::api::{StoredSample, StreamStats};
 
 /// What one ingest did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,21 +69,6 @@ pub struct Ingested {
     pub stored: u64,
     /// Duplicates dropped.
     pub duplicates: u64,
-}
-
-/// A stored sample with its sequence number.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct StoredSample {
-    /// Sequence number.
-    pub seq: u64,
-    /// Point index.
-    pub point: u32,
-    /// Timestamp, ms since epoch.
-    pub ts_ms: u64,
-    /// Value.
-    pub value: f64,
-    /// Quality byte.
-    pub quality: u8,
 }
 
 #[derive(Debug)]
@@ -486,21 +448,10 @@ impl Sink {
     }
 }
 
-impl StoredSample {
-    /// The sample without its sequence number.
-    pub fn sample(&self) -> Sample {
-        Sample {
-            point: self.point,
-            ts_ms: self.ts_ms,
-            value: self.value,
-            quality: Quality(self.quality),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocols::Quality;
 
     fn batch(first_seq: u64, floor_seq: u64, n: u64) -> TelemetryBatch {
         TelemetryBatch {

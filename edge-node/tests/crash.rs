@@ -16,16 +16,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cloud_hub::{App, Hub, HubConfig};
+use edgefleet_testkit::HubHarness;
 use protocols::NodeConfig;
-use protocols::signing::key_to_hex;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const KILLS: usize = 24;
 const INTERVAL_MS: u64 = 20;
@@ -85,16 +82,11 @@ async fn proxy(listener: TcpListener, upstream: String, mut cut: watch::Receiver
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_only_the_documented_window() {
     let dir = tempfile::tempdir().unwrap();
-    let cancel = CancellationToken::new();
-    let mut hub_cfg = HubConfig::default();
-    hub_cfg.data_dir = dir.path().join("hub");
-    hub_cfg.http_listen = "127.0.0.1:0".parse().unwrap();
-    hub_cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
-    hub_cfg.ack_interval = Duration::from_millis(50);
-    let app = App::start(hub_cfg, cancel.clone()).await.unwrap();
-    let hub: Arc<Hub> = app.hub();
-    let (host, port) = app.mqtt_addr();
-    let hub_task = tokio::spawn(app.run());
+    let harness = HubHarness::start(HubHarness::config(&dir.path().join("hub")))
+        .await
+        .unwrap();
+    let hub = harness.hub.clone();
+    let (host, port) = harness.mqtt.clone();
     hub.set_desired(&desired()).await.unwrap();
 
     let (cut_tx, cut_rx) = watch::channel(false);
@@ -109,7 +101,7 @@ async fn sigkill_at_random_moments_loses_only_the_documented_window() {
             "node = \"crash-1\"\ndata_dir = {:?}\n[mqtt]\nport = {proxy_port}\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\
              [hub]\npublic_key = \"{}\"\n[outbox]\nflush_interval = \"{FLUSH_MS}ms\"\n[uplink]\ndrain_rate = 3000\nack_timeout = \"3s\"\n",
             dir.path().join("edge").display().to_string(),
-            key_to_hex(&hub.key.verifying_key()),
+            harness.public_key,
         ),
     )
     .unwrap();
@@ -299,6 +291,5 @@ async fn sigkill_at_random_moments_loses_only_the_documented_window() {
         stored.len(),
         lw.len(),
     );
-    cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), hub_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), harness.stop()).await;
 }

@@ -14,12 +14,11 @@ mod common;
 
 use std::time::Duration;
 
-use cloud_hub::HubConfig;
 use edge_node::store::Store;
-use edge_node::{Agent, Clock, EdgeConfig};
+use edge_node::{Clock, EdgeConfig};
+use edgefleet_testkit::{EdgeHarness, HubHarness, free_port};
 use protocols::signing::key_to_hex;
 use protocols::{NodeConfig, SignedDesired};
-use tokio_util::sync::CancellationToken;
 
 fn desired() -> protocols::DesiredState {
     common::random_walk_desired(
@@ -38,7 +37,7 @@ fn desired() -> protocols::DesiredState {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn drop_oldest_is_exact_counted_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = free_port().unwrap();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
     let mut cfg = EdgeConfig::default();
     cfg.node = "cap-1".into();
@@ -55,12 +54,8 @@ async fn drop_oldest_is_exact_counted_and_reported() {
             .await
             .unwrap();
     }
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(cfg, Clock::system(), cancel.clone())
-        .await
-        .unwrap();
-    let store = agent.store().clone();
-    let edge = tokio::spawn(agent.run());
+    let edge = EdgeHarness::start(cfg, Clock::system()).await.unwrap();
+    let store = edge.store.clone();
 
     // One offline hour at 100 samples/s: 360 000 samples into a 64 KiB outbox.
     tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -85,13 +80,11 @@ async fn drop_oldest_is_exact_counted_and_reported() {
     // Link returns: the hub learns the drop count from reported state and the
     // final gap from the batches' floor; what was held arrives intact.
     tokio::time::resume();
-    let hub_cancel = CancellationToken::new();
-    let mut hub_cfg = HubConfig::default();
-    hub_cfg.data_dir = dir.path().join("hub");
-    hub_cfg.http_listen = "127.0.0.1:0".parse().unwrap();
+    let mut hub_cfg = HubHarness::config(&dir.path().join("hub"));
     hub_cfg.embedded_broker.as_mut().unwrap().listen = format!("127.0.0.1:{port}").parse().unwrap();
     hub_cfg.ack_interval = Duration::from_millis(50);
-    let hub = common::start_hub_thread(hub_cfg, hub_cancel.clone());
+    let harness = HubHarness::start_on_thread(hub_cfg).await.unwrap();
+    let hub = harness.hub.clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let st = hub
@@ -130,7 +123,6 @@ async fn drop_oldest_is_exact_counted_and_reported() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    cancel.cancel();
-    edge.await.unwrap().unwrap();
-    hub_cancel.cancel();
+    edge.stop().await.unwrap();
+    harness.stop().await.unwrap();
 }

@@ -19,12 +19,11 @@ mod common;
 
 use std::time::Duration;
 
-use cloud_hub::HubConfig;
 use edge_node::store::Store;
-use edge_node::{Agent, Clock, EdgeConfig};
+use edge_node::{Clock, EdgeConfig};
+use edgefleet_testkit::{EdgeHarness, HubHarness, free_port};
 use protocols::signing::key_to_hex;
 use protocols::{NodeConfig, SignedDesired};
-use tokio_util::sync::CancellationToken;
 
 const POINTS: u32 = 10;
 const INTERVAL_MS: u64 = 100; // 10 points every 100 ms: 100 samples/s on one stream
@@ -71,7 +70,7 @@ fn desired() -> protocols::DesiredState {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn outage_48h_then_reconnect_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = free_port().unwrap();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
 
     let mut cfg = EdgeConfig::default();
@@ -93,13 +92,9 @@ async fn outage_48h_then_reconnect_loses_nothing() {
             .unwrap();
     }
 
-    let edge_cancel = CancellationToken::new();
     let clock = Clock::system();
-    let agent = Agent::start(cfg.clone(), clock, edge_cancel.clone())
-        .await
-        .unwrap();
-    let store = agent.store().clone();
-    let edge = tokio::spawn(agent.run());
+    let edge = EdgeHarness::start(cfg.clone(), clock).await.unwrap();
+    let store = edge.store.clone();
 
     let hours: u64 = std::env::var("EDGEFLEET_OUTAGE_HOURS")
         .ok()
@@ -144,13 +139,11 @@ async fn outage_48h_then_reconnect_loses_nothing() {
 
     // The link returns.
     tokio::time::resume();
-    let hub_cancel = CancellationToken::new();
-    let mut hub_cfg = HubConfig::default();
-    hub_cfg.data_dir = dir.path().join("hub");
-    hub_cfg.http_listen = "127.0.0.1:0".parse().unwrap();
+    let mut hub_cfg = HubHarness::config(&dir.path().join("hub"));
     hub_cfg.embedded_broker.as_mut().unwrap().listen = format!("127.0.0.1:{port}").parse().unwrap();
     hub_cfg.ack_interval = Duration::from_millis(100);
-    let hub = common::start_hub_thread(hub_cfg, hub_cancel.clone());
+    let harness = HubHarness::start_on_thread(hub_cfg).await.unwrap();
+    let hub = harness.hub.clone();
     let drain_start = std::time::Instant::now();
     let reconnect_ms = clock.now_ms();
     let target = during.next_seq - 1;
@@ -201,8 +194,7 @@ async fn outage_48h_then_reconnect_loses_nothing() {
 
     // Stop the edge cleanly; then check the hub's store: seq 1..=N exactly once,
     // and per point a sample every INTERVAL_MS with no hole during the outage.
-    edge_cancel.cancel();
-    edge.await.unwrap().unwrap();
+    edge.stop().await.unwrap();
     let stats = hub.sink.streams("offline-1")["raw"].clone();
     assert_eq!(stats.dropped_by_edge, 0);
     let mut next = 1u64;
@@ -240,5 +232,5 @@ async fn outage_48h_then_reconnect_loses_nothing() {
         next - 1
     );
     assert_eq!(stats.stored, next - 1);
-    hub_cancel.cancel();
+    harness.stop().await.unwrap();
 }

@@ -11,27 +11,19 @@
 
 use std::time::Duration;
 
-use cloud_hub::api::{NodeView, SamplePage};
-use cloud_hub::{App, HubConfig};
-use edge_node::{Agent, Clock, EdgeConfig};
+use cloud_hub::api::{NodeView, SampleQuery};
+use edge_node::Clock;
+use edgefleet_testkit::{EdgeHarness, HubHarness, wait_until};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(what, DEADLINE, f).await.unwrap()
 }
 
 fn desired(revision: u64, points: u32) -> serde_json::Value {
@@ -53,50 +45,25 @@ fn desired(revision: u64, points: u32) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_and_edge_converge_and_telemetry_flows() {
     let dir = tempfile::tempdir().unwrap();
-    let cancel = CancellationToken::new();
-    let mut hub_cfg = HubConfig::default();
-    hub_cfg.data_dir = dir.path().join("hub");
-    hub_cfg.http_listen = "127.0.0.1:0".parse().unwrap();
-    hub_cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
-    hub_cfg.ack_interval = Duration::from_millis(50);
-    let app = App::start(hub_cfg, cancel.clone()).await.unwrap();
-    let base = format!("http://{}", app.http_addr());
-    let (host, port) = app.mqtt_addr();
-    let hub_key: serde_json::Value = reqwest::get(format!("{base}/v1/hub"))
-        .await
-        .unwrap()
-        .json()
+    let hub = HubHarness::start(HubHarness::config(&dir.path().join("hub")))
         .await
         .unwrap();
-    let hub_task = tokio::spawn(app.run());
+    let edge = EdgeHarness::start(
+        hub.edge_config("n1", &dir.path().join("edge")),
+        Clock::system(),
+    )
+    .await
+    .unwrap();
 
-    let mut edge_cfg = EdgeConfig::default();
-    edge_cfg.node = "n1".into();
-    edge_cfg.data_dir = dir.path().join("edge");
-    edge_cfg.mqtt.host = host;
-    edge_cfg.mqtt.port = port;
-    edge_cfg.hub.public_key = Some(hub_key["public_key"].as_str().unwrap().to_owned());
-    edge_cfg.validate().unwrap();
-    let agent = Agent::start(edge_cfg, Clock::system(), cancel.clone())
-        .await
-        .unwrap();
-    let edge_task = tokio::spawn(agent.run());
-
-    let http = reqwest::Client::new();
     let put = |body: serde_json::Value| {
-        let http = http.clone();
-        let url = format!("{base}/v1/nodes/n1/desired");
-        async move { http.put(url).json(&body).send().await.unwrap() }
+        let client = hub.client.clone();
+        async move { client.put_desired_json("n1", &body).await }
     };
-    let node = |base: String| async move {
-        let r = reqwest::get(format!("{base}/v1/nodes/n1")).await.ok()?;
-        r.status().is_success().then_some(())?;
-        r.json::<NodeView>().await.ok()
-    };
+    let node = || async { hub.client.node("n1").await.ok().flatten() };
 
-    assert!(put(desired(1, 1)).await.status().is_success());
+    put(desired(1, 1)).await.unwrap();
     wait_for("revision 1 applied", || async {
-        node(base.clone())
+        node()
             .await
             .filter(|n| n.reported.as_ref().is_some_and(|r| r.applied_revision == 1))
     })
@@ -105,19 +72,19 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     // Bad input: errors name the field; stale revisions conflict.
     let mut bad = desired(3, 1);
     bad["devices"][0]["groups"][0]["interval_ms"] = json!(1);
-    let r = put(bad).await;
-    assert_eq!(r.status(), 400);
-    let text = r.text().await.unwrap();
+    let e = put(bad).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
     assert!(
-        text.contains("devices[0].groups[0].interval_ms: 1 is out of range"),
-        "{text}"
+        e.to_string()
+            .contains("devices[0].groups[0].interval_ms: 1 is out of range"),
+        "{e}"
     );
-    let r = put(desired(1, 2)).await;
-    assert_eq!(r.status(), 409, "{}", r.text().await.unwrap());
+    let e = put(desired(1, 2)).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
 
-    assert!(put(desired(2, 3)).await.status().is_success());
+    put(desired(2, 3)).await.unwrap();
     let n = wait_for("revision 2 applied and telemetry counted", || async {
-        node(base.clone()).await.filter(|n| {
+        node().await.filter(|n: &NodeView| {
             n.reported.as_ref().is_some_and(|r| r.applied_revision == 2)
                 && n.telemetry.samples >= 100
                 && n.status
@@ -131,7 +98,7 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
 
     // The edge's outbox drains as the hub acks.
     wait_for("acks reach the edge", || async {
-        let n = node(base.clone()).await?;
+        let n = node().await?;
         (n.reported?
             .counters
             .get("samples_acked")
@@ -143,14 +110,18 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     .await;
 
     // Every stored sample is there once, sequence numbers gap-free from 1.
-    let page: SamplePage = reqwest::get(format!(
-        "{base}/v1/nodes/n1/streams/raw/samples?limit=1000000"
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let page = hub
+        .client
+        .samples(
+            "n1",
+            "raw",
+            &SampleQuery {
+                limit: Some(SampleQuery::MAX_LIMIT),
+                ..SampleQuery::default()
+            },
+        )
+        .await
+        .unwrap();
     assert!(page.samples.len() >= 100);
     for (i, s) in page.samples.iter().enumerate() {
         assert_eq!(s.seq, i as u64 + 1, "gap or duplicate at position {i}");
@@ -158,15 +129,12 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     // Revision 2 added points 1 and 2: their samples arrived.
     assert!(page.samples.iter().any(|s| s.point == 2));
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), edge_task)
+    tokio::time::timeout(Duration::from_secs(10), edge.stop())
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), hub_task)
+    tokio::time::timeout(Duration::from_secs(10), hub.stop())
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
 }

@@ -15,6 +15,7 @@
 //! - [`codec`]: JSON for control-plane documents (with errors that name the
 //!   offending field), a compact columnar binary encoding for telemetry.
 //! - [`signing`]: Ed25519 signatures over desired-state documents.
+//! - [`api`]: the hub's REST API as data (what each endpoint takes and answers).
 //! - [`validate`]: semantic checks whose errors name the field, e.g.
 //!   `devices[3].points[7].address: 70000 is out of range 0..=65535`.
 //!
@@ -26,6 +27,7 @@
 //!   and its [`ConfigError`](config::ConfigError).
 
 pub mod ack;
+pub mod api;
 pub mod backoff;
 pub mod codec;
 pub mod config;

@@ -42,11 +42,7 @@ fn python() -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    edgefleet_testkit::free_port().unwrap()
 }
 
 /// Starts a Python server script and waits for its `READY` line; returns the

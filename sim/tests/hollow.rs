@@ -12,11 +12,12 @@
 
 use std::time::Duration;
 
+use cloud_hub::HubConfig;
 use cloud_hub::api::NodeView;
-use cloud_hub::{App, HubConfig};
-use protocols::{Event, EventKind, NodeState};
+use cloud_hub::client::HubClient;
+use edgefleet_testkit::{HubHarness, wait_until};
+use protocols::{EventKind, NodeState};
 use sim::hollow::{BrokerKind, HollowOptions, HubEndpoint, MosquittoOptions, Stack, StackOptions};
-use tokio_util::sync::CancellationToken;
 
 /// Two rounds (revisions 1 and 2), each PUT accepted and each of `n` nodes
 /// holding it, at the node and in the hub's registry.
@@ -35,23 +36,19 @@ fn assert_rounds_converged(report: &sim::hollow::HollowReport, n: usize) {
 async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = dir.path().join("hub");
-    cfg.http_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
-    let cancel = CancellationToken::new();
-    let app = App::start(cfg, cancel.clone()).await.unwrap();
-    let (host, port) = app.mqtt_addr();
+    let mut cfg = HubHarness::config(&dir.path().join("hub"));
+    cfg.ack_interval = HubConfig::default().ack_interval;
+    let harness = HubHarness::start(cfg).await.unwrap();
     let hub = HubEndpoint {
-        http_base: format!("http://{}", app.http_addr()),
-        mqtt_host: host,
-        mqtt_port: port,
+        http_base: harness.base().to_owned(),
+        mqtt_host: harness.mqtt.0.clone(),
+        mqtt_port: harness.mqtt.1,
         pid: Some(std::process::id()),
         broker_pid: None,
         broker: BrokerKind::Embedded,
         in_process: true,
     };
-    let hub_task = tokio::spawn(app.run());
+    let client = &harness.client;
 
     let opts = HollowOptions {
         nodes: 50,
@@ -93,15 +90,7 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
     // Independently of the run's own bookkeeping: the hub's registry holds
     // every hollow node as a real agent would appear, and its event log has
     // the nodes' own `desired-applied` events.
-    let http = reqwest::Client::new();
-    let views: Vec<NodeView> = http
-        .get(format!("{}/v1/nodes", hub.http_base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let views = client.nodes().await.unwrap();
     let hollow: Vec<&NodeView> = views
         .iter()
         .filter(|v| v.node.starts_with("hollow-"))
@@ -114,14 +103,7 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         assert_eq!(rep.counters["desired_applied"], 2, "{}", v.node);
         assert!(v.status.is_some(), "{}", v.node);
     }
-    let events: Vec<Event> = http
-        .get(format!("{}/v1/nodes/hollow-07/events", hub.http_base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = client.events("hollow-07").await.unwrap();
     let applied: Vec<&EventKind> = events
         .iter()
         .map(|e| &e.kind)
@@ -135,44 +117,28 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         ]
     );
 
-    let ready = http
-        .get(format!("{}/readyz", hub.http_base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert!(client.ready().await.unwrap());
 
     // The run has dropped its nodes' connections: the broker publishes each
     // node's last will, and the registry shows them offline, as for agents.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let views: Vec<NodeView> = http
-            .get(format!("{}/v1/nodes", hub.http_base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let offline = views
-            .iter()
-            .filter(|v| v.node.starts_with("hollow-"))
-            .filter(|v| v.status.as_ref().map(|s| s.state) == Some(NodeState::Offline))
-            .count();
-        if offline == 50 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {offline} of 50 hollow nodes went offline after the run"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "all 50 hollow nodes to go offline after the run",
+        Duration::from_secs(15),
+        || async {
+            let views = client.nodes().await.ok()?;
+            let offline = views
+                .iter()
+                .filter(|v| v.node.starts_with("hollow-"))
+                .filter(|v| v.status.as_ref().map(|s| s.state) == Some(NodeState::Offline))
+                .count();
+            (offline == 50).then_some(())
+        },
+    )
+    .await
+    .unwrap();
 
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(10), hub_task)
+    tokio::time::timeout(Duration::from_secs(10), harness.stop())
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
 }
@@ -241,10 +207,9 @@ async fn hollow_external_mosquitto() {
 
     // The hub's own registry, read independently of the run's bookkeeping:
     // every node applied revision 2 twice over Mosquitto.
-    let views: Vec<NodeView> = reqwest::get(format!("{}/v1/nodes", hub.http_base))
-        .await
+    let views: Vec<NodeView> = HubClient::new(hub.http_base.clone())
         .unwrap()
-        .json()
+        .nodes()
         .await
         .unwrap();
     let applied = views

@@ -1,19 +1,9 @@
-//! Helpers shared by the offline, disk-cap and crash tests.
+//! The desired state shared by the offline, disk-cap and crash tests (the
+//! hub and edge rig is `edgefleet_testkit`).
 
-#![allow(
-    dead_code,
-    clippy::unwrap_used,
-    reason = "each test binary uses a subset; test code"
-)]
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use cloud_hub::{App, Hub, HubConfig};
 use protocols::{
     DesiredState, Device, DeviceProtocol, NodeConfig, Point, PointAddress, PointGroup, Signal,
 };
-use tokio_util::sync::CancellationToken;
 
 /// Revision 1 for `node`: one synthetic device `gen` with `points` random-walk
 /// points `p0…` sampled every `interval_ms`, with the given node config.
@@ -55,32 +45,4 @@ pub fn random_walk_desired(
         models: vec![],
         config,
     }
-}
-
-/// A port free on 127.0.0.1 right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts the hub on its own real-time runtime thread (so the test's own
-/// runtime may run on paused time).
-pub fn start_hub_thread(cfg: HubConfig, cancel: CancellationToken) -> Arc<Hub> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = App::start(cfg, cancel).await.unwrap();
-            tx.send(app.hub()).unwrap();
-            app.run().await.unwrap();
-        });
-    });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap()
 }

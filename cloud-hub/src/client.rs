@@ -1,0 +1,329 @@
+//! A typed client of the hub's REST API ([`crate::api`]).
+//!
+//! What the simulator, the tests and (later) `edgectl` use instead of
+//! hand-written `reqwest` calls: one method per endpoint, the answers as the
+//! [`protocols::api`] types, and errors that keep the hub's own message (which
+//! names the offending field) next to the HTTP status.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cloud_hub::client::ClientError> {
+//! let hub = cloud_hub::client::HubClient::new("http://127.0.0.1:8080")?;
+//! for node in hub.nodes().await? {
+//!     println!("{} at revision {}", node.node, node.desired_revision);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use protocols::api::{
+    ArtifactInfo, DesiredAccepted, ErrorBody, HubInfo, NodeView, SamplePage, SampleQuery,
+    StoredSample, StreamStats,
+};
+use protocols::{DesiredState, Event};
+use serde::de::DeserializeOwned;
+
+/// What a call to the hub can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL is not an `http://` or `https://` URL.
+    #[error("hub url {0:?}: expected http://host:port")]
+    BadUrl(String),
+    /// The request did not get an answer (connect, timeout, broken body).
+    #[error("{method} {path}: {source}")]
+    Transport {
+        /// HTTP method.
+        method: &'static str,
+        /// Path below the base URL.
+        path: String,
+        /// What reqwest reported.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The hub answered with an error status; `message` is its own text.
+    #[error("{method} {path}: {status}: {message}")]
+    Status {
+        /// HTTP method.
+        method: &'static str,
+        /// Path below the base URL.
+        path: String,
+        /// The status code.
+        status: u16,
+        /// The hub's error text (names the offending field).
+        message: String,
+    },
+    /// The answer was not the JSON this client expects.
+    #[error("{method} {path}: unexpected answer: {source}")]
+    Decode {
+        /// HTTP method.
+        method: &'static str,
+        /// Path below the base URL.
+        path: String,
+        /// Why it did not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status when the hub answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one hub. Cheap to clone (one connection pool).
+#[derive(Debug, Clone)]
+pub struct HubClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HubClient {
+    /// Per-request timeout unless [`HubClient::with_timeout`] says otherwise.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A client of the hub at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: impl Into<String>) -> Result<Self, ClientError> {
+        Self::with_timeout(base, Self::DEFAULT_TIMEOUT)
+    }
+
+    /// As [`HubClient::new`], with a per-request timeout.
+    pub fn with_timeout(base: impl Into<String>, timeout: Duration) -> Result<Self, ClientError> {
+        let base = base.into().trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::BadUrl(base));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|source| ClientError::Transport {
+                method: "BUILD",
+                path: String::new(),
+                source,
+            })?;
+        Ok(Self { base, http })
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `GET /healthz`: the process is up.
+    pub async fn healthy(&self) -> Result<(), ClientError> {
+        self.send("GET", "/healthz", self.http.get(self.url("/healthz")))
+            .await
+            .map(drop)
+    }
+
+    /// `GET /readyz`: `true` once the hub's MQTT session is subscribed
+    /// (a 503 is `false`, not an error).
+    pub async fn ready(&self) -> Result<bool, ClientError> {
+        match self
+            .send("GET", "/readyz", self.http.get(self.url("/readyz")))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ClientError::Status { status: 503, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/hub`.
+    pub async fn hub_info(&self) -> Result<HubInfo, ClientError> {
+        self.get_json("/v1/hub").await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        self.get_json("/v1/nodes").await
+    }
+
+    /// `GET /v1/nodes/{node}`; `None` when the hub does not know the node.
+    pub async fn node(&self, node: &str) -> Result<Option<NodeView>, ClientError> {
+        match self.get_json(&format!("/v1/nodes/{node}")).await {
+            Ok(v) => Ok(Some(v)),
+            Err(ClientError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /v1/nodes/{node}/desired` for `desired.node`.
+    pub async fn put_desired(
+        &self,
+        desired: &DesiredState,
+    ) -> Result<DesiredAccepted, ClientError> {
+        let path = format!("/v1/nodes/{}/desired", desired.node);
+        let req = self.http.put(self.url(&path)).json(desired);
+        self.json("PUT", &path, req).await
+    }
+
+    /// `PUT /v1/nodes/{node}/desired` with a raw JSON document (as an
+    /// operator's file would be sent; the hub validates it).
+    pub async fn put_desired_json(
+        &self,
+        node: &str,
+        document: &serde_json::Value,
+    ) -> Result<DesiredAccepted, ClientError> {
+        let path = format!("/v1/nodes/{node}/desired");
+        let req = self.http.put(self.url(&path)).json(document);
+        self.json("PUT", &path, req).await
+    }
+
+    /// `GET /v1/nodes/{node}/streams`.
+    pub async fn streams(&self, node: &str) -> Result<BTreeMap<String, StreamStats>, ClientError> {
+        self.get_json(&format!("/v1/nodes/{node}/streams")).await
+    }
+
+    /// `GET /v1/nodes/{node}/streams/{stream}/samples`: one page.
+    pub async fn samples(
+        &self,
+        node: &str,
+        stream: &str,
+        query: &SampleQuery,
+    ) -> Result<SamplePage, ClientError> {
+        let path = format!("/v1/nodes/{node}/streams/{stream}/samples");
+        let req = self.http.get(self.url(&path)).query(query);
+        self.json("GET", &path, req).await
+    }
+
+    /// Every stored sample of a stream from `from_seq` on, page by page.
+    pub async fn all_samples(
+        &self,
+        node: &str,
+        stream: &str,
+        from_seq: u64,
+    ) -> Result<Vec<StoredSample>, ClientError> {
+        let mut out = Vec::new();
+        let mut next = Some(from_seq);
+        while let Some(from) = next {
+            let page = self
+                .samples(
+                    node,
+                    stream,
+                    &SampleQuery {
+                        from_seq: Some(from),
+                        ..SampleQuery::default()
+                    },
+                )
+                .await?;
+            out.extend(page.samples);
+            next = page.next_seq;
+        }
+        Ok(out)
+    }
+
+    /// `GET /v1/nodes/{node}/events`.
+    pub async fn events(&self, node: &str) -> Result<Vec<Event>, ClientError> {
+        self.get_json(&format!("/v1/nodes/{node}/events")).await
+    }
+
+    /// `PUT /v1/artifacts`.
+    pub async fn put_artifact(&self, bytes: Vec<u8>) -> Result<ArtifactInfo, ClientError> {
+        let req = self.http.put(self.url("/v1/artifacts")).body(bytes);
+        self.json("PUT", "/v1/artifacts", req).await
+    }
+
+    /// `GET /v1/artifacts/{sha256}`: the whole blob.
+    pub async fn artifact(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
+        let path = format!("/v1/artifacts/{sha256}");
+        let resp = self
+            .send("GET", &path, self.http.get(self.url(&path)))
+            .await?;
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|source| ClientError::Transport {
+                method: "GET",
+                path,
+                source,
+            })
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let resp = self
+            .send("GET", "/metrics", self.http.get(self.url("/metrics")))
+            .await?;
+        resp.text().await.map_err(|source| ClientError::Transport {
+            method: "GET",
+            path: "/metrics".into(),
+            source,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json("GET", path, self.http.get(self.url(path))).await
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        path: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, path, req).await?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method,
+                path: path.to_owned(),
+                source,
+            })?;
+        serde_json::from_slice(&body).map_err(|source| ClientError::Decode {
+            method,
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Sends, and turns an error status into [`ClientError::Status`] with the
+    /// hub's message.
+    async fn send(
+        &self,
+        method: &'static str,
+        path: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|source| ClientError::Transport {
+            method,
+            path: path.to_owned(),
+            source,
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.error);
+        Err(ClientError::Status {
+            method,
+            path: path.to_owned(),
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_must_be_http() {
+        let e = HubClient::new("127.0.0.1:8080").unwrap_err();
+        assert!(e.to_string().contains("expected http://host:port"), "{e}");
+        let c = HubClient::new("http://127.0.0.1:8080/").unwrap();
+        assert_eq!(c.base(), "http://127.0.0.1:8080");
+    }
+}

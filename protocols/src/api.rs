@@ -1,0 +1,197 @@
+//! The hub's REST API as data: what each endpoint answers and takes.
+//!
+//! The hub (`cloud_hub::api`) serves these types, `cloud_hub::client::HubClient`
+//! and the simulator read them. No I/O here: the paths are documented on the
+//! hub's router, the types are the contract.
+//!
+//! | method | path | body / answer |
+//! | --- | --- | --- |
+//! | GET | `/v1/hub` | [`HubInfo`] |
+//! | GET | `/v1/nodes` | `Vec<`[`NodeView`]`>` |
+//! | GET | `/v1/nodes/{node}` | [`NodeView`] |
+//! | PUT | `/v1/nodes/{node}/desired` | [`crate::DesiredState`] → [`DesiredAccepted`] |
+//! | GET | `/v1/nodes/{node}/streams` | `BTreeMap<String, `[`StreamStats`]`>` |
+//! | GET | `/v1/nodes/{node}/streams/{stream}/samples` | [`SampleQuery`] → [`SamplePage`] |
+//! | GET | `/v1/nodes/{node}/events` | `Vec<`[`crate::Event`]`>` |
+//! | PUT | `/v1/artifacts` | bytes → [`ArtifactInfo`] |
+//!
+//! Every error answer is an [`ErrorBody`] whose text names the offending field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NodeStatus, Quality, ReportedState, Sample};
+
+/// What `GET /v1/hub` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubInfo {
+    /// The hub's Ed25519 public key (hex), which nodes pin.
+    pub public_key: String,
+    /// MQTT topic root shared with the nodes.
+    pub topic_root: String,
+}
+
+/// One node as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Node name.
+    pub node: String,
+    /// Current desired revision (0: none).
+    pub desired_revision: u64,
+    /// Last reported state.
+    pub reported: Option<ReportedState>,
+    /// Last status.
+    pub status: Option<NodeStatus>,
+    /// Telemetry counters since the hub started.
+    pub telemetry: NodeTelemetryView,
+}
+
+/// A node's telemetry counters since the hub started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTelemetryView {
+    /// Batches received.
+    pub batches: u64,
+    /// New samples stored.
+    pub samples: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Payloads that did not decode.
+    pub bad_payloads: u64,
+}
+
+/// What `PUT /v1/nodes/{node}/desired` answers when the document was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredAccepted {
+    /// The node it is for.
+    pub node: String,
+    /// The revision now desired.
+    pub revision: u64,
+}
+
+/// Counters and watermark of one (node, stream).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamStats {
+    /// Every sequence number up to here is stored or declared dropped.
+    pub contiguous: u64,
+    /// Highest sequence number acked to the edge.
+    pub acked: u64,
+    /// Highest sequence number seen.
+    pub max_seen: u64,
+    /// Distinct samples stored.
+    pub stored: u64,
+    /// Samples received again and dropped.
+    pub duplicates: u64,
+    /// Samples the edge declared dropped by its overflow policy.
+    pub dropped_by_edge: u64,
+    /// Times a batch arrived ahead of what was stored, opening a gap (the
+    /// edge resends; a gap normally closes within an ack timeout).
+    #[serde(default)]
+    pub gaps_seen: u64,
+    /// Sequence numbers between `contiguous` and `max_seen` not stored yet.
+    #[serde(default)]
+    pub missing_now: u64,
+}
+
+/// A stored sample with its sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StoredSample {
+    /// Sequence number.
+    pub seq: u64,
+    /// Point index.
+    pub point: u32,
+    /// Timestamp, ms since epoch.
+    pub ts_ms: u64,
+    /// Value.
+    pub value: f64,
+    /// Quality byte.
+    pub quality: u8,
+}
+
+impl StoredSample {
+    /// The sample without its sequence number.
+    pub fn sample(&self) -> Sample {
+        Sample {
+            point: self.point,
+            ts_ms: self.ts_ms,
+            value: self.value,
+            quality: Quality(self.quality),
+        }
+    }
+}
+
+/// Query of `/samples`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleQuery {
+    /// First sequence number (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_seq: Option<u64>,
+    /// Earliest timestamp (inclusive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_ms: Option<u64>,
+    /// Latest timestamp (exclusive).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_ms: Option<u64>,
+    /// Most samples returned (default [`SampleQuery::DEFAULT_LIMIT`], at most
+    /// [`SampleQuery::MAX_LIMIT`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl SampleQuery {
+    /// Page size when `limit` is left out.
+    pub const DEFAULT_LIMIT: usize = 10_000;
+    /// Largest page a client may ask for.
+    pub const MAX_LIMIT: usize = 1_000_000;
+}
+
+/// Response of `/samples`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplePage {
+    /// The samples, in sequence order.
+    pub samples: Vec<StoredSample>,
+    /// Where to continue (`from_seq`), if the page was full.
+    pub next_seq: Option<u64>,
+}
+
+/// What `PUT /v1/artifacts` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    /// sha256 of the bytes, lower-case hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Every error answer of the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What was wrong; names the offending field where there is one.
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_query_leaves_out_unset_fields_and_refuses_unknown_ones() {
+        let q = SampleQuery {
+            from_seq: Some(5),
+            limit: Some(10),
+            ..SampleQuery::default()
+        };
+        let text = serde_json::to_string(&q).unwrap();
+        assert_eq!(text, r#"{"from_seq":5,"limit":10}"#);
+        let err = serde_json::from_str::<SampleQuery>(r#"{"from":1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `from`"), "{err}");
+    }
+
+    #[test]
+    fn stream_stats_of_an_older_hub_still_decode() {
+        let s: StreamStats = serde_json::from_str(
+            r#"{"contiguous":3,"acked":3,"max_seen":4,"stored":4,"duplicates":0,"dropped_by_edge":0}"#,
+        )
+        .unwrap();
+        assert_eq!((s.contiguous, s.gaps_seen, s.missing_now), (3, 0, 0));
+    }
+}

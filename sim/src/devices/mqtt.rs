@@ -26,12 +26,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use edge_node::clock::Clock;
+use futures::future::BoxFuture;
 use protocols::MqttDevicePayload;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::devices::SimDeviceError;
 use crate::signal::{Model, ModelState};
+use crate::truth::Obs;
 
 /// One point of a simulated MQTT device.
 #[derive(Debug, Clone)]
@@ -316,6 +319,31 @@ impl MqttSim {
             t.abort();
             let _ = t.await;
         }
+    }
+}
+
+impl crate::devices::SimDevice for MqttSim {
+    fn go_down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(MqttSim::go_down(self))
+    }
+
+    fn come_up(&self) -> BoxFuture<'_, Result<(), SimDeviceError>> {
+        MqttSim::come_up(self);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(MqttSim::stop(self))
+    }
+
+    fn served(&self, id: u32) -> Vec<(u64, f64)> {
+        MqttSim::served(self, id)
+    }
+
+    /// Values published before the subscription reached no subscriber;
+    /// payload timestamps are exact, so the window starts at `t0_ms`.
+    fn delivery_window(&self, served: &mut Vec<Obs>, _stored: &[Obs], t0_ms: u64) {
+        served.drain(..served.partition_point(|o| o.ts_ms < t0_ms));
     }
 }
 

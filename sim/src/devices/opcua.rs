@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use edge_node::clock::Clock;
+use futures::future::BoxFuture;
 use opcua::crypto::SecurityPolicy;
 use opcua::server::address_space::{AccessLevel, VariableBuilder};
 use opcua::server::diagnostics::NamespaceMetadata;
@@ -36,7 +37,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::devices::SimDeviceError;
 use crate::signal::{Model, ModelState};
+use crate::truth::Obs;
 
 /// Namespace URI of the simulated variables.
 pub const NAMESPACE_URI: &str = "urn:edgefleet:sim";
@@ -442,6 +445,43 @@ impl OpcUaSim {
     /// Stops the server (same as [`go_down`](Self::go_down)).
     pub async fn stop(&self) {
         self.go_down().await;
+    }
+}
+
+impl crate::devices::SimDevice for OpcUaSim {
+    fn go_down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(OpcUaSim::go_down(self))
+    }
+
+    fn come_up(&self) -> BoxFuture<'_, Result<(), SimDeviceError>> {
+        Box::pin(async move { OpcUaSim::come_up(self).await.map_err(SimDeviceError::from) })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(OpcUaSim::stop(self))
+    }
+
+    fn served(&self, id: u32) -> Vec<(u64, f64)> {
+        OpcUaSim::served(self, id)
+    }
+
+    /// Values served before the subscription reached no subscriber. The
+    /// first notification carries the value current at subscription time,
+    /// stamped with the latest tick (the log has it at the tick that
+    /// changed it): that entry is kept, with the source timestamp the
+    /// subscriber got.
+    fn delivery_window(&self, served: &mut Vec<Obs>, stored: &[Obs], t0_ms: u64) {
+        let keep_from = served
+            .partition_point(|o| o.ts_ms <= t0_ms)
+            .saturating_sub(1);
+        served.drain(..keep_from);
+        if let (Some(f), Some(first)) = (stored.first(), served.first_mut())
+            && f.value.to_bits() == first.value.to_bits()
+            && f.ts_ms > first.ts_ms
+            && f.ts_ms <= t0_ms
+        {
+            first.ts_ms = f.ts_ms;
+        }
     }
 }
 

@@ -1,5 +1,12 @@
-//! The hub of a run: a `fleet-sim hub` child process or an in-process
-//! `cloud_hub::App`, and the REST calls the runner makes to it.
+//! The hub of a run and the REST calls the runner makes to it.
+//!
+//! [`Hub`] is the runner's handle: the hub's URLs and key, a REST client
+//! whose answers are the hub's own API types (`cloud_hub::api`,
+//! `cloud_hub::sink`, `cloud_hub::artifacts`), and a [`HubProc`] — the one
+//! type through which the hub is started, killed, restarted and stopped,
+//! whether it is a `fleet-sim hub` child process or an in-process
+//! `cloud_hub::App`. [`spawn_logged`] and [`sigterm`] are the child-process
+//! primitives, shared with the agents' [`AgentProc`](super::fleet::AgentProc).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,15 +14,30 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use cloud_hub::api::SamplePage;
+use cloud_hub::artifacts::ArtifactInfo;
+use cloud_hub::sink::{StoredSample, StreamStats};
 use protocols::DesiredState;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::monitor::{ArtifactInfoLite, SampleLite, SamplePageLite};
 use crate::scenario::{HubMode, Scenario};
 
+/// The hub as the runner drives it.
+pub(super) struct Hub {
+    /// `http://127.0.0.1:PORT`.
+    pub(super) base: String,
+    /// The broker the agents' proxies forward to.
+    pub(super) mqtt: SocketAddr,
+    /// The hub's signing key (hex), pinned in every edge config.
+    pub(super) public_key: String,
+    proc: HubProc,
+    http: reqwest::Client,
+}
+
+/// Hub child process or in-process app.
 #[allow(clippy::large_enum_variant, reason = "one per run")]
-pub(super) enum HubRt {
+enum HubProc {
     Process {
         exe: PathBuf,
         config: PathBuf,
@@ -28,41 +50,38 @@ pub(super) enum HubRt {
     },
 }
 
-pub(super) struct HubCtl {
-    pub(super) base: String,
-    pub(super) mqtt: SocketAddr,
-    pub(super) public_key: String,
-    pub(super) rt: HubRt,
-    pub(super) http: reqwest::Client,
-}
-
-pub(super) fn free_port() -> anyhow::Result<u16> {
+fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }
 
-impl HubCtl {
-    pub(super) async fn start(
-        s: &Scenario,
+/// The hub config of a run: ephemeral ports, data under `dir`.
+fn hub_config(s: &Scenario, dir: &Path) -> anyhow::Result<cloud_hub::HubConfig> {
+    let mut cfg = cloud_hub::HubConfig {
+        data_dir: dir.join("hub"),
+        http_listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        ack_interval: s.hub.ack_interval,
+        cache_capacity_bytes: s.hub.cache_capacity_bytes,
+        ..cloud_hub::HubConfig::default()
+    };
+    if let Some(b) = cfg.embedded_broker.as_mut() {
+        b.listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    }
+    cfg.validate().context("hub config")?;
+    Ok(cfg)
+}
+
+impl HubProc {
+    /// Starts the hub as `mode` says; returns it with its HTTP base URL and
+    /// broker address.
+    async fn launch(
+        mode: HubMode,
+        cfg: cloud_hub::HubConfig,
         dir: &Path,
         hub_exe: Option<PathBuf>,
         cancel: &CancellationToken,
-    ) -> anyhow::Result<Self> {
-        let mut cfg = cloud_hub::HubConfig {
-            data_dir: dir.join("hub"),
-            http_listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            ack_interval: s.hub.ack_interval,
-            cache_capacity_bytes: s.hub.cache_capacity_bytes,
-            ..cloud_hub::HubConfig::default()
-        };
-        if let Some(b) = cfg.embedded_broker.as_mut() {
-            b.listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        }
-        cfg.validate().context("hub config")?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()?;
-        let (rt, base, mqtt) = match s.hub.mode {
+    ) -> anyhow::Result<(Self, String, SocketAddr)> {
+        match mode {
             HubMode::Process => {
                 let exe = match hub_exe {
                     Some(e) => e,
@@ -76,15 +95,15 @@ impl HubCtl {
                     .embedded_broker
                     .as_ref()
                     .map_or(SocketAddr::from(([127, 0, 0, 1], 1883)), |b| b.listen);
-                let mut rt = HubRt::Process {
+                let mut proc = Self::Process {
                     exe,
                     config,
                     log: dir.join("hub.log"),
                     child: None,
                 };
                 let base = format!("http://{}", cfg.http_listen);
-                rt.spawn_child()?;
-                (rt, base, mqtt)
+                proc.spawn_child()?;
+                Ok((proc, base, mqtt))
             }
             HubMode::InProcess => {
                 let token = cancel.child_token();
@@ -95,21 +114,94 @@ impl HubCtl {
                 let (host, port) = app.mqtt_addr();
                 let mqtt: SocketAddr = format!("{host}:{port}").parse()?;
                 let task = tokio::spawn(app.run());
-                (
-                    HubRt::InProcess {
-                        cancel: token,
-                        task,
-                    },
-                    base,
-                    mqtt,
-                )
+                let proc = Self::InProcess {
+                    cancel: token,
+                    task,
+                };
+                Ok((proc, base, mqtt))
             }
-        };
+        }
+    }
+
+    fn spawn_child(&mut self) -> anyhow::Result<()> {
+        if let Self::Process {
+            exe,
+            config,
+            log,
+            child,
+        } = self
+        {
+            let c = spawn_logged(exe, "hub", config, log)
+                .with_context(|| format!("starting the hub: {} hub", exe.display()))?;
+            *child = Some(c);
+        }
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Process { child, .. } => child.as_ref().and_then(tokio::process::Child::id),
+            Self::InProcess { .. } => None,
+        }
+    }
+
+    /// SIGKILL of the child process; nothing for an in-process hub.
+    async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Self::Process { child, .. } = self
+            && let Some(mut c) = child.take()
+        {
+            c.kill().await.context("killing the hub")?;
+        }
+        Ok(())
+    }
+
+    /// Stops the hub cleanly: SIGTERM then SIGKILL after 15 s, or cancel
+    /// and join the in-process app.
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    // Ask politely, then insist.
+                    sigterm(&c).await;
+                    if tokio::time::timeout(Duration::from_secs(15), c.wait())
+                        .await
+                        .is_err()
+                    {
+                        c.kill().await?;
+                    }
+                }
+            }
+            Self::InProcess { cancel, task } => {
+                cancel.cancel();
+                match tokio::time::timeout(Duration::from_secs(20), task).await {
+                    Ok(Ok(r)) => r.context("cloud-hub")?,
+                    Ok(Err(e)) => bail!("hub task: {e}"),
+                    Err(_) => bail!("the hub did not stop within 20 s"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Hub {
+    /// Starts the hub of scenario `s` and waits until it is healthy.
+    pub(super) async fn start(
+        s: &Scenario,
+        dir: &Path,
+        hub_exe: Option<PathBuf>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let cfg = hub_config(s, dir)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let (proc, base, mqtt) = HubProc::launch(s.hub.mode, cfg, dir, hub_exe, cancel).await?;
         let mut hub = Self {
             base,
             mqtt,
             public_key: String::new(),
-            rt,
+            proc,
             http,
         };
         hub.wait_healthy(Duration::from_secs(60)).await?;
@@ -127,7 +219,7 @@ impl HubCtl {
         Ok(hub)
     }
 
-    pub(super) async fn wait_healthy(&self, limit: Duration) -> anyhow::Result<()> {
+    async fn wait_healthy(&self, limit: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         loop {
             if let Ok(r) = self.http.get(format!("{}/healthz", self.base)).send().await
@@ -145,30 +237,24 @@ impl HubCtl {
         }
     }
 
+    /// The hub's process id (`None` in process or while it is down).
     pub(super) fn pid(&self) -> Option<u32> {
-        match &self.rt {
-            HubRt::Process { child, .. } => child.as_ref().and_then(tokio::process::Child::id),
-            HubRt::InProcess { .. } => None,
-        }
+        self.proc.pid()
     }
 
     /// Kills the hub process (SIGKILL: broker, sessions and unflushed sled
     /// data go with it).
     pub(super) async fn kill(&mut self) -> anyhow::Result<()> {
-        if let HubRt::Process { child, .. } = &mut self.rt
-            && let Some(mut c) = child.take()
-        {
-            c.kill().await.context("killing the hub")?;
-        }
-        Ok(())
+        self.proc.kill().await
     }
 
+    /// Starts a killed hub process again on the same ports.
     pub(super) async fn restart(&mut self) -> anyhow::Result<()> {
-        if matches!(self.rt, HubRt::Process { .. }) {
+        if matches!(self.proc, HubProc::Process { .. }) {
             // The ports were just released; retry while the OS frees them.
             let start = Instant::now();
             loop {
-                self.rt.spawn_child()?;
+                self.proc.spawn_child()?;
                 if self.wait_healthy(Duration::from_secs(10)).await.is_ok() {
                     return Ok(());
                 }
@@ -181,33 +267,13 @@ impl HubCtl {
         Ok(())
     }
 
-    pub(super) async fn stop(mut self) -> anyhow::Result<()> {
-        match &mut self.rt {
-            HubRt::Process { child, .. } => {
-                if let Some(mut c) = child.take() {
-                    // Ask politely, then insist.
-                    sigterm(&c).await;
-                    if tokio::time::timeout(Duration::from_secs(15), c.wait())
-                        .await
-                        .is_err()
-                    {
-                        c.kill().await?;
-                    }
-                }
-            }
-            HubRt::InProcess { cancel, task } => {
-                cancel.cancel();
-                match tokio::time::timeout(Duration::from_secs(20), task).await {
-                    Ok(Ok(r)) => r.context("cloud-hub")?,
-                    Ok(Err(e)) => bail!("hub task: {e}"),
-                    Err(_) => bail!("the hub did not stop within 20 s"),
-                }
-            }
-        }
-        Ok(())
+    /// Stops the hub cleanly.
+    pub(super) async fn stop(&mut self) -> anyhow::Result<()> {
+        self.proc.stop().await
     }
 
-    pub(super) async fn upload(&self, bytes: &'static [u8]) -> anyhow::Result<ArtifactInfoLite> {
+    /// `PUT /v1/artifacts`.
+    pub(super) async fn upload(&self, bytes: &'static [u8]) -> anyhow::Result<ArtifactInfo> {
         let r = self
             .http
             .put(format!("{}/v1/artifacts", self.base))
@@ -220,6 +286,7 @@ impl HubCtl {
         Ok(r.json().await?)
     }
 
+    /// `PUT /v1/nodes/{node}/desired`.
     pub(super) async fn put_desired(&self, d: &DesiredState) -> anyhow::Result<()> {
         let r = self
             .http
@@ -238,8 +305,9 @@ impl HubCtl {
         Ok(())
     }
 
+    /// Names of `node`'s stored streams (`GET /v1/nodes/{node}/streams`).
     pub(super) async fn streams(&self, node: &str) -> anyhow::Result<Vec<String>> {
-        let v: BTreeMap<String, serde_json::Value> = self
+        let v: BTreeMap<String, StreamStats> = self
             .http
             .get(format!("{}/v1/nodes/{node}/streams", self.base))
             .send()
@@ -250,15 +318,16 @@ impl HubCtl {
         Ok(v.into_keys().collect())
     }
 
+    /// Every stored sample of one stream, page by page.
     pub(super) async fn samples(
         &self,
         node: &str,
         stream: &str,
-    ) -> anyhow::Result<Vec<SampleLite>> {
+    ) -> anyhow::Result<Vec<StoredSample>> {
         let mut out = Vec::new();
         let mut from = 1u64;
         loop {
-            let page: SamplePageLite = self
+            let page: SamplePage = self
                 .http
                 .get(format!(
                     "{}/v1/nodes/{node}/streams/{stream}/samples?from_seq={from}&limit=200000",
@@ -275,23 +344,6 @@ impl HubCtl {
                 None => return Ok(out),
             }
         }
-    }
-}
-
-impl HubRt {
-    pub(super) fn spawn_child(&mut self) -> anyhow::Result<()> {
-        if let Self::Process {
-            exe,
-            config,
-            log,
-            child,
-        } = self
-        {
-            let c = spawn_logged(exe, "hub", config, log)
-                .with_context(|| format!("starting the hub: {} hub", exe.display()))?;
-            *child = Some(c);
-        }
-        Ok(())
     }
 }
 

@@ -1,25 +1,29 @@
 //! What the runner watches while a run goes on: the hub's view of every
-//! node (`GET /v1/nodes`), RSS, drain state, and the progress line.
+//! node ([`monitor_loop`] over `GET /v1/nodes`, read as the hub's own
+//! `cloud_hub::api::NodeView`), RSS, whether the fleet has drained
+//! ([`drained`]), and the progress line ([`Progress`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cloud_hub::api::NodeView;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
+use protocols::ReportedState;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::fleet::NodeRt;
-use super::{lock, now_ms};
+use super::fleet::SimNode;
+use super::{RunState, lock, now_ms};
 
 /// Per-node state as the monitor last saw it at the hub.
 #[derive(Debug, Clone, Default)]
 pub(super) struct NodeSeen {
-    pub(super) reported: Option<ReportedLite>,
+    pub(super) reported: Option<ReportedState>,
     pub(super) stored: u64,
 }
 
+/// What the monitor has seen so far.
 #[derive(Debug, Default)]
 pub(super) struct Monitor {
     pub(super) nodes: HashMap<String, NodeSeen>,
@@ -33,48 +37,33 @@ pub(super) struct Monitor {
     pub(super) polls_failed: u64,
 }
 
-#[derive(Deserialize)]
-pub(super) struct NodeViewLite {
-    pub(super) node: String,
-    pub(super) reported: Option<ReportedLite>,
-    pub(super) telemetry: TelemetryLite,
-}
-
-/// The part of a node's reported state the runner uses.
-#[derive(Debug, Clone, Deserialize)]
-pub(super) struct ReportedLite {
-    pub(super) applied_revision: u64,
-    /// Windows in which the agent may have lost samples (after a crash).
-    #[serde(default)]
-    pub(super) loss_windows: Vec<protocols::LossWindow>,
-    pub(super) backlog: protocols::Backlog,
-    pub(super) at_ms: u64,
-}
-
-#[derive(Deserialize)]
-pub(super) struct TelemetryLite {
-    pub(super) samples: u64,
-}
-
-#[derive(Deserialize)]
-pub(super) struct ArtifactInfoLite {
-    pub(super) sha256: String,
-    pub(super) size: u64,
-}
-
-#[derive(Deserialize)]
-pub(super) struct SampleLite {
-    pub(super) seq: u64,
-    pub(super) point: u32,
-    pub(super) ts_ms: u64,
-    pub(super) value: f64,
-    pub(super) quality: u8,
-}
-
-#[derive(Deserialize)]
-pub(super) struct SamplePageLite {
-    pub(super) samples: Vec<SampleLite>,
-    pub(super) next_seq: Option<u64>,
+impl Monitor {
+    /// Files one poll's views (seen at `now`).
+    fn record(&mut self, views: Vec<NodeView>, now: Instant) {
+        for v in views {
+            if let Some(rep) = &v.reported {
+                let applied = rep.applied_revision;
+                let done: Vec<(String, u64)> = self
+                    .pending
+                    .keys()
+                    .filter(|(n, r)| *n == v.node && *r <= applied)
+                    .cloned()
+                    .collect();
+                for k in done {
+                    if let Some(t) = self.pending.remove(&k) {
+                        self.applied_at_ms.insert(k.clone(), now_ms());
+                        self.convergence_ms
+                            .push(now.duration_since(t).as_secs_f64() * 1_000.0);
+                    }
+                }
+            }
+            let seen = self.nodes.entry(v.node).or_default();
+            if v.reported.is_some() {
+                seen.reported = v.reported;
+            }
+            seen.stored = seen.stored.max(v.telemetry.samples);
+        }
+    }
 }
 
 /// RSS in bytes of a process from `/proc/{pid}/status` (`self` for this one).
@@ -85,6 +74,8 @@ pub fn rss_bytes(pid: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Polls the hub every 100 ms until `cancel`: the whole fleet once a second,
+/// nodes with a pending desired revision on every tick; RSS every 0.5 s.
 pub(super) async fn monitor_loop(
     hub_base: String,
     hub_pid: Arc<Mutex<Option<u32>>>,
@@ -111,7 +102,7 @@ pub(super) async fn monitor_loop(
         }
         // The whole fleet once a second (reported states of big nodes are
         // large); nodes with a pending desired revision every 100 ms.
-        let views: Vec<NodeViewLite> = if n.is_multiple_of(10) {
+        let views: Vec<NodeView> = if n.is_multiple_of(10) {
             let Some(v) = get_json(&http, format!("{hub_base}/v1/nodes")).await else {
                 lock(&state).polls_failed += 1;
                 continue;
@@ -131,35 +122,11 @@ pub(super) async fn monitor_loop(
             }
             v
         };
-        let now = Instant::now();
-        let mut st = lock(&state);
-        for v in views {
-            if let Some(rep) = &v.reported {
-                let applied = rep.applied_revision;
-                let done: Vec<(String, u64)> = st
-                    .pending
-                    .keys()
-                    .filter(|(n, r)| *n == v.node && *r <= applied)
-                    .cloned()
-                    .collect();
-                for k in done {
-                    if let Some(t) = st.pending.remove(&k) {
-                        st.applied_at_ms.insert(k.clone(), now_ms());
-                        st.convergence_ms
-                            .push(now.duration_since(t).as_secs_f64() * 1_000.0);
-                    }
-                }
-            }
-            let seen = st.nodes.entry(v.node).or_default();
-            if v.reported.is_some() {
-                seen.reported = v.reported;
-            }
-            seen.stored = seen.stored.max(v.telemetry.samples);
-        }
+        lock(&state).record(views, Instant::now());
     }
 }
 
-pub(super) async fn get_json<T: serde::de::DeserializeOwned>(
+async fn get_json<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
     url: String,
 ) -> Option<T> {
@@ -180,7 +147,7 @@ pub(super) async fn get_json<T: serde::de::DeserializeOwned>(
 /// oldest unacked sample is younger than `fresh_ms` (caught up with live).
 pub(super) fn drained(
     st: &Monitor,
-    nodes: &[NodeRt],
+    nodes: &[SimNode],
     after_ms: u64,
     before_ms: Option<u64>,
     fresh_ms: u64,
@@ -211,10 +178,11 @@ pub(super) fn drained(
     })
 }
 
+/// The progress bar on stderr (a line every 10 s without a terminal).
 pub(super) struct Progress {
     pub(super) bar: ProgressBar,
-    pub(super) show: bool,
-    pub(super) next_line: u64,
+    show: bool,
+    next_line: u64,
 }
 
 impl Progress {
@@ -255,5 +223,50 @@ impl Progress {
             eprintln!("[{secs:>5}s] {msg}");
             self.next_line = secs + 10;
         }
+    }
+}
+
+impl RunState {
+    /// The live phase's progress line, and the drain watches: an outage's
+    /// drain ends when, with no outage open, every node is fresh again.
+    pub(super) fn show_progress(&mut self, live: Instant, live_for: Duration, fresh_ms: u64) {
+        let st = lock(&self.monitor);
+        let stored: u64 = st.nodes.values().map(|n| n.stored).sum();
+        let backlog: u64 = st
+            .nodes
+            .values()
+            .filter_map(|n| n.reported.as_ref())
+            .map(|r| r.backlog.samples)
+            .sum();
+        self.progress
+            .bar
+            .set_position(live.elapsed().as_secs().min(live_for.as_secs()));
+        let mut msg = format!(
+            "hub stored {stored}  edge backlog {backlog}  rss {} MiB",
+            rss_bytes("self").unwrap_or(0) >> 20
+        );
+        for (node, o) in &self.outages.running_virtual {
+            use std::fmt::Write as _;
+            let _ = write!(
+                msg,
+                "  node {node} virtual outage {:.1}/{:.1} h",
+                o.progress().as_secs_f64() / 3600.0,
+                o.duration().as_secs_f64() / 3600.0
+            );
+        }
+        self.progress.status(live.elapsed().as_secs(), &msg);
+        self.progress.bar.set_message(msg);
+        let open_outages =
+            !self.outages.since.is_empty() || !self.outages.running_virtual.is_empty();
+        let nodes = &self.nodes;
+        let drain_max = &mut self.outages.drain_max;
+        self.outages.drain_watch.retain(|(end, end_ms)| {
+            if !open_outages && drained(&st, nodes, *end_ms, None, fresh_ms) {
+                *drain_max = drain_max.max(end.elapsed().as_secs_f64());
+                false
+            } else {
+                true
+            }
+        });
     }
 }

@@ -3,7 +3,7 @@
 //! the hub stored.
 //!
 //! This module holds the inputs ([`Obs`]), the guests' config parsing
-//! ([`Filter`]) and the reference filters ([`reference`],
+//! ([`Filter`]) and the reference filters ([`reference()`],
 //! [`reference_detailed`]); `check` (re-exported here) holds every
 //! comparison type and algorithm once: the matching of stored samples to
 //! served ones ([`compare_point`] → [`PointVerdict`]), the reconstruction

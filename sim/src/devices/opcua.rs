@@ -268,7 +268,10 @@ impl OpcUaSim {
         Ok(sim)
     }
 
-    fn launch(&self, listener: TcpListener) -> Result<(Running, u16, Vec<NodeId>), OpcUaSimError> {
+    /// The server's identity, endpoints (`none`, plus the Basic256Sha256
+    /// ones with `secure_endpoints`) and limits sized for fleet-scale
+    /// subscriptions.
+    fn server_builder(&self) -> ServerBuilder {
         let c = &self.config;
         let port = self.addr.port();
         let host = self.addr.ip().to_string();
@@ -331,6 +334,12 @@ impl OpcUaSim {
         limits.subscriptions.min_publishing_interval_ms = 10.0;
         limits.operational.max_monitored_items_per_call = 100_000;
         limits.operational.max_nodes_per_read = 100_000;
+        builder
+    }
+
+    fn launch(&self, listener: TcpListener) -> Result<(Running, u16, Vec<NodeId>), OpcUaSimError> {
+        let c = &self.config;
+        let builder = self.server_builder();
         let (server, handle) = builder
             .subscription_poll_interval_ms(10)
             .build()

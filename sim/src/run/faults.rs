@@ -358,3 +358,61 @@ impl RunState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// chaos.toml has one fault of every real-time kind: each with a
+    /// duration becomes a start and an end step, a re-deploy one step, all
+    /// in time order.
+    #[test]
+    fn timeline_pairs_each_fault_with_its_end_in_time_order() {
+        let s = Scenario::from_toml(include_str!("../../scenarios/chaos.toml"), "chaos.toml")
+            .expect("chaos.toml parses");
+        let t = timeline(&s);
+        assert!(t.windows(2).all(|w| w[0].0 <= w[1].0), "{t:?}");
+        let redeploys = s
+            .faults
+            .iter()
+            .filter(|f| matches!(f, Fault::Redeploy { .. }))
+            .count();
+        assert!(redeploys > 0);
+        assert_eq!(t.len(), 2 * s.faults.len() - redeploys, "{t:?}");
+        let count = |p: fn(&Action) -> bool| t.iter().filter(|(_, a)| p(a)).count();
+        assert_eq!(
+            count(|a| matches!(a, Action::HubDown)),
+            count(|a| matches!(a, Action::HubUp))
+        );
+        assert_eq!(
+            count(|a| matches!(a, Action::AgentDown(_))),
+            count(|a| matches!(a, Action::AgentUp(_)))
+        );
+        assert_eq!(
+            count(|a| matches!(a, Action::Devices { up: false, .. })),
+            count(|a| matches!(a, Action::Devices { up: true, .. }))
+        );
+        // A link fault ends by passing traffic again.
+        let passes = count(|a| {
+            matches!(
+                a,
+                Action::Link {
+                    mode: LinkMode::Pass,
+                    ..
+                }
+            )
+        });
+        let links = count(|a| matches!(a, Action::Link { .. }));
+        assert!(links > 0 && 2 * passes == links, "{t:?}");
+        // Every end comes after its start.
+        for (i, (at, a)) in t.iter().enumerate() {
+            if let Action::HubUp = a {
+                assert!(
+                    t[..i]
+                        .iter()
+                        .any(|(b, x)| matches!(x, Action::HubDown) && b <= at)
+                );
+            }
+        }
+    }
+}

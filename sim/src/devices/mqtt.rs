@@ -340,11 +340,17 @@ impl crate::devices::SimDevice for MqttSim {
         MqttSim::served(self, id)
     }
 
-    /// Values published before the subscription reached no subscriber;
-    /// payload timestamps are exact, so the window starts at `t0_ms`.
+    /// See [`subscription_window`].
     fn delivery_window(&self, served: &mut Vec<Obs>, _stored: &[Obs], t0_ms: u64) {
-        served.drain(..served.partition_point(|o| o.ts_ms < t0_ms));
+        subscription_window(served, t0_ms);
     }
+}
+
+/// The MQTT delivery rule ([`SimDevice::delivery_window`](crate::devices::SimDevice::delivery_window)):
+/// values published before the subscription reached no subscriber; payload
+/// timestamps are exact, so the window starts at `t0_ms`.
+pub fn subscription_window(served: &mut Vec<Obs>, t0_ms: u64) {
+    served.drain(..served.partition_point(|o| o.ts_ms < t0_ms));
 }
 
 impl Drop for MqttSim {
@@ -497,4 +503,16 @@ pub async fn start_broker() -> Result<SocketAddr, MqttSimError> {
     Err(MqttSimError::Broker(format!(
         "{listen} does not accept connections"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_starts_at_the_subscription() {
+        let mut served: Vec<Obs> = (0..4).map(|i| Obs::good(10 * i, i as f64)).collect();
+        subscription_window(&mut served, 20);
+        assert_eq!(served, vec![Obs::good(20, 2.0), Obs::good(30, 3.0)]);
+    }
 }

@@ -474,23 +474,28 @@ impl crate::devices::SimDevice for OpcUaSim {
         OpcUaSim::served(self, id)
     }
 
-    /// Values served before the subscription reached no subscriber. The
-    /// first notification carries the value current at subscription time,
-    /// stamped with the latest tick (the log has it at the tick that
-    /// changed it): that entry is kept, with the source timestamp the
-    /// subscriber got.
+    /// See [`subscription_window`].
     fn delivery_window(&self, served: &mut Vec<Obs>, stored: &[Obs], t0_ms: u64) {
-        let keep_from = served
-            .partition_point(|o| o.ts_ms <= t0_ms)
-            .saturating_sub(1);
-        served.drain(..keep_from);
-        if let (Some(f), Some(first)) = (stored.first(), served.first_mut())
-            && f.value.to_bits() == first.value.to_bits()
-            && f.ts_ms > first.ts_ms
-            && f.ts_ms <= t0_ms
-        {
-            first.ts_ms = f.ts_ms;
-        }
+        subscription_window(served, stored, t0_ms);
+    }
+}
+
+/// The OPC UA delivery rule ([`SimDevice::delivery_window`](crate::devices::SimDevice::delivery_window)):
+/// values served before the subscription reached no subscriber. The first
+/// notification carries the value current at subscription time, stamped
+/// with the latest tick (the log has it at the tick that changed it): that
+/// entry is kept, with the source timestamp the subscriber got.
+pub fn subscription_window(served: &mut Vec<Obs>, stored: &[Obs], t0_ms: u64) {
+    let keep_from = served
+        .partition_point(|o| o.ts_ms <= t0_ms)
+        .saturating_sub(1);
+    served.drain(..keep_from);
+    if let (Some(f), Some(first)) = (stored.first(), served.first_mut())
+        && f.value.to_bits() == first.value.to_bits()
+        && f.ts_ms > first.ts_ms
+        && f.ts_ms <= t0_ms
+    {
+        first.ts_ms = f.ts_ms;
     }
 }
 
@@ -556,5 +561,33 @@ async fn ticker(
         if let Err(e) = nm.set_values(handle.subscriptions(), items) {
             tracing::warn!(error = %e, "simulated OPC UA update failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Served every 10 ms; subscribed at 25 with the value of the tick at 20
+    /// delivered stamped 25.
+    #[test]
+    fn the_first_notification_keeps_the_current_value_at_its_delivered_time() {
+        let mut served: Vec<Obs> = (0..6).map(|i| Obs::good(10 * i, i as f64)).collect();
+        let stored = [Obs::good(25, 2.0), Obs::good(30, 3.0)];
+        subscription_window(&mut served, &stored, 25);
+        assert_eq!(
+            served,
+            vec![
+                Obs::good(25, 2.0),
+                Obs::good(30, 3.0),
+                Obs::good(40, 4.0),
+                Obs::good(50, 5.0)
+            ]
+        );
+        // A first stored value that is not the current one keeps the log's
+        // timestamp.
+        let mut served: Vec<Obs> = (0..6).map(|i| Obs::good(10 * i, i as f64)).collect();
+        subscription_window(&mut served, &[Obs::good(25, 9.0)], 25);
+        assert_eq!(served.first(), Some(&Obs::good(20, 2.0)));
     }
 }

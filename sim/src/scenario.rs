@@ -555,6 +555,23 @@ impl Scenario {
     /// Every problem as `key.path: message`.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
+        self.validate_top(&mut errs);
+        let min_points = self.validate_nodes(&mut errs);
+        self.validate_signals(&mut errs);
+        let names = self.validate_functions(min_points, &mut errs);
+        self.validate_faults(&names, &mut errs);
+        self.validate_virtual(&mut errs);
+        if self.edge.mode == EdgeMode::Process && !self.virtual_partitions().is_empty() {
+            errs.push(
+                "edge.mode: a virtual-time partition needs in-process agents (its agent shares a paused runtime with its devices)"
+                    .to_owned(),
+            );
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+
+    /// Run-level keys (`name`, durations, `edge.*`, non-empty lists).
+    fn validate_top(&self, errs: &mut Vec<String>) {
         let mut e = |path: &str, msg: &str| errs.push(format!("{path}: {msg}"));
         if self.name.trim().is_empty() {
             e("name", "must not be empty");
@@ -583,6 +600,11 @@ impl Scenario {
         if self.signals.is_empty() {
             e("signals", "at least one signal model is needed");
         }
+    }
+
+    /// `nodes[*]`; returns the smallest `points_per_device` of any group.
+    fn validate_nodes(&self, errs: &mut Vec<String>) -> u32 {
+        let mut e = |path: &str, msg: &str| errs.push(format!("{path}: {msg}"));
         let mut min_points = u32::MAX;
         for (i, g) in self.nodes.iter().enumerate() {
             let p = format!("nodes[{i}]");
@@ -643,6 +665,12 @@ impl Scenario {
                 e(&format!("{p}.devices"), "too many points for one node");
             }
         }
+        min_points
+    }
+
+    /// `signals[*]`.
+    fn validate_signals(&self, errs: &mut Vec<String>) {
+        let mut e = |path: &str, msg: &str| errs.push(format!("{path}: {msg}"));
         for (i, m) in self.signals.iter().enumerate() {
             if let protocols::Signal::Sine { period_s, .. } = m.base
                 && period_s <= 0.0
@@ -655,6 +683,16 @@ impl Scenario {
                 e(&format!("signals[{i}].base.every_s"), "must be > 0");
             }
         }
+    }
+
+    /// `functions[*]` (slots below `min_points`, each slot and protocol
+    /// routed once); returns the function names.
+    fn validate_functions(
+        &self,
+        min_points: u32,
+        errs: &mut Vec<String>,
+    ) -> std::collections::BTreeSet<&str> {
+        let mut e = |path: &str, msg: &str| errs.push(format!("{path}: {msg}"));
         let mut names = std::collections::BTreeSet::new();
         let mut used_slots = std::collections::BTreeMap::new();
         for (i, f) in self.functions.iter().enumerate() {
@@ -704,6 +742,13 @@ impl Scenario {
                 }
             }
         }
+        names
+    }
+
+    /// `faults[*]` against the node count, the hub mode and the function
+    /// `names`.
+    fn validate_faults(&self, names: &std::collections::BTreeSet<&str>, errs: &mut Vec<String>) {
+        let mut e = |path: &str, msg: &str| errs.push(format!("{path}: {msg}"));
         let nodes = self.node_count();
         for (i, f) in self.faults.iter().enumerate() {
             let p = format!("faults[{i}]");
@@ -756,38 +801,36 @@ impl Scenario {
                     }
                 }
             }
-            if let Fault::DevicesDown {
-                node,
-                protocol,
-                server: Some(s),
-                ..
-            } = f
-                && let Some(layout) = self.nodes().get(*node)
-            {
-                let d = &self.nodes[layout.group].devices;
-                let servers = match protocol {
-                    Protocol::Modbus => d.modbus.div_ceil(d.modbus_units_per_server.max(1)),
-                    Protocol::Opcua => d.opcua.div_ceil(d.opcua_devices_per_server.max(1)),
-                    Protocol::Mqtt => d.mqtt.div_ceil(d.mqtt_devices_per_client.max(1)),
-                };
-                if *s >= servers {
-                    e(
-                        &format!("{p}.server"),
-                        &format!(
-                            "{s} is out of range (node {node} has {servers} {protocol:?} servers)"
-                        ),
-                    );
-                }
+            self.validate_fault_server(&p, f, &mut e);
+        }
+    }
+
+    /// `faults[i].server` of a `devices-down` fault (`p` = `faults[i]`):
+    /// within the node's simulators of that protocol.
+    fn validate_fault_server(&self, p: &str, f: &Fault, e: &mut impl FnMut(&str, &str)) {
+        if let Fault::DevicesDown {
+            node,
+            protocol,
+            server: Some(s),
+            ..
+        } = f
+            && let Some(layout) = self.nodes().get(*node)
+        {
+            let d = &self.nodes[layout.group].devices;
+            let servers = match protocol {
+                Protocol::Modbus => d.modbus.div_ceil(d.modbus_units_per_server.max(1)),
+                Protocol::Opcua => d.opcua.div_ceil(d.opcua_devices_per_server.max(1)),
+                Protocol::Mqtt => d.mqtt.div_ceil(d.mqtt_devices_per_client.max(1)),
+            };
+            if *s >= servers {
+                e(
+                    &format!("{p}.server"),
+                    &format!(
+                        "{s} is out of range (node {node} has {servers} {protocol:?} servers)"
+                    ),
+                );
             }
         }
-        self.validate_virtual(&mut errs);
-        if self.edge.mode == EdgeMode::Process && !self.virtual_partitions().is_empty() {
-            errs.push(
-                "edge.mode: a virtual-time partition needs in-process agents (its agent shares a paused runtime with its devices)"
-                    .to_owned(),
-            );
-        }
-        if errs.is_empty() { Ok(()) } else { Err(errs) }
     }
 
     /// Rules of virtual-time partitions (see [`PartitionClock::Virtual`]).

@@ -26,12 +26,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use edge_node::clock::Clock;
+use futures::future::BoxFuture;
 use protocols::MqttDevicePayload;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::devices::SimDeviceError;
 use crate::signal::{Model, ModelState};
+use crate::truth::Obs;
 
 /// One point of a simulated MQTT device.
 #[derive(Debug, Clone)]
@@ -319,6 +322,37 @@ impl MqttSim {
     }
 }
 
+impl crate::devices::SimDevice for MqttSim {
+    fn go_down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(MqttSim::go_down(self))
+    }
+
+    fn come_up(&self) -> BoxFuture<'_, Result<(), SimDeviceError>> {
+        MqttSim::come_up(self);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(MqttSim::stop(self))
+    }
+
+    fn served(&self, id: u32) -> Vec<(u64, f64)> {
+        MqttSim::served(self, id)
+    }
+
+    /// See [`subscription_window`].
+    fn delivery_window(&self, served: &mut Vec<Obs>, _stored: &[Obs], t0_ms: u64) {
+        subscription_window(served, t0_ms);
+    }
+}
+
+/// The MQTT delivery rule ([`SimDevice::delivery_window`](crate::devices::SimDevice::delivery_window)):
+/// values published before the subscription reached no subscriber; payload
+/// timestamps are exact, so the window starts at `t0_ms`.
+pub fn subscription_window(served: &mut Vec<Obs>, t0_ms: u64) {
+    served.drain(..served.partition_point(|o| o.ts_ms < t0_ms));
+}
+
 impl Drop for MqttSim {
     fn drop(&mut self) {
         self.cancel.cancel();
@@ -469,4 +503,16 @@ pub async fn start_broker() -> Result<SocketAddr, MqttSimError> {
     Err(MqttSimError::Broker(format!(
         "{listen} does not accept connections"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_starts_at_the_subscription() {
+        let mut served: Vec<Obs> = (0..4).map(|i| Obs::good(10 * i, i as f64)).collect();
+        subscription_window(&mut served, 20);
+        assert_eq!(served, vec![Obs::good(20, 2.0), Obs::good(30, 3.0)]);
+    }
 }

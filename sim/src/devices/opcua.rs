@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use edge_node::clock::Clock;
+use futures::future::BoxFuture;
 use opcua::crypto::SecurityPolicy;
 use opcua::server::address_space::{AccessLevel, VariableBuilder};
 use opcua::server::diagnostics::NamespaceMetadata;
@@ -36,7 +37,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::devices::SimDeviceError;
 use crate::signal::{Model, ModelState};
+use crate::truth::Obs;
 
 /// Namespace URI of the simulated variables.
 pub const NAMESPACE_URI: &str = "urn:edgefleet:sim";
@@ -265,7 +268,10 @@ impl OpcUaSim {
         Ok(sim)
     }
 
-    fn launch(&self, listener: TcpListener) -> Result<(Running, u16, Vec<NodeId>), OpcUaSimError> {
+    /// The server's identity, endpoints (`none`, plus the Basic256Sha256
+    /// ones with `secure_endpoints`) and limits sized for fleet-scale
+    /// subscriptions.
+    fn server_builder(&self) -> ServerBuilder {
         let c = &self.config;
         let port = self.addr.port();
         let host = self.addr.ip().to_string();
@@ -328,6 +334,12 @@ impl OpcUaSim {
         limits.subscriptions.min_publishing_interval_ms = 10.0;
         limits.operational.max_monitored_items_per_call = 100_000;
         limits.operational.max_nodes_per_read = 100_000;
+        builder
+    }
+
+    fn launch(&self, listener: TcpListener) -> Result<(Running, u16, Vec<NodeId>), OpcUaSimError> {
+        let c = &self.config;
+        let builder = self.server_builder();
         let (server, handle) = builder
             .subscription_poll_interval_ms(10)
             .build()
@@ -445,6 +457,48 @@ impl OpcUaSim {
     }
 }
 
+impl crate::devices::SimDevice for OpcUaSim {
+    fn go_down(&self) -> BoxFuture<'_, ()> {
+        Box::pin(OpcUaSim::go_down(self))
+    }
+
+    fn come_up(&self) -> BoxFuture<'_, Result<(), SimDeviceError>> {
+        Box::pin(async move { OpcUaSim::come_up(self).await.map_err(SimDeviceError::from) })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(OpcUaSim::stop(self))
+    }
+
+    fn served(&self, id: u32) -> Vec<(u64, f64)> {
+        OpcUaSim::served(self, id)
+    }
+
+    /// See [`subscription_window`].
+    fn delivery_window(&self, served: &mut Vec<Obs>, stored: &[Obs], t0_ms: u64) {
+        subscription_window(served, stored, t0_ms);
+    }
+}
+
+/// The OPC UA delivery rule ([`SimDevice::delivery_window`](crate::devices::SimDevice::delivery_window)):
+/// values served before the subscription reached no subscriber. The first
+/// notification carries the value current at subscription time, stamped
+/// with the latest tick (the log has it at the tick that changed it): that
+/// entry is kept, with the source timestamp the subscriber got.
+pub fn subscription_window(served: &mut Vec<Obs>, stored: &[Obs], t0_ms: u64) {
+    let keep_from = served
+        .partition_point(|o| o.ts_ms <= t0_ms)
+        .saturating_sub(1);
+    served.drain(..keep_from);
+    if let (Some(f), Some(first)) = (stored.first(), served.first_mut())
+        && f.value.to_bits() == first.value.to_bits()
+        && f.ts_ms > first.ts_ms
+        && f.ts_ms <= t0_ms
+    {
+        first.ts_ms = f.ts_ms;
+    }
+}
+
 async fn stop_running(r: Running) {
     r.stop.cancel();
     r.handle.cancel();
@@ -507,5 +561,33 @@ async fn ticker(
         if let Err(e) = nm.set_values(handle.subscriptions(), items) {
             tracing::warn!(error = %e, "simulated OPC UA update failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Served every 10 ms; subscribed at 25 with the value of the tick at 20
+    /// delivered stamped 25.
+    #[test]
+    fn the_first_notification_keeps_the_current_value_at_its_delivered_time() {
+        let mut served: Vec<Obs> = (0..6).map(|i| Obs::good(10 * i, i as f64)).collect();
+        let stored = [Obs::good(25, 2.0), Obs::good(30, 3.0)];
+        subscription_window(&mut served, &stored, 25);
+        assert_eq!(
+            served,
+            vec![
+                Obs::good(25, 2.0),
+                Obs::good(30, 3.0),
+                Obs::good(40, 4.0),
+                Obs::good(50, 5.0)
+            ]
+        );
+        // A first stored value that is not the current one keeps the log's
+        // timestamp.
+        let mut served: Vec<Obs> = (0..6).map(|i| Obs::good(10 * i, i as f64)).collect();
+        subscription_window(&mut served, &[Obs::good(25, 9.0)], 25);
+        assert_eq!(served.first(), Some(&Obs::good(20, 2.0)));
     }
 }

@@ -32,12 +32,14 @@ use std::time::Duration;
 
 use edge_node::clock::Clock;
 use edge_node::drivers::decode::{self, Format};
+use futures::future::BoxFuture;
 use protocols::{ModbusTable, Point, PointAddress};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::devices::SimDeviceError;
 use crate::signal::{Model, ModelState};
 use pdu::Bank;
 
@@ -161,7 +163,7 @@ pub enum Fault {
 
 /// Errors starting or restarting the server.
 #[derive(Debug, thiserror::Error)]
-pub enum SimError {
+pub enum ModbusSimError {
     /// Could not bind the listen address.
     #[error("bind {addr}")]
     Bind {
@@ -354,17 +356,20 @@ impl std::fmt::Debug for SharedHandle {
 
 impl ModbusSim {
     /// Binds and starts serving.
-    pub async fn start(config: ModbusSimConfig) -> Result<Self, SimError> {
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| SimError::Bind {
+    pub async fn start(config: ModbusSimConfig) -> Result<Self, ModbusSimError> {
+        let listener =
+            TcpListener::bind(config.bind)
+                .await
+                .map_err(|source| ModbusSimError::Bind {
+                    addr: config.bind,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ModbusSimError::Bind {
                 addr: config.bind,
                 source,
             })?;
-        let addr = listener.local_addr().map_err(|source| SimError::Bind {
-            addr: config.bind,
-            source,
-        })?;
         let units = config
             .units
             .iter()
@@ -422,13 +427,14 @@ impl ModbusSim {
     }
 
     /// Comes back on the same address.
-    pub async fn come_up(&self) -> Result<(), SimError> {
-        let listener = TcpListener::bind(self.addr)
-            .await
-            .map_err(|source| SimError::Bind {
-                addr: self.addr,
-                source,
-            })?;
+    pub async fn come_up(&self) -> Result<(), ModbusSimError> {
+        let listener =
+            TcpListener::bind(self.addr)
+                .await
+                .map_err(|source| ModbusSimError::Bind {
+                    addr: self.addr,
+                    source,
+                })?;
         let token = self.cancel.child_token();
         *lock(&self.generation) = token.clone();
         self.tasks
@@ -513,6 +519,36 @@ impl ModbusSim {
         let mut tasks = self.tasks.lock().await;
         while tasks.join_next().await.is_some() {}
     }
+}
+
+impl crate::devices::SimDevice for ModbusSim {
+    fn go_down(&self) -> BoxFuture<'_, ()> {
+        ModbusSim::go_down(self);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn come_up(&self) -> BoxFuture<'_, Result<(), SimDeviceError>> {
+        Box::pin(async move { ModbusSim::come_up(self).await.map_err(SimDeviceError::from) })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, ()> {
+        Box::pin(ModbusSim::stop(self))
+    }
+
+    /// The log of the unit that has point `id`.
+    fn served(&self, id: u32) -> Vec<(u64, f64)> {
+        self.inner
+            .0
+            .units
+            .values()
+            .find_map(|u| lock(u).log.get(&id).cloned())
+            .unwrap_or_default()
+    }
+
+    // A Modbus driver polls: every logged read reached it (the default
+    // delivery window). It stamps a sample when the reply arrives, after
+    // the read was logged; the comparison tolerates that (see
+    // `crate::truth::local`).
 }
 
 async fn ticker(shared: Arc<Shared>, tick: Duration, epoch: u64, cancel: CancellationToken) {

@@ -78,45 +78,9 @@ impl Bank {
         let Some(&fc) = pdu.first() else {
             return (exception(0, ILLEGAL_FUNCTION), None);
         };
-        let u16_at = |i: usize| -> Option<u16> {
-            Some(u16::from_be_bytes([*pdu.get(i)?, *pdu.get(i + 1)?]))
-        };
+        let u16_at = |i: usize| u16_at(pdu, i);
         match fc {
-            1..=4 => {
-                let (Some(start), Some(count)) = (u16_at(1), u16_at(3)) else {
-                    return (exception(fc, ILLEGAL_DATA_VALUE), None);
-                };
-                let table = match fc {
-                    1 => ModbusTable::Coil,
-                    2 => ModbusTable::DiscreteInput,
-                    3 => ModbusTable::Holding,
-                    _ => ModbusTable::Input,
-                };
-                let max = if table.is_bit() { 2000 } else { 125 };
-                if count == 0 || count > max {
-                    return (exception(fc, ILLEGAL_DATA_VALUE), None);
-                }
-                let range = usize::from(start)..usize::from(start) + usize::from(count);
-                let resp = match table {
-                    ModbusTable::Coil => self.coils.get(range).map(|b| bits_response(fc, b)),
-                    ModbusTable::DiscreteInput => {
-                        self.discrete.get(range).map(|b| bits_response(fc, b))
-                    }
-                    ModbusTable::Holding => self.holding.get(range).map(|w| words_response(fc, w)),
-                    ModbusTable::Input => self.input.get(range).map(|w| words_response(fc, w)),
-                };
-                match resp {
-                    Some(r) => (
-                        r,
-                        Some(Served {
-                            table,
-                            start,
-                            count,
-                        }),
-                    ),
-                    None => (exception(fc, ILLEGAL_DATA_ADDRESS), None),
-                }
-            }
+            1..=4 => self.read(fc, pdu),
             5 => {
                 let (Some(addr), Some(v)) = (u16_at(1), u16_at(3)) else {
                     return (exception(fc, ILLEGAL_DATA_VALUE), None);
@@ -144,42 +108,86 @@ impl Bank {
                     None => (exception(fc, ILLEGAL_DATA_ADDRESS), None),
                 }
             }
-            15 | 16 => {
-                let (Some(addr), Some(count), Some(&nbytes)) = (u16_at(1), u16_at(3), pdu.get(5))
-                else {
-                    return (exception(fc, ILLEGAL_DATA_VALUE), None);
-                };
-                let Some(data) = pdu.get(6..6 + usize::from(nbytes)) else {
-                    return (exception(fc, ILLEGAL_DATA_VALUE), None);
-                };
-                let a = usize::from(addr);
-                let n = usize::from(count);
-                let ok = if fc == 15 {
-                    data.len() == n.div_ceil(8)
-                        && self.coils.get_mut(a..a + n).is_some_and(|coils| {
-                            for (i, c) in coils.iter_mut().enumerate() {
-                                *c = data[i / 8] >> (i % 8) & 1 == 1;
-                            }
-                            true
-                        })
-                } else {
-                    data.len() == 2 * n
-                        && self.holding.get_mut(a..a + n).is_some_and(|regs| {
-                            for (i, r) in regs.iter_mut().enumerate() {
-                                *r = u16::from_be_bytes([data[2 * i], data[2 * i + 1]]);
-                            }
-                            true
-                        })
-                };
-                if ok {
-                    (pdu.get(..5).map(<[u8]>::to_vec).unwrap_or_default(), None)
-                } else {
-                    (exception(fc, ILLEGAL_DATA_ADDRESS), None)
-                }
-            }
+            15 | 16 => self.write_multiple(fc, pdu),
             _ => (exception(fc, ILLEGAL_FUNCTION), None),
         }
     }
+
+    /// Read coils / discrete inputs / holding / input registers (fc 1–4).
+    fn read(&self, fc: u8, pdu: &[u8]) -> (Vec<u8>, Option<Served>) {
+        let u16_at = |i: usize| u16_at(pdu, i);
+        let (Some(start), Some(count)) = (u16_at(1), u16_at(3)) else {
+            return (exception(fc, ILLEGAL_DATA_VALUE), None);
+        };
+        let table = match fc {
+            1 => ModbusTable::Coil,
+            2 => ModbusTable::DiscreteInput,
+            3 => ModbusTable::Holding,
+            _ => ModbusTable::Input,
+        };
+        let max = if table.is_bit() { 2000 } else { 125 };
+        if count == 0 || count > max {
+            return (exception(fc, ILLEGAL_DATA_VALUE), None);
+        }
+        let range = usize::from(start)..usize::from(start) + usize::from(count);
+        let resp = match table {
+            ModbusTable::Coil => self.coils.get(range).map(|b| bits_response(fc, b)),
+            ModbusTable::DiscreteInput => self.discrete.get(range).map(|b| bits_response(fc, b)),
+            ModbusTable::Holding => self.holding.get(range).map(|w| words_response(fc, w)),
+            ModbusTable::Input => self.input.get(range).map(|w| words_response(fc, w)),
+        };
+        match resp {
+            Some(r) => (
+                r,
+                Some(Served {
+                    table,
+                    start,
+                    count,
+                }),
+            ),
+            None => (exception(fc, ILLEGAL_DATA_ADDRESS), None),
+        }
+    }
+
+    /// Write multiple coils (fc 15) or holding registers (fc 16).
+    fn write_multiple(&mut self, fc: u8, pdu: &[u8]) -> (Vec<u8>, Option<Served>) {
+        let u16_at = |i: usize| u16_at(pdu, i);
+        let (Some(addr), Some(count), Some(&nbytes)) = (u16_at(1), u16_at(3), pdu.get(5)) else {
+            return (exception(fc, ILLEGAL_DATA_VALUE), None);
+        };
+        let Some(data) = pdu.get(6..6 + usize::from(nbytes)) else {
+            return (exception(fc, ILLEGAL_DATA_VALUE), None);
+        };
+        let a = usize::from(addr);
+        let n = usize::from(count);
+        let ok = if fc == 15 {
+            data.len() == n.div_ceil(8)
+                && self.coils.get_mut(a..a + n).is_some_and(|coils| {
+                    for (i, c) in coils.iter_mut().enumerate() {
+                        *c = data[i / 8] >> (i % 8) & 1 == 1;
+                    }
+                    true
+                })
+        } else {
+            data.len() == 2 * n
+                && self.holding.get_mut(a..a + n).is_some_and(|regs| {
+                    for (i, r) in regs.iter_mut().enumerate() {
+                        *r = u16::from_be_bytes([data[2 * i], data[2 * i + 1]]);
+                    }
+                    true
+                })
+        };
+        if ok {
+            (pdu.get(..5).map(<[u8]>::to_vec).unwrap_or_default(), None)
+        } else {
+            (exception(fc, ILLEGAL_DATA_ADDRESS), None)
+        }
+    }
+}
+
+/// The big-endian u16 at byte `i` of `pdu`.
+fn u16_at(pdu: &[u8], i: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*pdu.get(i)?, *pdu.get(i + 1)?]))
 }
 
 fn grow<T: Clone>(v: &mut Vec<T>, need: usize, fill: T) {

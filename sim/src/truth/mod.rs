@@ -2,6 +2,15 @@
 //! filters and the analysis that compares what the devices served with what
 //! the hub stored.
 //!
+//! This module holds the inputs ([`Obs`]), the guests' config parsing
+//! ([`Filter`]) and the reference filters ([`reference()`],
+//! [`reference_detailed`]); `check` (re-exported here) holds every
+//! comparison type and algorithm once: the matching of stored samples to
+//! served ones ([`compare_point`] → [`PointVerdict`]), the reconstruction
+//! error, sequence numbers ([`seq_analysis`] → [`SeqVerdict`]), and the
+//! runner's per-point check ([`check_point`] → [`PointCheck`], with the
+//! deployed [`PointFilter`] and [`local`]'s read-anchored reconstruction).
+//!
 //! Nothing here uses code of the system under test: the filters are
 //! re-implemented from the behaviour documented in the C guests
 //! (`device-runtime/guests/{deadband,swinging-door}`), including their
@@ -85,9 +94,12 @@
 //! be reconstructed; after the last, a swinging door's held-back tail is not
 //! known yet: missing samples there are accounted by `lost`).
 
-use std::collections::HashMap;
+mod check;
 
-use serde::Serialize;
+pub use check::{
+    MatchOptions, PointCheck, PointFilter, PointVerdict, SeqVerdict, check_point, compare_point,
+    compare_point_with, local, reconstruct_max_error, seq_analysis,
+};
 
 /// One observation of one point: what a device served or the hub stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -534,299 +546,6 @@ fn swinging_door_reference(cfg: SwingingDoor, input: &[Obs]) -> Vec<RefSample> {
         });
     }
     out
-}
-
-// ------------------------------------------------------------------ matching
-
-/// How stored samples are identified with served observations.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MatchOptions {
-    /// Largest difference between a served timestamp and the stored sample's
-    /// timestamp (read latency). Keep it below half the sampling interval.
-    pub skew_ms: u64,
-    /// Largest difference between the served and the stored value, relative
-    /// to `max(1, |served|)` (decoding may round).
-    pub value_tolerance: f64,
-}
-
-impl Default for MatchOptions {
-    /// 250 ms skew, values equal to 1e-9 relative.
-    fn default() -> Self {
-        Self {
-            skew_ms: 250,
-            value_tolerance: 1e-9,
-        }
-    }
-}
-
-fn same_value(served: f64, stored: f64, tol: f64) -> bool {
-    if served.is_nan() || stored.is_nan() {
-        return served.is_nan() && stored.is_nan();
-    }
-    if served.is_infinite() || stored.is_infinite() {
-        #[allow(clippy::float_cmp, reason = "infinities compare exactly")]
-        return served == stored;
-    }
-    (served - stored).abs() <= tol * served.abs().max(1.0)
-}
-
-/// Indexes of `served` within `skew` of `ts` with the same value and quality.
-fn candidates(served: &[Obs], s: &Obs, opts: &MatchOptions) -> Vec<usize> {
-    let lo = s.ts_ms.saturating_sub(opts.skew_ms);
-    let hi = s.ts_ms.saturating_add(opts.skew_ms);
-    let start = served.partition_point(|o| o.ts_ms < lo);
-    served[start..]
-        .iter()
-        .enumerate()
-        .take_while(|(_, o)| o.ts_ms <= hi)
-        .filter(|(_, o)| {
-            o.quality == s.quality && same_value(o.value, s.value, opts.value_tolerance)
-        })
-        .map(|(k, _)| start + k)
-        .collect()
-}
-
-/// The outcome of matching one point.
-#[derive(Debug, Clone, Default)]
-struct Matching {
-    verdict: PointVerdict,
-    /// (served index, stored obs) of the first stored sample matched to each
-    /// served observation, in served order.
-    matched: Vec<(usize, Obs)>,
-}
-
-fn match_point(filter: &Filter, served: &[Obs], stored: &[Obs], opts: &MatchOptions) -> Matching {
-    // 1. Candidates per stored sample; unmatched bad samples are markers.
-    let cands: Vec<Vec<usize>> = stored.iter().map(|s| candidates(served, s, opts)).collect();
-    let mut markers: Vec<Obs> = stored
-        .iter()
-        .zip(&cands)
-        .filter(|(s, c)| c.is_empty() && s.quality >= 0x80)
-        .map(|(s, _)| *s)
-        .collect();
-    markers.sort_by_key(|m| m.ts_ms);
-    markers.dedup_by(|a, b| a.ts_ms == b.ts_ms && a.quality == b.quality);
-
-    // 2. Reference input: served merged with markers by time. `origin[k]` is
-    // Ok(served index) or Err(marker index).
-    let mut input = Vec::with_capacity(served.len() + markers.len());
-    let mut origin: Vec<Result<usize, usize>> = Vec::with_capacity(input.capacity());
-    let (mut i, mut m) = (0, 0);
-    while i < served.len() || m < markers.len() {
-        if m < markers.len() && (i == served.len() || markers[m].ts_ms < served[i].ts_ms) {
-            input.push(markers[m]);
-            origin.push(Err(m));
-            m += 1;
-        } else {
-            input.push(served[i]);
-            origin.push(Ok(i));
-            i += 1;
-        }
-    }
-    let expected = reference_detailed(filter, &input);
-
-    // 3. What the reference emits, per served index: Some(optional).
-    let mut emits: HashMap<usize, bool> = HashMap::new();
-    let mut marker_emitted = vec![false; markers.len()];
-    for r in &expected {
-        match origin[r.index] {
-            Ok(si) => {
-                emits.insert(si, r.optional);
-            }
-            Err(mi) => marker_emitted[mi] = true,
-        }
-    }
-
-    // 4. Match.
-    let mut v = PointVerdict {
-        served: served.len() as u64,
-        stored: stored.len() as u64,
-        ..PointVerdict::default()
-    };
-    let mut first_match: HashMap<usize, Obs> = HashMap::new();
-    let mut marker_seen = vec![false; markers.len()];
-    for (s, c) in stored.iter().zip(&cands) {
-        if c.is_empty() {
-            if s.quality >= 0x80 {
-                let mi = markers
-                    .iter()
-                    .position(|m| m.ts_ms == s.ts_ms && m.quality == s.quality);
-                match mi {
-                    Some(mi) if marker_seen[mi] => v.duplicates += 1,
-                    Some(mi) => {
-                        marker_seen[mi] = true;
-                        v.bad_markers += 1;
-                        if !marker_emitted[mi] {
-                            v.unexpected += 1;
-                        }
-                    }
-                    None => v.unexpected += 1,
-                }
-            } else {
-                v.unexpected += 1;
-            }
-            continue;
-        }
-        let by_distance = |&&k: &&usize| served[k].ts_ms.abs_diff(s.ts_ms);
-        let fresh = c
-            .iter()
-            .filter(|k| emits.contains_key(k) && !first_match.contains_key(k))
-            .min_by_key(by_distance);
-        if let Some(&k) = fresh {
-            first_match.insert(k, *s);
-        } else if c.iter().any(|k| first_match.contains_key(k)) {
-            v.duplicates += 1;
-        } else {
-            v.unexpected += 1;
-        }
-    }
-    for (si, optional) in &emits {
-        let stored_it = first_match.contains_key(si);
-        if !optional || stored_it {
-            v.expected += 1;
-        }
-        if !optional && !stored_it {
-            v.lost += 1;
-        }
-    }
-    let mut matched: Vec<(usize, Obs)> = first_match.into_iter().collect();
-    matched.sort_by_key(|(k, _)| *k);
-    Matching {
-        verdict: v,
-        matched,
-    }
-}
-
-fn max_error(filter: &Filter, served: &[Obs], matched: &[(usize, Obs)]) -> f64 {
-    let mut err: f64 = 0.0;
-    let (Some(&(first, _)), Some(&(last, _))) = (matched.first(), matched.last()) else {
-        return err;
-    };
-    let mut k = 0;
-    for (i, o) in served.iter().enumerate().take(last + 1).skip(first) {
-        while k + 1 < matched.len() && matched[k + 1].0 <= i {
-            k += 1;
-        }
-        if !o.value.is_finite() {
-            continue;
-        }
-        let (ai, a) = matched[k];
-        let recon = if !filter.is_linear() || ai == i || k + 1 == matched.len() {
-            a.value
-        } else {
-            let (bi, b) = matched[k + 1];
-            let (ta, tb) = (served[ai].ts_ms, served[bi].ts_ms);
-            if tb == ta || !a.value.is_finite() || !b.value.is_finite() {
-                a.value
-            } else {
-                a.value + (b.value - a.value) * (o.ts_ms - ta) as f64 / (tb - ta) as f64
-            }
-        };
-        if recon.is_finite() {
-            err = err.max((o.value - recon).abs());
-        }
-    }
-    err
-}
-
-/// Largest |served − reconstructed| over the served observations, with the
-/// signal rebuilt from `stored` (see the module doc), default matching.
-pub fn reconstruct_max_error(filter: &Filter, served: &[Obs], stored: &[Obs]) -> f64 {
-    let m = match_point(filter, served, stored, &MatchOptions::default());
-    max_error(filter, served, &m.matched)
-}
-
-/// Ground-truth verdict for one point.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct PointVerdict {
-    /// Observations the device served.
-    pub served: u64,
-    /// Samples the reference says reach the hub (a trailing held-back sample
-    /// counts only if it was stored).
-    pub expected: u64,
-    /// Samples the hub stored, duplicates and markers included.
-    pub stored: u64,
-    /// Expected samples the hub does not have.
-    pub lost: u64,
-    /// Stored samples matching a served observation (or marker) that an
-    /// earlier stored sample already matched.
-    pub duplicates: u64,
-    /// Stored samples that match no served observation, or one the
-    /// reference does not emit.
-    pub unexpected: u64,
-    /// Largest reconstruction error (see [`reconstruct_max_error`]).
-    pub max_abs_error: f64,
-    /// Bad-quality samples the agent made itself (failed reads), stored.
-    pub bad_markers: u64,
-}
-
-/// Compares what the hub stored for one point with the reference output for
-/// what the device served (default [`MatchOptions`]). `served` must be in
-/// non-decreasing timestamp order (candidates are found by binary search).
-pub fn compare_point(filter: &Filter, served: &[Obs], stored: &[Obs]) -> PointVerdict {
-    compare_point_with(filter, served, stored, &MatchOptions::default())
-}
-
-/// [`compare_point`] with explicit matching options.
-pub fn compare_point_with(
-    filter: &Filter,
-    served: &[Obs],
-    stored: &[Obs],
-    opts: &MatchOptions,
-) -> PointVerdict {
-    let m = match_point(filter, served, stored, opts);
-    let mut v = m.verdict;
-    v.max_abs_error = max_error(filter, served, &m.matched);
-    v
-}
-
-// ------------------------------------------------------------------ sequences
-
-/// Sequence-number analysis of one stream.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct SeqVerdict {
-    /// Sequence numbers seen (duplicates included).
-    pub count: u64,
-    /// Maximal runs of missing numbers in `1..=max`.
-    pub gaps: u64,
-    /// Missing numbers in `1..=max` (streams start at 1).
-    pub missing: u64,
-    /// Numbers seen more than once (each extra sighting counts).
-    pub duplicates: u64,
-    /// Numbers seen after a larger one (hub order not ascending).
-    pub out_of_order: u64,
-}
-
-/// Gaps, missing numbers and duplicates of one stream's sequence numbers, in
-/// the order the hub stored them. Streams start at 1 (protocol invariant),
-/// so a first stored number of 5 means 1..=4 are missing.
-pub fn seq_analysis(seqs: &[u64]) -> SeqVerdict {
-    let mut v = SeqVerdict {
-        count: seqs.len() as u64,
-        ..SeqVerdict::default()
-    };
-    let mut max_seen = 0;
-    for &s in seqs {
-        if s < max_seen {
-            v.out_of_order += 1;
-        }
-        max_seen = max_seen.max(s);
-    }
-    let mut sorted = seqs.to_vec();
-    sorted.sort_unstable();
-    let mut prev = 0u64;
-    for (k, &s) in sorted.iter().enumerate() {
-        if k > 0 && s == sorted[k - 1] {
-            v.duplicates += 1;
-            continue;
-        }
-        if s > prev + 1 {
-            v.gaps += 1;
-            v.missing += s - prev - 1;
-        }
-        prev = s;
-    }
-    v
 }
 
 #[cfg(test)]

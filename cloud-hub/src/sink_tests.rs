@@ -12,6 +12,8 @@ use std::collections::BTreeSet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use protocols::Quality;
+
 use super::*;
 
 fn temp_db() -> sled::Db {

@@ -27,8 +27,8 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use protocols::Event;
 
-use crate::app::Hub;
 use crate::artifacts::{ArtifactError, ArtifactInfo, ArtifactStore, RangeRequest, parse_range};
+use crate::hub::{Hub, SetDesiredError};
 use crate::metrics::NodeTelemetry;
 use crate::sink::StreamStats;
 
@@ -157,10 +157,10 @@ async fn put_desired(
         Ok(()) => Ok(Json(
             serde_json::json!({"node": node, "revision": desired.revision}),
         )),
-        Err(crate::app::HubError::Registry(
-            e @ crate::registry::RegistryError::StaleRevision { .. },
-        )) => Err(ApiError(StatusCode::CONFLICT, format!("revision: {e}"))),
-        Err(e) => Err(ApiError::internal(e)),
+        Err(e @ SetDesiredError::Stale { .. }) => {
+            Err(ApiError(StatusCode::CONFLICT, format!("revision: {e}")))
+        }
+        Err(SetDesiredError::Hub(e)) => Err(ApiError::internal(e)),
     }
 }
 

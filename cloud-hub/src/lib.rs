@@ -6,8 +6,12 @@
 //! mode, an embedded MQTT broker ([`broker`]), and the content-addressed
 //! artifact store for WASM modules and models ([`artifacts`]).
 //!
-//! Start at [`app::App::start`]; configuration is [`config::HubConfig`].
+//! Start at [`app::App::start`]; configuration is [`config::HubConfig`]. The
+//! shared state of a running hub is [`hub::Hub`]; its tasks are the MQTT
+//! session ([`session`]), ingest ([`ingest`]) and the hub end of the ack loop
+//! ([`acks`]), plus the REST API.
 
+pub mod acks;
 pub mod api;
 pub mod app;
 pub mod artifacts;
@@ -15,10 +19,14 @@ pub mod broker;
 pub mod client;
 pub mod commit;
 pub mod config;
+pub mod hub;
+pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod session;
 pub mod sink;
 
-pub use app::{App, Hub, HubError};
+pub use app::App;
 pub use config::HubConfig;
+pub use hub::{Hub, HubError, SetDesiredError};

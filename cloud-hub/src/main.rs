@@ -1,13 +1,17 @@
 //! `cloud-hub`: the control-plane binary. Parses flags and config, starts
-//! tracing, runs [`cloud_hub::App`] until Ctrl-C / SIGTERM.
+//! tracing, runs [`cloud_hub::App`] until SIGINT / SIGTERM
+//! ([`edgefleet_shell::shutdown_signal`]), then lets it drain (final sink
+//! flush, last acks) and exits 0. Bad usage or configuration exits 64.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use cloud_hub::{App, HubConfig};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 #[derive(Parser)]
 #[command(name = "cloud-hub", version, about = "edgefleet control plane")]
@@ -35,46 +39,22 @@ enum Cmd {
     },
 }
 
+/// Log filter unless `RUST_LOG` says otherwise.
+const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttc=warn,sled=warn";
+
+/// How long the process stays up after the drain when it runs the broker:
+/// the broker dies with the process, and it may not have forwarded the last
+/// acks the hub published (and the broker acknowledged) to the nodes yet.
+const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(300);
+
 fn main() -> ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn,sled=warn".into()),
-        )
-        .init();
-    let Cmd::Serve {
-        config,
-        data_dir,
-        http,
-        mqtt,
-    } = Cli::parse().cmd;
-    let cfg = HubConfig::load(config.as_deref(), |k| std::env::var(k).ok())
-        .map_err(|e| e.to_string())
-        .map(|mut c| {
-            if let Some(d) = data_dir {
-                c.data_dir = d;
-            }
-            if let Some(h) = http {
-                c.http_listen = h;
-            }
-            if let Some(m) = mqtt {
-                c.embedded_broker
-                    .get_or_insert_with(Default::default)
-                    .listen = m;
-            }
-            c
-        })
-        .and_then(|c| {
-            c.validate()
-                .map(|()| c)
-                .map_err(|e| format!("invalid configuration: {e}"))
-        });
-    let cfg = match cfg {
+    edgefleet_shell::install_crypto_provider();
+    edgefleet_shell::init_tracing(DEFAULT_LOG);
+    let cfg = match config(Cli::parse().cmd) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("cloud-hub: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(edgefleet_shell::EX_USAGE);
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -87,31 +67,68 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let cancel = CancellationToken::new();
-        let app = match App::start(cfg, cancel.clone()).await {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("cloud-hub: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        println!(
-            "cloud-hub: REST API on http://{}  MQTT on {}:{}",
-            app.http_addr(),
-            app.mqtt_addr().0,
-            app.mqtt_addr().1
-        );
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            cancel.cancel();
-        });
-        match app.run().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("cloud-hub: {e}");
-                ExitCode::FAILURE
-            }
+    rt.block_on(serve(cfg))
+}
+
+/// Defaults < file < environment < flags, validated.
+fn config(cmd: Cmd) -> Result<HubConfig, String> {
+    let Cmd::Serve {
+        config,
+        data_dir,
+        http,
+        mqtt,
+    } = cmd;
+    let mut c =
+        HubConfig::load(config.as_deref(), |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+    if let Some(d) = data_dir {
+        c.data_dir = d;
+    }
+    if let Some(h) = http {
+        c.http_listen = h;
+    }
+    if let Some(m) = mqtt {
+        c.embedded_broker
+            .get_or_insert_with(Default::default)
+            .listen = m;
+    }
+    c.validate()
+        .map_err(|e| format!("invalid configuration: {e}"))?;
+    Ok(c)
+}
+
+/// Runs the hub until SIGINT or SIGTERM, then lets it drain.
+async fn serve(cfg: HubConfig) -> ExitCode {
+    // Before the hub starts, so a signal during startup stops it cleanly.
+    let stop = edgefleet_shell::shutdown_signal();
+    let cancel = CancellationToken::new();
+    let app = match App::start(cfg, cancel.clone()).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cloud-hub: {e}");
+            return ExitCode::FAILURE;
         }
-    })
+    };
+    println!(
+        "cloud-hub: REST API on http://{}  MQTT on {}:{}",
+        app.http_addr(),
+        app.mqtt_addr().0,
+        app.mqtt_addr().1
+    );
+    let embedded_broker = app.embedded_broker();
+    tokio::spawn(async move {
+        let signal = stop.await;
+        info!(?signal, "stopping: draining the hub");
+        cancel.cancel();
+    });
+    let result = app.run().await;
+    if embedded_broker {
+        tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloud-hub: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! `edge-node`: the agent binary. Parses flags and config, starts tracing,
-//! runs [`edge_node::Agent`] until Ctrl-C / SIGTERM.
+//! runs [`edge_node::Agent`] until SIGINT / SIGTERM
+//! ([`edgefleet_shell::shutdown_signal`]). Bad usage or configuration exits 64.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,13 +50,8 @@ fn load(config: Option<&std::path::Path>) -> Result<EdgeConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttc=warn,sled=warn".into()),
-        )
-        .init();
+    edgefleet_shell::install_crypto_provider();
+    edgefleet_shell::init_tracing("info,rumqttc=warn,sled=warn");
     let cli = Cli::parse();
     let (cfg, run) = match cli.cmd {
         Cmd::Config { config } => (load(config.as_deref()), false),
@@ -92,7 +88,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edge-node: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(edgefleet_shell::EX_USAGE);
         }
     };
     if !run {
@@ -110,6 +106,8 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Before the agent starts, so a signal during startup stops it cleanly.
+        let stop = edgefleet_shell::shutdown_signal();
         let cancel = CancellationToken::new();
         let agent = match Agent::start(cfg, Clock::system(), cancel.clone()).await {
             Ok(a) => a,
@@ -119,7 +117,7 @@ fn main() -> ExitCode {
             }
         };
         tokio::spawn(async move {
-            shutdown_signal().await;
+            stop.await;
             cancel.cancel();
         });
         match agent.run().await {
@@ -130,22 +128,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,0 +1,306 @@
+//! The shared state of a running hub: [`Hub`] (signing key, topics, registry,
+//! sink, metrics, artifacts, events, the MQTT client), [`EventLog`], and the
+//! errors of the hub ([`HubError`]) and of [`Hub::set_desired`]
+//! ([`SetDesiredError`]).
+//!
+//! Every task of [`crate::app::App`] holds an `Arc<Hub>`; the REST API
+//! ([`crate::api`]) reads and writes through it.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use protocols::signing::SigningKey;
+use protocols::{DesiredState, Event, SignedDesired, TopicKind, Topics};
+use rumqttc::{AsyncClient, QoS};
+
+use crate::commit::GroupCommit;
+use crate::config::HubConfig;
+use crate::keys::{self, KeyError};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError};
+use crate::session::Readiness;
+use crate::sink::{Sink, SinkError};
+
+/// Why the hub failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The database could not be opened.
+    #[error("cannot open hub database at {path}: {source}")]
+    Open {
+        /// Path.
+        path: String,
+        /// sled error.
+        #[source]
+        source: sled::Error,
+    },
+    /// Registry failure.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// Sink failure.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// Signing key failure.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// Embedded broker failure.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    /// The artifact store could not be opened.
+    #[error(transparent)]
+    Artifacts(#[from] crate::artifacts::ArtifactError),
+    /// The HTTP listener could not bind.
+    #[error("http_listen {addr}: {source}")]
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A document could not be encoded or signed.
+    #[error(transparent)]
+    Codec(#[from] protocols::CodecError),
+    /// The MQTT client is gone (shutting down).
+    #[error("mqtt client closed: {0}")]
+    Mqtt(String),
+    /// Desired state could not be made durable.
+    #[error(transparent)]
+    Commit(#[from] crate::commit::CommitError),
+    /// A task panicked.
+    #[error("hub task failed: {0}")]
+    Task(String),
+}
+
+/// Why [`Hub::set_desired`] refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetDesiredError {
+    /// The revision is not newer than the one the registry holds.
+    #[error("revision {got} is not greater than the current revision {current} of node {node}")]
+    Stale {
+        /// The node.
+        node: String,
+        /// Revision offered.
+        got: u64,
+        /// Revision stored.
+        current: u64,
+    },
+    /// Signing, storing, committing or publishing failed.
+    #[error(transparent)]
+    Hub(#[from] HubError),
+}
+
+impl From<RegistryError> for SetDesiredError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::StaleRevision { node, got, current } => {
+                Self::Stale { node, got, current }
+            }
+            e => Self::Hub(HubError::Registry(e)),
+        }
+    }
+}
+
+/// Shared state of a running hub.
+#[derive(Debug)]
+pub struct Hub {
+    /// Signs desired state.
+    pub key: SigningKey,
+    /// Topic scheme.
+    pub topics: Topics,
+    /// Node registry.
+    pub registry: Registry,
+    /// Telemetry sink.
+    pub sink: Sink,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Content-addressed blobs (WASM modules, models).
+    pub artifacts: Arc<crate::artifacts::ArtifactStore>,
+    /// Most recent events per node.
+    pub events: EventLog,
+    /// Whether the MQTT session is subscribed and desired state republished
+    /// (owned by [`crate::session`]).
+    pub(crate) readiness: Readiness,
+    pub(crate) client: AsyncClient,
+    commit: GroupCommit,
+    pub(crate) db: sled::Db,
+}
+
+/// What [`Hub::new`] puts together: the stores opened from the data directory.
+#[derive(Debug)]
+pub(crate) struct Stores {
+    pub(crate) db: sled::Db,
+    pub(crate) key: SigningKey,
+    pub(crate) artifacts: crate::artifacts::ArtifactStore,
+    pub(crate) registry: Registry,
+    pub(crate) sink: Sink,
+}
+
+impl Stores {
+    /// Opens the database (`{data_dir}/db`), the signing key, the artifact
+    /// store, the registry and the sink; blocking work runs off the runtime.
+    pub(crate) async fn open(cfg: &HubConfig) -> Result<Self, HubError> {
+        let data_dir = cfg.data_dir.clone();
+        let cache = cfg.cache_capacity_bytes;
+        let db = tokio::task::spawn_blocking(move || {
+            sled::Config::new()
+                .path(data_dir.join("db"))
+                .cache_capacity(cache)
+                .flush_every_ms(Some(1_000))
+                .open()
+                .map_err(|source| HubError::Open {
+                    path: data_dir.join("db").display().to_string(),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| HubError::Task(e.to_string()))??;
+        let key = keys::load_or_create(&cfg.data_dir)?;
+        let artifacts = {
+            let dir = cfg.data_dir.join("artifacts");
+            tokio::task::spawn_blocking(move || crate::artifacts::ArtifactStore::open(&dir))
+                .await
+                .map_err(|e| HubError::Task(e.to_string()))??
+        };
+        let registry = Registry::open(&db)?;
+        let sink = Sink::open(&db)?;
+        Ok(Self {
+            db,
+            key,
+            artifacts,
+            registry,
+            sink,
+        })
+    }
+}
+
+impl Hub {
+    /// The shared state over opened `stores`, publishing through `client`.
+    pub(crate) fn new(stores: Stores, topics: Topics, client: AsyncClient) -> Self {
+        let Stores {
+            db,
+            key,
+            artifacts,
+            registry,
+            sink,
+        } = stores;
+        Self {
+            key,
+            topics,
+            registry,
+            sink,
+            metrics: Metrics::default(),
+            artifacts: Arc::new(artifacts),
+            events: EventLog::default(),
+            readiness: Readiness::default(),
+            client,
+            commit: GroupCommit::new(db.clone()),
+            db,
+        }
+    }
+
+    /// Whether the hub's MQTT session is up, subscribed, and has republished
+    /// desired state. Clients that connect nodes should wait for this
+    /// (`GET /readyz`): a broker may hand a later wildcard subscription only
+    /// part of the retained messages (rumqttd forwards at most one inflight
+    /// window, 100, of them), so node status published before the hub
+    /// subscribed can be missed.
+    pub fn mqtt_ready(&self) -> bool {
+        self.readiness.ready()
+    }
+
+    /// Signs, stores (durably) and publishes a node's new desired state.
+    pub async fn set_desired(&self, desired: &DesiredState) -> Result<(), SetDesiredError> {
+        let doc = SignedDesired::sign(desired, &self.key).map_err(HubError::from)?;
+        self.registry
+            .set_desired(&desired.node, desired.revision, doc.clone())?;
+        self.commit.commit().await.map_err(HubError::from)?;
+        Ok(self.publish_desired(&desired.node, &doc).await?)
+    }
+
+    /// Publishes `doc` as the retained desired state of `node`.
+    pub(crate) async fn publish_desired(
+        &self,
+        node: &str,
+        doc: &SignedDesired,
+    ) -> Result<(), HubError> {
+        let payload = doc.encode()?;
+        self.client
+            .publish(
+                self.topics.node(node, TopicKind::Desired),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            )
+            .await
+            .map_err(|e| HubError::Mqtt(e.to_string()))?;
+        Metrics::inc(&self.metrics.desired_published);
+        Ok(())
+    }
+}
+
+/// The most recent events of each node, in memory (an operator's view, not
+/// an audit log: the hub keeps [`EventLog::PER_NODE`] per node and forgets
+/// them on restart).
+#[derive(Debug, Default)]
+pub struct EventLog {
+    nodes: Mutex<HashMap<String, VecDeque<Event>>>,
+}
+
+impl EventLog {
+    /// Events kept per node.
+    pub const PER_NODE: usize = 256;
+
+    /// Records an event of `node`, forgetting the oldest beyond the bound.
+    pub fn push(&self, node: &str, ev: Event) {
+        let mut m = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let q = m.entry(node.to_owned()).or_default();
+        if q.len() >= Self::PER_NODE {
+            q.pop_front();
+        }
+        q.push_back(ev);
+    }
+
+    /// Recent events of `node`, oldest first.
+    pub fn recent(&self, node: &str) -> Vec<Event> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_revision_is_its_own_error_and_other_registry_errors_are_hub_errors() {
+        let stale = SetDesiredError::from(RegistryError::StaleRevision {
+            node: "n".into(),
+            got: 3,
+            current: 5,
+        });
+        assert!(
+            matches!(&stale, SetDesiredError::Stale { node, got: 3, current: 5 } if node == "n"),
+            "{stale:?}"
+        );
+        assert_eq!(
+            stale.to_string(),
+            "revision 3 is not greater than the current revision 5 of node n"
+        );
+        let corrupt = SetDesiredError::from(RegistryError::Corrupt {
+            node: "n".into(),
+            detail: "bad".into(),
+        });
+        assert!(
+            matches!(
+                corrupt,
+                SetDesiredError::Hub(HubError::Registry(RegistryError::Corrupt { .. }))
+            ),
+            "{corrupt:?}"
+        );
+    }
+}

@@ -11,9 +11,21 @@ use super::caps::BlobModules;
 use super::slots::HostState;
 use super::{FunctionError, FunctionHost, render};
 
+/// One `process` call to make: function, its input (node-wide) and that
+/// input as a batch of the function's local point indexes.
+type PendingCall = (String, Vec<Sample>, Batch);
+
 /// One `process` call: function, its input (node-wide), the result and the
 /// time it took in microseconds.
 type CallResult = (String, Vec<Sample>, Result<CallOutput, CallError>, u64);
+
+/// What one blocking job does.
+struct Job {
+    apply: Option<Vec<device_runtime::FunctionSpec>>,
+    calls: Vec<PendingCall>,
+    tick: bool,
+    now: u64,
+}
 
 /// What one blocking job did.
 struct JobResult {
@@ -23,6 +35,66 @@ struct JobResult {
     ticks: Vec<(String, Result<CallOutput, CallError>)>,
     events: Vec<RuntimeEvent>,
     status: Vec<device_runtime::FunctionStatus>,
+}
+
+impl Job {
+    /// Runs on the blocking pool: `apply`, then every `process` call (timed),
+    /// then `tick`; collects events and status.
+    fn run(self, mut rt: DeviceRuntime, modules: &BlobModules) -> JobResult {
+        let report = self.apply.map(|specs| rt.apply(&specs, modules, self.now));
+        let mut results = Vec::with_capacity(self.calls.len());
+        for (name, samples, batch) in self.calls {
+            let t0 = tokio::time::Instant::now();
+            let r = rt.process(&name, &batch, self.now);
+            let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+            results.push((name, samples, r, us));
+        }
+        let ticks = if self.tick {
+            rt.tick(self.now)
+        } else {
+            Vec::new()
+        };
+        let events = rt.drain_events();
+        let status = rt.status();
+        JobResult {
+            rt,
+            apply: report,
+            calls: results,
+            ticks,
+            events,
+            status,
+        }
+    }
+}
+
+/// Takes the buffers of the loaded functions among `names` as batches.
+fn take_batches(st: &mut HostState, names: &[String]) -> Vec<PendingCall> {
+    let mut calls = Vec::new();
+    for name in names {
+        let Some(slot) = st.slots.get_mut(name) else {
+            continue;
+        };
+        let Some((_, inputs)) = &slot.loaded else {
+            continue;
+        };
+        if slot.buffer.is_empty() {
+            continue;
+        }
+        let local: HashMap<u32, u32> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32))
+            .collect();
+        let samples = std::mem::take(&mut slot.buffer);
+        let mut batch = Batch::with_capacity(samples.len());
+        for s in &samples {
+            if let Some(l) = local.get(&s.point) {
+                batch.push(*l, s.ts_ms, s.value, s.quality.0);
+            }
+        }
+        calls.push((name.clone(), samples, batch));
+    }
+    calls
 }
 
 impl FunctionHost {
@@ -36,79 +108,48 @@ impl FunctionHost {
         apply: Option<Vec<device_runtime::FunctionSpec>>,
         tick: bool,
     ) -> Result<Option<ApplyReport>, FunctionError> {
-        let Some(mut rt) = st.rt.take() else {
+        let Some(rt) = st.rt.take() else {
             return Ok(None);
         };
-        let now = self.clock.now_ms();
-        let mut calls = Vec::new();
-        for name in names {
-            let Some(slot) = st.slots.get_mut(name) else {
-                continue;
-            };
-            let Some((_, inputs)) = &slot.loaded else {
-                continue;
-            };
-            if slot.buffer.is_empty() {
-                continue;
-            }
-            let local: HashMap<u32, u32> = inputs
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (*p, i as u32))
-                .collect();
-            let samples = std::mem::take(&mut slot.buffer);
-            let mut batch = Batch::with_capacity(samples.len());
-            for s in &samples {
-                if let Some(l) = local.get(&s.point) {
-                    batch.push(*l, s.ts_ms, s.value, s.quality.0);
-                }
-            }
-            calls.push((name.clone(), samples, batch));
-        }
-        if apply.is_none() && calls.is_empty() && !tick {
+        let job = Job {
+            now: self.clock.now_ms(),
+            calls: take_batches(st, names),
+            apply,
+            tick,
+        };
+        if job.apply.is_none() && job.calls.is_empty() && !job.tick {
             st.rt = Some(rt);
             return Ok(None);
         }
         let modules = BlobModules(self.fetcher.dir().to_owned());
-        let job = tokio::task::spawn_blocking(move || {
-            let report = apply.map(|specs| rt.apply(&specs, &modules, now));
-            let mut results = Vec::with_capacity(calls.len());
-            for (name, samples, batch) in calls {
-                let t0 = tokio::time::Instant::now();
-                let r = rt.process(&name, &batch, now);
-                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-                results.push((name, samples, r, us));
-            }
-            let ticks = if tick { rt.tick(now) } else { Vec::new() };
-            let events = rt.drain_events();
-            let status = rt.status();
-            JobResult {
-                rt,
-                apply: report,
-                calls: results,
-                ticks,
-                events,
-                status,
-            }
-        });
-        let r = job.await.map_err(|e| FunctionError::Task(e.to_string()))?;
+        let r = tokio::task::spawn_blocking(move || job.run(rt, &modules))
+            .await
+            .map_err(|e| FunctionError::Task(e.to_string()))?;
         st.rt = Some(r.rt);
         let mut report = r.apply;
         // Outputs of outgoing versions first.
         if let Some(rep) = &mut report {
             for out in std::mem::take(&mut rep.flushed) {
-                let inputs = st
-                    .slots
-                    .get(&out.function)
-                    .and_then(|s| s.loaded.as_ref().map(|(_, i)| i.clone()))
-                    .unwrap_or_default();
-                let n = self.emit(&out, &inputs)?;
-                if let Some(slot) = st.slots.get_mut(&out.function) {
-                    slot.samples_out += n;
-                }
+                self.emit_for(st, &out.function, &out)?;
             }
         }
-        for (name, samples, result, us) in r.calls {
+        self.record_calls(st, r.calls)?;
+        self.record_ticks(st, r.ticks)?;
+        for ev in r.events {
+            self.on_runtime_event(st, ev);
+        }
+        self.publish_status(st, Some(&r.status));
+        Ok(report)
+    }
+
+    /// Forwards what the `process` calls emitted and counts what they took,
+    /// failed or (while the function backs off) put back into the buffer.
+    fn record_calls(
+        &self,
+        st: &mut HostState,
+        calls: Vec<CallResult>,
+    ) -> Result<(), FunctionError> {
+        for (name, samples, result, us) in calls {
             let Some(slot) = st.slots.get_mut(&name) else {
                 continue;
             };
@@ -116,15 +157,7 @@ impl FunctionHost {
             match result {
                 Ok(out) => {
                     slot.samples_in += samples.len() as u64;
-                    let inputs = slot
-                        .loaded
-                        .as_ref()
-                        .map(|(_, i)| i.clone())
-                        .unwrap_or_default();
-                    let n = self.emit(&out, &inputs)?;
-                    if let Some(slot) = st.slots.get_mut(&name) {
-                        slot.samples_out += n;
-                    }
+                    self.emit_for(st, &name, &out)?;
                 }
                 Err(CallError::Unavailable { .. }) => {
                     // Backing off: keep the input, in order, ahead of newer samples.
@@ -143,19 +176,18 @@ impl FunctionHost {
                 }
             }
         }
-        for (name, result) in r.ticks {
+        Ok(())
+    }
+
+    /// Forwards what the `tick` calls emitted and counts their errors.
+    fn record_ticks(
+        &self,
+        st: &mut HostState,
+        ticks: Vec<(String, Result<CallOutput, CallError>)>,
+    ) -> Result<(), FunctionError> {
+        for (name, result) in ticks {
             match result {
-                Ok(out) => {
-                    let inputs = st
-                        .slots
-                        .get(&name)
-                        .and_then(|s| s.loaded.as_ref().map(|(_, i)| i.clone()))
-                        .unwrap_or_default();
-                    let n = self.emit(&out, &inputs)?;
-                    if let Some(slot) = st.slots.get_mut(&name) {
-                        slot.samples_out += n;
-                    }
-                }
+                Ok(out) => self.emit_for(st, &name, &out)?,
                 Err(e) => {
                     if let Some(slot) = st.slots.get_mut(&name) {
                         slot.errors += 1;
@@ -164,11 +196,27 @@ impl FunctionHost {
                 }
             }
         }
-        for ev in r.events {
-            self.on_runtime_event(st, ev);
+        Ok(())
+    }
+
+    /// Appends `out`, emitted by `function` (with its loaded version's point
+    /// mapping), and counts it in the function's `samples_out`.
+    fn emit_for(
+        &self,
+        st: &mut HostState,
+        function: &str,
+        out: &CallOutput,
+    ) -> Result<(), FunctionError> {
+        let inputs = st
+            .slots
+            .get(function)
+            .and_then(|s| s.loaded.as_ref().map(|(_, i)| i.clone()))
+            .unwrap_or_default();
+        let n = self.emit(out, &inputs)?;
+        if let Some(slot) = st.slots.get_mut(function) {
+            slot.samples_out += n;
         }
-        self.publish_status(st, Some(&r.status));
-        Ok(report)
+        Ok(())
     }
 
     /// Appends one call's output to its streams; returns the samples appended.

@@ -39,7 +39,9 @@
 //! # Layout
 //! - this module: [`FunctionHost`] and its select loop ([`FunctionHost::run`]),
 //!   [`FunctionError`], [`FunctionsView`];
-//! - `reconcile`: applying a new desired state (drain, apply, forget);
+//! - `plan`: the pure decision what each function does under a new desired
+//!   state (start, reload, keep, keep the previous version, wait, stop, forget);
+//! - `reconcile`: applying a new desired state (drain, plan, apply, forget);
 //! - `slots`: per-function bookkeeping, input buffering and routing;
 //! - `job`: one blocking call into the runtime and what is done with its
 //!   results;
@@ -50,6 +52,7 @@
 
 mod caps;
 mod job;
+mod plan;
 mod reconcile;
 mod slots;
 mod spec;

@@ -1,22 +1,23 @@
 //! Applying a new desired state: drain buffered input through the running
-//! versions, apply what can run, forget what is neither desired nor loaded.
+//! versions, [`plan`] what runs, apply that to the runtime, forget what is
+//! neither desired nor loaded.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
-use device_runtime::{Capabilities, DeviceRuntime, RuntimeConfig};
+use device_runtime::{ApplyReport, Capabilities, DeviceRuntime, RuntimeConfig};
 use protocols::{Event, EventKind};
 use tracing::{info, warn};
 
 use super::caps::EdgeCaps;
+use super::plan::{Plan, Run, plan};
 use super::slots::HostState;
-use super::spec::{point_names, runtime_spec};
 use super::{FunctionError, FunctionHost, render};
 use crate::artifacts::DesiredPair;
 
 impl FunctionHost {
     /// Makes the runtime match `pair.current`: drains buffered input
-    /// through the running versions, then applies.
+    /// through the running versions, then plans and applies.
     pub(super) async fn reconcile(
         &self,
         st: &mut HostState,
@@ -38,88 +39,12 @@ impl FunctionHost {
         self.work(st, &loaded, None, false).await?;
 
         // 2. What to run: new specs whose module is here; otherwise keep the old one.
-        let names = point_names(desired);
-        {
-            let mut caps = st.caps.lock().unwrap_or_else(PoisonError::into_inner);
-            caps.models.clear();
-            for m in pair.previous.iter().flat_map(|p| p.models.iter()) {
-                caps.models.insert(m.name.clone(), m.sha256.clone());
-            }
-            for m in &desired.models {
-                caps.models.insert(m.name.clone(), m.sha256.clone());
-            }
-            caps.points = names.iter().map(|(i, p)| (p.clone(), *i)).collect();
-        }
-        let wanted: BTreeSet<&str> = desired.functions.iter().map(|f| f.name.as_str()).collect();
-        for (name, slot) in &mut st.slots {
-            if !wanted.contains(name.as_str()) {
-                slot.desired = None;
-            }
-        }
-        let mut specs = Vec::new();
-        let mut spec_inputs = HashMap::new();
-        for f in &desired.functions {
-            let slot = st.slots.entry(f.name.clone()).or_default();
-            if slot.desired.as_ref() != Some(f) {
-                slot.load_failed = false;
-                slot.last_error = None;
-            }
-            slot.desired = Some(f.clone());
-            let models_here = f.granted_models.iter().all(|m| {
-                desired
-                    .models
-                    .iter()
-                    .find(|r| &r.name == m)
-                    .is_none_or(|r| self.fetcher.has(&r.sha256))
-            });
-            if self.fetcher.has(&f.module_sha256) && models_here {
-                let spec = runtime_spec(f, &names);
-                spec_inputs.insert(f.name.clone(), f.inputs.clone());
-                specs.push(spec);
-            } else if let Some((spec, inputs)) = &slot.loaded {
-                spec_inputs.insert(f.name.clone(), inputs.clone());
-                specs.push(spec.clone());
-            }
-        }
-        let need_runtime = !specs.is_empty() || st.rt.is_some();
-        if need_runtime {
-            if st.rt.is_none() {
-                self.create_runtime(st);
-            }
-            if st.rt.is_some() {
-                let requested: HashMap<String, device_runtime::FunctionSpec> =
-                    specs.iter().map(|s| (s.name.clone(), s.clone())).collect();
-                let report = self.work(st, &[], Some(specs), false).await?;
-                if let Some(report) = report {
-                    for name in report
-                        .loaded
-                        .iter()
-                        .chain(&report.replaced)
-                        .chain(&report.unchanged)
-                    {
-                        if let (Some(slot), Some(spec), Some(inputs)) = (
-                            st.slots.get_mut(name),
-                            requested.get(name),
-                            spec_inputs.get(name),
-                        ) {
-                            slot.loaded = Some((spec.clone(), inputs.clone()));
-                            slot.load_failed = false;
-                        }
-                    }
-                    for (name, err) in &report.failed {
-                        if let Some(slot) = st.slots.get_mut(name) {
-                            slot.load_failed = true;
-                            slot.last_error = Some(render(err));
-                        }
-                    }
-                    for name in &report.removed {
-                        if let Some(slot) = st.slots.get_mut(name) {
-                            slot.loaded = None;
-                        }
-                    }
-                }
-            }
-        }
+        let plan = plan(desired, pair.previous.as_deref(), &st.slots, |d| {
+            self.fetcher.has(d)
+        });
+        let runs = adopt(st, plan);
+        self.apply(st, runs).await?;
+
         // 3. Forget functions that are neither desired nor loaded; their
         // leftover input (if any) goes raw.
         let gone: Vec<String> = st
@@ -137,6 +62,28 @@ impl FunctionHost {
         Self::rebuild_routes(st, &mut leftovers);
         self.to_raw(st, &leftovers)?;
         self.publish_status(st, None);
+        Ok(())
+    }
+
+    /// Hands `runs` to the runtime (creating it if this is the first
+    /// function) and records what it loaded, swapped, kept, removed or
+    /// failed to load.
+    async fn apply(&self, st: &mut HostState, runs: Vec<Run>) -> Result<(), FunctionError> {
+        if runs.is_empty() && st.rt.is_none() {
+            return Ok(());
+        }
+        if st.rt.is_none() {
+            self.create_runtime(st);
+        }
+        if st.rt.is_none() {
+            return Ok(());
+        }
+        let specs = runs.iter().map(|r| r.spec.clone()).collect();
+        let requested: HashMap<String, Run> =
+            runs.into_iter().map(|r| (r.spec.name.clone(), r)).collect();
+        if let Some(report) = self.work(st, &[], Some(specs), false).await? {
+            record(st, &report, &requested);
+        }
         Ok(())
     }
 
@@ -176,6 +123,59 @@ impl FunctionHost {
                 });
                 st.runtime_error = Some(msg);
             }
+        }
+    }
+}
+
+/// Takes over `plan`'s decisions into the slots and the capabilities' view
+/// (models, point names); returns what to request from the runtime, in
+/// desired order.
+fn adopt(st: &mut HostState, plan: Plan) -> Vec<Run> {
+    {
+        let mut caps = st.caps.lock().unwrap_or_else(PoisonError::into_inner);
+        caps.models = plan.models;
+        caps.points = plan.points.into_iter().map(|(i, p)| (p, i)).collect();
+    }
+    for name in plan.stop.iter().chain(&plan.forget) {
+        if let Some(slot) = st.slots.get_mut(name) {
+            slot.desired = None;
+        }
+    }
+    let mut runs = Vec::new();
+    for f in plan.functions {
+        runs.extend(f.run().cloned());
+        let slot = st.slots.entry(f.desired.name.clone()).or_default();
+        if f.changed {
+            slot.load_failed = false;
+            slot.last_error = None;
+        }
+        slot.desired = Some(f.desired);
+    }
+    runs
+}
+
+/// Records an apply report in the slots: what runs now and what failed.
+fn record(st: &mut HostState, report: &ApplyReport, requested: &HashMap<String, Run>) {
+    for name in report
+        .loaded
+        .iter()
+        .chain(&report.replaced)
+        .chain(&report.unchanged)
+    {
+        if let (Some(slot), Some(run)) = (st.slots.get_mut(name), requested.get(name)) {
+            slot.loaded = Some((run.spec.clone(), run.inputs.clone()));
+            slot.load_failed = false;
+        }
+    }
+    for (name, err) in &report.failed {
+        if let Some(slot) = st.slots.get_mut(name) {
+            slot.load_failed = true;
+            slot.last_error = Some(render(err));
+        }
+    }
+    for name in &report.removed {
+        if let Some(slot) = st.slots.get_mut(name) {
+            slot.loaded = None;
         }
     }
 }

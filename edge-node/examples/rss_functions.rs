@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use edge_node::store::{ArtifactRecord, Store};
 use edge_node::{Agent, Clock, EdgeConfig};
 use protocols::signing::{SigningKey, key_to_hex};
-use protocols::{DesiredState, SignedDesired};
+use protocols::{DesiredState, FunctionState, SignedDesired};
 use serde_json::json;
 use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
@@ -108,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     loop {
         let s = view.snapshot();
-        if s.len() == n as usize && s.values().all(|f| f.state == "running") {
+        if s.len() == n as usize && s.values().all(|f| f.state == FunctionState::Running) {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {

@@ -18,7 +18,7 @@ use cloud_hub::api::{NodeView, SamplePage};
 use cloud_hub::artifacts::ArtifactInfo;
 use cloud_hub::{App, HubConfig};
 use edge_node::{Agent, Clock, EdgeConfig};
-use protocols::{Event, EventKind, FunctionStatus};
+use protocols::{Event, EventKind, FunctionState, FunctionStatus};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -239,7 +239,7 @@ async fn deadband_filters_and_hot_swaps_without_gaps() {
     // The function runs the uploaded module and has seen a good amount of input.
     let (_, f, _) = wait_for("deadband running with input", || async {
         rig.function().await.filter(|(rev, f, _)| {
-            *rev == 1 && f.state == "running" && counter(f, "samples_in") >= 600
+            *rev == 1 && f.state == FunctionState::Running && counter(f, "samples_in") >= 600
         })
     })
     .await;
@@ -281,7 +281,7 @@ async fn deadband_filters_and_hot_swaps_without_gaps() {
     rig.put_desired(desired(2, &module, "deadband=0.5")).await;
     let (_, f2, _) = wait_for("revision 2 applied and the function running", || async {
         rig.function().await.filter(|(rev, f, _)| {
-            *rev == 2 && f.state == "running" && counter(f, "samples_in") > inp + 1_000
+            *rev == 2 && f.state == FunctionState::Running && counter(f, "samples_in") > inp + 1_000
         })
     })
     .await;
@@ -331,7 +331,7 @@ async fn restart_without_hub_runs_functions_from_disk() {
     wait_for("deadband running", || async {
         rig.function()
             .await
-            .filter(|(_, f, _)| f.state == "running" && counter(f, "samples_out") > 0)
+            .filter(|(_, f, _)| f.state == FunctionState::Running && counter(f, "samples_out") > 0)
     })
     .await;
     let hub_key = rig.hub_key.clone();
@@ -358,7 +358,7 @@ async fn restart_without_hub_runs_functions_from_disk() {
     let f = wait_for("function running again from the local artifact", || async {
         view.snapshot()
             .get("f")
-            .filter(|f| f.state == "running" && counter(f, "samples_out") > 0)
+            .filter(|f| f.state == FunctionState::Running && counter(f, "samples_out") > 0)
             .cloned()
     })
     .await;
@@ -378,7 +378,7 @@ async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
     rig.put_desired(desired(1, &good, "deadband=2")).await;
     wait_for("deadband running", || async {
         rig.function().await.filter(|(rev, f, _)| {
-            *rev == 1 && f.state == "running" && counter(f, "samples_out") > 0
+            *rev == 1 && f.state == FunctionState::Running && counter(f, "samples_out") > 0
         })
     })
     .await;
@@ -409,7 +409,7 @@ async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
     .await;
     // The previous version keeps running.
     assert_eq!(f.module_sha256, good.sha256, "{f:?}");
-    assert_eq!(f.state, "running");
+    assert_eq!(f.state, FunctionState::Running);
     let events = wait_for("a function-failed event reaches the hub", || async {
         let evs = rig.events().await;
         evs.iter()

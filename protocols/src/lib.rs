@@ -50,7 +50,9 @@ pub use device::{
     OpcUaSecurity, Point, PointAddress, PointGroup, Signal, WordOrder,
 };
 pub use event::{Event, EventKind};
-pub use reported::{Backlog, DeviceStatus, FunctionStatus, LossWindow, ReportedState};
+pub use reported::{
+    Backlog, DeviceStatus, FunctionState, FunctionStatus, LossWindow, ReportedState,
+};
 pub use signing::{SignedDesired, SigningError};
 pub use status::{NodeState, NodeStatus};
 pub use telemetry::{Quality, Sample, TelemetryBatch};

@@ -56,14 +56,37 @@ pub struct LossWindow {
 pub struct FunctionStatus {
     /// sha256 of the module running.
     pub module_sha256: String,
-    /// `running`, `backoff`, `failed`, `loading`.
-    pub state: String,
+    /// Running, backing off, failed or loading.
+    pub state: FunctionState,
     /// Last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     /// Samples in, samples out, errors, restarts.
     #[serde(default)]
     pub counters: BTreeMap<String, u64>,
+}
+
+/// Health of one device function, as the node reports it. On the wire it is
+/// one of the strings `running`, `backoff`, `failed`, `loading`; any other
+/// string is a decoding error that names the field (like an unknown field,
+/// since these documents are `deny_unknown_fields`): a new state is a
+/// protocol change, not something to guess at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FunctionState {
+    /// An instance of the function is live and takes input (while a new
+    /// module downloads, that is the previous version).
+    Running,
+    /// The instance crashed and waits for its restart; `last_error` says why.
+    /// Input stays buffered.
+    Backoff,
+    /// Nothing runs: the module failed to load, or the node's wasm runtime
+    /// could not start; `last_error` says why.
+    Failed,
+    /// Desired but not started yet: its module or a granted model is still
+    /// downloading. Input stays buffered.
+    #[default]
+    Loading,
 }
 
 /// Status of one device connection.
@@ -98,4 +121,35 @@ pub struct Backlog {
     pub oldest_age_ms: u64,
     /// Samples dropped by the overflow policy, ever.
     pub dropped: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_states_are_the_strings_of_the_wire() {
+        for (state, text) in [
+            (FunctionState::Running, "\"running\""),
+            (FunctionState::Backoff, "\"backoff\""),
+            (FunctionState::Failed, "\"failed\""),
+            (FunctionState::Loading, "\"loading\""),
+        ] {
+            assert_eq!(serde_json::to_string(&state).unwrap(), text);
+            assert_eq!(serde_json::from_str::<FunctionState>(text).unwrap(), state);
+        }
+    }
+
+    #[test]
+    fn an_unknown_function_state_is_an_error_that_lists_the_known_ones() {
+        let e = serde_json::from_str::<FunctionState>("\"stopped\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `stopped`"), "{e}");
+        assert!(
+            e.contains("`running`, `backoff`, `failed`, `loading`"),
+            "{e}"
+        );
+        assert!(serde_json::from_str::<FunctionState>("\"Running\"").is_err());
+    }
 }

@@ -239,7 +239,7 @@ fn reported_state() {
             "temp-deadband".into(),
             FunctionStatus {
                 module_sha256: "a".repeat(64),
-                state: "running".into(),
+                state: FunctionState::Running,
                 last_error: None,
                 counters: BTreeMap::from([("in".into(), 1000), ("out".into(), 95)]),
             },
@@ -275,6 +275,35 @@ fn reported_state() {
     )
     .unwrap();
     assert_eq!(back, r);
+}
+
+/// The function state is an enum in Rust and the same four strings on the
+/// wire: each decodes from and re-encodes to exactly the golden bytes with
+/// that string in place; any other string is refused with the field's path.
+#[test]
+fn reported_function_states_keep_their_strings() {
+    let golden = std::fs::read_to_string(golden_path("reported.json")).unwrap();
+    let running = "\"state\": \"running\"";
+    assert_eq!(golden.matches(running).count(), 1, "{golden}");
+    for (text, state) in [
+        ("running", FunctionState::Running),
+        ("backoff", FunctionState::Backoff),
+        ("failed", FunctionState::Failed),
+        ("loading", FunctionState::Loading),
+    ] {
+        let doc = golden.replace(running, &format!("\"state\": \"{text}\""));
+        let r: ReportedState = decode_json("reported state", doc.as_bytes()).unwrap();
+        assert_eq!(r.functions["temp-deadband"].state, state);
+        assert_eq!(String::from_utf8(pretty(&r)).unwrap(), doc);
+    }
+    let doc = golden.replace(running, "\"state\": \"stopped\"");
+    let e = decode_json::<ReportedState>("reported state", doc.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("reported state: functions.temp-deadband.state: unknown variant `stopped`"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,0 +1,309 @@
+//! One blocking job on the runtime (`apply`, `process`, `tick`) and what the
+//! host does with its results: outputs to the outbox, counters, events.
+
+use std::collections::HashMap;
+
+use device_runtime::{ApplyReport, Batch, CallError, CallOutput, DeviceRuntime, RuntimeEvent};
+use protocols::{Event, EventKind, Quality, Sample};
+use tracing::{info, warn};
+
+use super::caps::BlobModules;
+use super::slots::HostState;
+use super::{FunctionError, FunctionHost, render};
+
+/// One `process` call to make: function, its input (node-wide) and that
+/// input as a batch of the function's local point indexes.
+type PendingCall = (String, Vec<Sample>, Batch);
+
+/// One `process` call: function, its input (node-wide), the result and the
+/// time it took in microseconds.
+type CallResult = (String, Vec<Sample>, Result<CallOutput, CallError>, u64);
+
+/// What one blocking job does.
+struct Job {
+    apply: Option<Vec<device_runtime::FunctionSpec>>,
+    calls: Vec<PendingCall>,
+    tick: bool,
+    now: u64,
+}
+
+/// What one blocking job did.
+struct JobResult {
+    rt: DeviceRuntime,
+    apply: Option<ApplyReport>,
+    calls: Vec<CallResult>,
+    ticks: Vec<(String, Result<CallOutput, CallError>)>,
+    events: Vec<RuntimeEvent>,
+    status: Vec<device_runtime::FunctionStatus>,
+}
+
+impl Job {
+    /// Runs on the blocking pool: `apply`, then every `process` call (timed),
+    /// then `tick`; collects events and status.
+    fn run(self, mut rt: DeviceRuntime, modules: &BlobModules) -> JobResult {
+        let report = self.apply.map(|specs| rt.apply(&specs, modules, self.now));
+        let mut results = Vec::with_capacity(self.calls.len());
+        for (name, samples, batch) in self.calls {
+            let t0 = tokio::time::Instant::now();
+            let r = rt.process(&name, &batch, self.now);
+            let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+            results.push((name, samples, r, us));
+        }
+        let ticks = if self.tick {
+            rt.tick(self.now)
+        } else {
+            Vec::new()
+        };
+        let events = rt.drain_events();
+        let status = rt.status();
+        JobResult {
+            rt,
+            apply: report,
+            calls: results,
+            ticks,
+            events,
+            status,
+        }
+    }
+}
+
+/// Takes the buffers of the loaded functions among `names` as batches.
+fn take_batches(st: &mut HostState, names: &[String]) -> Vec<PendingCall> {
+    let mut calls = Vec::new();
+    for name in names {
+        let Some(slot) = st.slots.get_mut(name) else {
+            continue;
+        };
+        let Some((_, inputs)) = &slot.loaded else {
+            continue;
+        };
+        if slot.buffer.is_empty() {
+            continue;
+        }
+        let local: HashMap<u32, u32> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32))
+            .collect();
+        let samples = std::mem::take(&mut slot.buffer);
+        let mut batch = Batch::with_capacity(samples.len());
+        for s in &samples {
+            if let Some(l) = local.get(&s.point) {
+                batch.push(*l, s.ts_ms, s.value, s.quality.0);
+            }
+        }
+        calls.push((name.clone(), samples, batch));
+    }
+    calls
+}
+
+impl FunctionHost {
+    /// One blocking job: optionally `apply`, then `process` the buffers of
+    /// `names`, then optionally `tick`; then forwards outputs, events and
+    /// status. Returns the apply report, if any.
+    pub(super) async fn work(
+        &self,
+        st: &mut HostState,
+        names: &[String],
+        apply: Option<Vec<device_runtime::FunctionSpec>>,
+        tick: bool,
+    ) -> Result<Option<ApplyReport>, FunctionError> {
+        let Some(rt) = st.rt.take() else {
+            return Ok(None);
+        };
+        let job = Job {
+            now: self.clock.now_ms(),
+            calls: take_batches(st, names),
+            apply,
+            tick,
+        };
+        if job.apply.is_none() && job.calls.is_empty() && !job.tick {
+            st.rt = Some(rt);
+            return Ok(None);
+        }
+        let modules = BlobModules(self.fetcher.dir().to_owned());
+        let r = tokio::task::spawn_blocking(move || job.run(rt, &modules))
+            .await
+            .map_err(|e| FunctionError::Task(e.to_string()))?;
+        st.rt = Some(r.rt);
+        let mut report = r.apply;
+        // Outputs of outgoing versions first.
+        if let Some(rep) = &mut report {
+            for out in std::mem::take(&mut rep.flushed) {
+                self.emit_for(st, &out.function, &out)?;
+            }
+        }
+        self.record_calls(st, r.calls)?;
+        self.record_ticks(st, r.ticks)?;
+        for ev in r.events {
+            self.on_runtime_event(st, ev);
+        }
+        self.publish_status(st, Some(&r.status));
+        Ok(report)
+    }
+
+    /// Forwards what the `process` calls emitted and counts what they took,
+    /// failed or (while the function backs off) put back into the buffer.
+    fn record_calls(
+        &self,
+        st: &mut HostState,
+        calls: Vec<CallResult>,
+    ) -> Result<(), FunctionError> {
+        for (name, samples, result, us) in calls {
+            let Some(slot) = st.slots.get_mut(&name) else {
+                continue;
+            };
+            slot.time_us += us;
+            match result {
+                Ok(out) => {
+                    slot.samples_in += samples.len() as u64;
+                    self.emit_for(st, &name, &out)?;
+                }
+                Err(CallError::Unavailable { .. }) => {
+                    // Backing off: keep the input, in order, ahead of newer samples.
+                    let newer = std::mem::take(&mut slot.buffer);
+                    slot.buffer = samples;
+                    slot.buffer.extend(newer);
+                }
+                Err(e) => {
+                    slot.errors += 1;
+                    if e.is_fatal() {
+                        slot.samples_failed += samples.len() as u64;
+                    } else {
+                        slot.samples_in += samples.len() as u64;
+                    }
+                    slot.last_error = Some(render(&e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards what the `tick` calls emitted and counts their errors.
+    fn record_ticks(
+        &self,
+        st: &mut HostState,
+        ticks: Vec<(String, Result<CallOutput, CallError>)>,
+    ) -> Result<(), FunctionError> {
+        for (name, result) in ticks {
+            match result {
+                Ok(out) => self.emit_for(st, &name, &out)?,
+                Err(e) => {
+                    if let Some(slot) = st.slots.get_mut(&name) {
+                        slot.errors += 1;
+                        slot.last_error = Some(render(&e));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `out`, emitted by `function` (with its loaded version's point
+    /// mapping), and counts it in the function's `samples_out`.
+    fn emit_for(
+        &self,
+        st: &mut HostState,
+        function: &str,
+        out: &CallOutput,
+    ) -> Result<(), FunctionError> {
+        let inputs = st
+            .slots
+            .get(function)
+            .and_then(|s| s.loaded.as_ref().map(|(_, i)| i.clone()))
+            .unwrap_or_default();
+        let n = self.emit(out, &inputs)?;
+        if let Some(slot) = st.slots.get_mut(function) {
+            slot.samples_out += n;
+        }
+        Ok(())
+    }
+
+    /// Appends one call's output to its streams; returns the samples appended.
+    fn emit(&self, out: &CallOutput, inputs: &[u32]) -> Result<u64, FunctionError> {
+        let mut n = 0;
+        for s in &out.streams {
+            if s.samples.is_empty() {
+                continue;
+            }
+            let mut samples = Vec::with_capacity(s.samples.len());
+            for i in 0..s.samples.len() {
+                if let Some((p, ts, v, q)) = s.samples.get(i) {
+                    let point = inputs.get(p as usize).copied().unwrap_or(p);
+                    samples.push(Sample {
+                        point,
+                        ts_ms: ts,
+                        value: v,
+                        quality: Quality(q),
+                    });
+                }
+            }
+            n += samples.len() as u64;
+            self.appender.append(&s.stream, &samples)?;
+        }
+        Ok(n)
+    }
+
+    fn on_runtime_event(&self, st: &mut HostState, ev: RuntimeEvent) {
+        let (function, message) = match ev {
+            RuntimeEvent::Crashed {
+                function,
+                digest,
+                error,
+                failures,
+                restart_at_ms,
+            } => {
+                warn!(%function, %digest, %error, failures, "device function crashed");
+                let m = format!(
+                    "function {function} ({digest}) crashed: {error}; failure {failures}, restart at {restart_at_ms} ms"
+                );
+                (function, m)
+            }
+            RuntimeEvent::LoadFailed {
+                function,
+                digest,
+                error,
+            } => {
+                warn!(%function, %digest, %error, "device function failed to load");
+                let m = format!(
+                    "function {function} failed to load module {digest}: {error}; a previous version (if any) keeps running"
+                );
+                (function, m)
+            }
+            RuntimeEvent::Restarted { function, failures } => {
+                if let Some(slot) = st.slots.get_mut(&function) {
+                    slot.restarts += 1;
+                }
+                info!(%function, failures, "device function restarted");
+                let m = format!("function {function} restarted after {failures} failure(s)");
+                (function, m)
+            }
+            RuntimeEvent::Loaded { function, digest } => {
+                info!(%function, %digest, "device function loaded");
+                return;
+            }
+            RuntimeEvent::Replaced { function, from, to } => {
+                info!(%function, %from, %to, "device function hot-swapped");
+                return;
+            }
+            RuntimeEvent::Removed { function, digest } => {
+                info!(%function, %digest, "device function removed");
+                return;
+            }
+            RuntimeEvent::CapabilityDenied {
+                function,
+                call,
+                target,
+            } => {
+                warn!(%function, %call, %target, "device function capability denied");
+                return;
+            }
+        };
+        let _ = self.events.send(Event {
+            node: self.node.clone(),
+            at_ms: self.clock.now_ms(),
+            kind: EventKind::FunctionFailed { function },
+            message,
+        });
+    }
+}

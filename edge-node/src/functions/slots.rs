@@ -1,0 +1,139 @@
+//! Per-function bookkeeping on the host side: what is desired and loaded,
+//! the input buffer with its overflow limit, and the point -> function routes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use device_runtime::DeviceRuntime;
+use protocols::{Event, EventKind, Sample};
+
+use super::caps::CapState;
+use super::{FunctionError, FunctionHost, MAX_BUFFERED_PER_FUNCTION};
+use crate::metrics::Counters;
+
+/// Per-function bookkeeping on the host side.
+#[derive(Debug, Default)]
+pub(super) struct Slot {
+    /// What desired state asks for.
+    pub(super) desired: Option<protocols::FunctionSpec>,
+    /// The runtime spec currently loaded and the node-wide indexes of its points.
+    pub(super) loaded: Option<(device_runtime::FunctionSpec, Vec<u32>)>,
+    /// Input waiting for `process` (node-wide indexes).
+    pub(super) buffer: Vec<Sample>,
+    /// When the oldest buffered sample arrived.
+    pub(super) since_ms: u64,
+    pub(super) last_error: Option<String>,
+    pub(super) load_failed: bool,
+    /// Cumulative counters (survive hot swaps and restarts).
+    pub(super) samples_in: u64,
+    pub(super) samples_out: u64,
+    pub(super) errors: u64,
+    pub(super) restarts: u64,
+    pub(super) samples_failed: u64,
+    pub(super) input_dropped: u64,
+    pub(super) time_us: u64,
+}
+
+impl Slot {
+    /// Node-wide point indexes routed to this function.
+    fn inputs(&self) -> &[u32] {
+        match (&self.loaded, &self.desired) {
+            (Some((_, inputs)), _) => inputs,
+            (None, Some(d)) => &d.inputs,
+            (None, None) => &[],
+        }
+    }
+}
+
+pub(super) struct HostState {
+    pub(super) rt: Option<DeviceRuntime>,
+    pub(super) slots: BTreeMap<String, Slot>,
+    pub(super) point_fns: HashMap<u32, Vec<String>>,
+    pub(super) caps: Arc<Mutex<CapState>>,
+    pub(super) raw_stream: Option<String>,
+    pub(super) batch_max_samples: usize,
+    pub(super) batch_max_age_ms: u64,
+    pub(super) runtime_error: Option<String>,
+}
+
+impl FunctionHost {
+    /// Routes incoming samples into function buffers (or raw, if no loaded
+    /// or pending function consumes the point any more).
+    pub(super) fn accept(
+        &self,
+        st: &mut HostState,
+        samples: Vec<Sample>,
+    ) -> Result<(), FunctionError> {
+        let now = self.clock.now_ms();
+        let mut orphans = Vec::new();
+        {
+            let mut caps = st.caps.lock().unwrap_or_else(PoisonError::into_inner);
+            for s in &samples {
+                caps.latest.insert(s.point, *s);
+            }
+        }
+        for s in samples {
+            let Some(names) = st.point_fns.get(&s.point) else {
+                orphans.push(s);
+                continue;
+            };
+            for name in names {
+                if let Some(slot) = st.slots.get_mut(name) {
+                    if slot.buffer.is_empty() {
+                        slot.since_ms = now;
+                    }
+                    slot.buffer.push(s);
+                }
+            }
+        }
+        for (name, slot) in &mut st.slots {
+            let over = slot.buffer.len().saturating_sub(MAX_BUFFERED_PER_FUNCTION);
+            if over > 0 {
+                slot.buffer.drain(..over);
+                slot.input_dropped += over as u64;
+                let _ = self.events.send(Event {
+                    node: self.node.clone(),
+                    at_ms: now,
+                    kind: EventKind::OverflowDrop {
+                        stream: format!("{name}.input"),
+                        dropped: over as u64,
+                    },
+                    message: format!(
+                        "function {name} is not taking input (backoff or not loaded); \
+                         {over} buffered input samples dropped (limit {MAX_BUFFERED_PER_FUNCTION})"
+                    ),
+                });
+            }
+        }
+        self.to_raw(st, &orphans)
+    }
+
+    pub(super) fn to_raw(&self, st: &HostState, samples: &[Sample]) -> Result<(), FunctionError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        match &st.raw_stream {
+            Some(raw) => self.appender.append(raw, samples)?,
+            None => Counters::add(&self.counters.samples_unrouted, samples.len() as u64),
+        }
+        Ok(())
+    }
+
+    /// Makes the runtime match `pair.current`: drains buffered input
+    pub(super) fn rebuild_routes(st: &mut HostState, leftovers: &mut Vec<Sample>) {
+        let mut point_fns: HashMap<u32, Vec<String>> = HashMap::new();
+        for (name, slot) in &mut st.slots {
+            let inputs: BTreeSet<u32> = slot.inputs().iter().copied().collect();
+            for i in &inputs {
+                point_fns.entry(*i).or_default().push(name.clone());
+            }
+            // Buffered samples of points the function no longer takes go raw.
+            let (keep, drop): (Vec<Sample>, Vec<Sample>) = std::mem::take(&mut slot.buffer)
+                .into_iter()
+                .partition(|s| inputs.contains(&s.point));
+            slot.buffer = keep;
+            leftovers.extend(drop);
+        }
+        st.point_fns = point_fns;
+    }
+}

@@ -12,12 +12,13 @@
 
 use std::time::Duration;
 
+use cloud_hub::HubConfig;
 use cloud_hub::config::MqttConfig;
-use cloud_hub::{App, HubConfig};
+use edgefleet_testkit::{HubHarness, wait_until};
+use tokio_util::sync::CancellationToken;
 use protocols::codec::encode_json;
 use protocols::{NodeState, NodeStatus, ReportedState, TopicKind, Topics};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
-use tokio_util::sync::CancellationToken;
 
 const N: usize = 150;
 
@@ -107,35 +108,24 @@ fn online(hub: &cloud_hub::Hub) -> usize {
 
 /// Waits until `count()` is `want`; the failure names the last count.
 async fn eventually(what: &str, within: Duration, want: usize, mut count: impl FnMut() -> usize) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let c = count();
-        if c == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: {c}, not {want}, after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut last = 0;
+    let r = wait_until(what, within, || {
+        last = count();
+        std::future::ready((last == want).then_some(()))
+    })
+    .await;
+    assert!(r.is_ok(), "{what}: {last}, not {want}, after {within:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_that_subscribes_after_its_nodes_learns_every_one_online() {
     let dir = tempfile::tempdir().unwrap();
     // Hub A owns the embedded broker; its nodes connect after it subscribed.
-    let mut a_cfg = HubConfig {
-        data_dir: dir.path().join("a"),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        ..HubConfig::default()
-    };
-    a_cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
-    let cancel = CancellationToken::new();
-    let a = App::start(a_cfg, cancel.clone()).await.unwrap();
-    let (host, port) = a.mqtt_addr();
-    let hub_a = a.hub();
-    let a_task = tokio::spawn(a.run());
+    let mut a_cfg = HubHarness::config(&dir.path().join("a"));
+    a_cfg.ack_interval = HubConfig::default().ack_interval;
+    let a = HubHarness::start(a_cfg).await.unwrap();
+    let (host, port) = a.mqtt.clone();
+    let hub_a = a.hub.clone();
     eventually("hub A ready", Duration::from_secs(10), 1, || {
         usize::from(hub_a.mqtt_ready())
     })
@@ -152,19 +142,17 @@ async fn a_hub_that_subscribes_after_its_nodes_learns_every_one_online() {
     // Hub B subscribes now, to the same broker, with an empty registry: it
     // gets at most 100 retained statuses.
     let b_cfg = HubConfig {
-        data_dir: dir.path().join("b"),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
         embedded_broker: None,
         mqtt: MqttConfig {
             host: host.clone(),
             port,
             client_id: "hub-b".into(),
         },
-        ..HubConfig::default()
+        ack_interval: HubConfig::default().ack_interval,
+        ..HubHarness::config(&dir.path().join("b"))
     };
-    let b = App::start(b_cfg, cancel.clone()).await.unwrap();
-    let hub_b = b.hub();
-    let b_task = tokio::spawn(b.run());
+    let b = HubHarness::start(b_cfg).await.unwrap();
+    let hub_b = b.hub.clone();
     eventually("nodes online in hub B", Duration::from_secs(20), N, || {
         online(&hub_b)
     })
@@ -188,7 +176,6 @@ async fn a_hub_that_subscribes_after_its_nodes_learns_every_one_online() {
     )
     .await;
 
-    cancel.cancel();
-    a_task.await.unwrap().unwrap();
-    b_task.await.unwrap().unwrap();
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
 }

@@ -337,3 +337,50 @@ pub(super) async fn sigterm(c: &tokio::process::Child) {
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    fn desired(node: &str, revision: u64) -> DesiredState {
+        serde_json::from_value(serde_json::json!({"node": node, "revision": revision})).unwrap()
+    }
+
+    /// The runner's calls go through the typed client: an upload answers
+    /// its digest, streams and samples of a node without data are empty,
+    /// and a refused put names the node, the revision and the hub's reason.
+    #[tokio::test]
+    async fn in_process_hub_answers_through_the_client() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+        let mut s = Scenario::load(&path).unwrap();
+        s.hub.mode = HubMode::InProcess;
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let mut hub = Hub::start(&s, dir.path(), None, &cancel).await.unwrap();
+        assert_eq!(hub.public_key.len(), 64, "{}", hub.public_key);
+        assert!(
+            hub.base().starts_with("http://127.0.0.1:"),
+            "{}",
+            hub.base()
+        );
+        assert_eq!(hub.pid(), None);
+
+        let art = hub.upload(b"not really wasm").await.unwrap();
+        assert_eq!(art.size, 15);
+        assert_eq!(art.sha256.len(), 64);
+
+        assert!(hub.streams("n1").await.unwrap().is_empty());
+        assert!(hub.samples("n1", "nothing").await.unwrap().is_empty());
+
+        hub.put_desired(&desired("n1", 2)).await.unwrap();
+        let e = hub.put_desired(&desired("n1", 1)).await.unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("hub refused desired state of n1 rev 1"),
+            "{msg}"
+        );
+        assert!(msg.contains("409") && msg.contains("revision"), "{msg}");
+        hub.stop().await.unwrap();
+    }
+}

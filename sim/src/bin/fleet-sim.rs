@@ -301,21 +301,10 @@ async fn interrupted() {
     }
 }
 
+/// `fleet-sim hollow`: against a running hub (`--hub-url`) or a started
+/// stack; writes the report and exits non-zero unless every round converged.
 async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
-    let opts = HollowOptions {
-        nodes: a.nodes,
-        node_prefix: a.node_prefix,
-        connect_concurrency: a.connect_concurrency,
-        put_concurrency: a.put_concurrency,
-        rounds: a.rounds,
-        report_interval: Duration::from_millis(a.report_interval_ms),
-        keep_alive: Duration::from_secs(a.keep_alive_s),
-        mqtt_connect_timeout: Duration::from_secs(a.mqtt_connect_timeout_s),
-        registry_poll: Duration::from_millis(a.registry_poll_ms),
-        connect_timeout: Duration::from_secs(a.connect_timeout_s),
-        round_timeout: Duration::from_secs(a.round_timeout_s),
-        progress: !a.quiet,
-    };
+    let opts = hollow_options(&a);
     opts.validate()?;
     // Before the hub starts, so it inherits the raised limit.
     let limit = sim::hollow::raise_fd_limit()?;
@@ -334,79 +323,7 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
         };
         (sim::hollow::run(&opts, &ep).await, None)
     } else {
-        let (hub_bin, hub_args) = match &a.hub_bin {
-            Some(b) => (b.clone(), vec!["serve".to_owned()]),
-            None => (
-                std::env::current_exe().context("locating fleet-sim itself")?,
-                vec!["hub".to_owned()],
-            ),
-        };
-        if a.broker != BrokerArg::Mosquitto
-            && (a.mosquitto_bin.is_some() || a.mosquitto_max_queued.is_some())
-        {
-            anyhow::bail!("--mosquitto-bin and --mosquitto-max-queued need --broker mosquitto");
-        }
-        let mut mosquitto = MosquittoOptions::for_fleet(opts.nodes);
-        mosquitto.bin = a.mosquitto_bin.clone();
-        if let Some(q) = a.mosquitto_max_queued {
-            mosquitto.max_queued_messages = q;
-        }
-        let so = StackOptions {
-            hub_bin,
-            hub_args,
-            hub_config: cloud_hub::HubConfig::load(a.hub_config.as_deref(), |_| None)?,
-            hub_log: a.hub_log.clone(),
-            hub_ready_timeout: Duration::from_secs(30),
-            broker: match a.broker {
-                BrokerArg::Embedded => BrokerKind::Embedded,
-                BrokerArg::Mosquitto => BrokerKind::Mosquitto,
-            },
-            mosquitto,
-            nodes: opts.nodes,
-        };
-        let mut stack = Stack::start(&so).await?;
-        let so_broker_version = stack.broker_version().map(str::to_owned);
-        if !a.quiet {
-            let ep = stack.endpoint();
-            eprintln!(
-                "hub: {} {} (pid {:?}), REST {}, MQTT {}:{}, log {}",
-                so.hub_bin.display(),
-                so.hub_args.join(" "),
-                ep.pid,
-                ep.http_base,
-                ep.mqtt_host,
-                ep.mqtt_port,
-                stack.hub_log().display()
-            );
-            if let Some(m) = stack.mosquitto() {
-                eprintln!(
-                    "broker: {} (pid {:?}), {}, log {}",
-                    m.bin().display(),
-                    m.pid(),
-                    stack.broker_version().unwrap_or("version unknown"),
-                    m.log().display()
-                );
-            }
-        }
-        // Ctrl-C or SIGTERM stop the run, and then hub and broker: a process
-        // that died of the signal would leave both running.
-        let outcome = tokio::select! {
-            r = sim::hollow::run(&opts, stack.endpoint()) => Some(r),
-            () = interrupted() => None,
-        };
-        let alive = stack.check_alive();
-        let keep = a.keep_hub_dir || matches!(outcome, Some(Err(_))) || alive.is_err();
-        for d in stack.stop(keep).await {
-            eprintln!("directory kept: {}", d.display());
-        }
-        let Some(mut r) = outcome else {
-            anyhow::bail!("interrupted; hub and broker stopped");
-        };
-        if let Ok(report) = &mut r {
-            report.broker_version = so_broker_version;
-        }
-        alive?;
-        (r, Some(so.hub_bin))
+        hollow_on_stack(&a, &opts).await?
     };
     let report = report?;
     if let Some(path) = &a.report {
@@ -422,4 +339,118 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The hollow run's options from the command line.
+fn hollow_options(a: &HollowArgs) -> HollowOptions {
+    HollowOptions {
+        nodes: a.nodes,
+        node_prefix: a.node_prefix.clone(),
+        connect_concurrency: a.connect_concurrency,
+        put_concurrency: a.put_concurrency,
+        rounds: a.rounds,
+        report_interval: Duration::from_millis(a.report_interval_ms),
+        keep_alive: Duration::from_secs(a.keep_alive_s),
+        mqtt_connect_timeout: Duration::from_secs(a.mqtt_connect_timeout_s),
+        registry_poll: Duration::from_millis(a.registry_poll_ms),
+        connect_timeout: Duration::from_secs(a.connect_timeout_s),
+        round_timeout: Duration::from_secs(a.round_timeout_s),
+        progress: !a.quiet,
+    }
+}
+
+/// The stack (hub process, and Mosquitto with `--broker mosquitto`) to start
+/// for `nodes` hollow nodes.
+fn stack_options(a: &HollowArgs, nodes: usize) -> anyhow::Result<StackOptions> {
+    let (hub_bin, hub_args) = match &a.hub_bin {
+        Some(b) => (b.clone(), vec!["serve".to_owned()]),
+        None => (
+            std::env::current_exe().context("locating fleet-sim itself")?,
+            vec!["hub".to_owned()],
+        ),
+    };
+    if a.broker != BrokerArg::Mosquitto
+        && (a.mosquitto_bin.is_some() || a.mosquitto_max_queued.is_some())
+    {
+        anyhow::bail!("--mosquitto-bin and --mosquitto-max-queued need --broker mosquitto");
+    }
+    let mut mosquitto = MosquittoOptions::for_fleet(nodes);
+    mosquitto.bin.clone_from(&a.mosquitto_bin);
+    if let Some(q) = a.mosquitto_max_queued {
+        mosquitto.max_queued_messages = q;
+    }
+    Ok(StackOptions {
+        hub_bin,
+        hub_args,
+        hub_config: cloud_hub::HubConfig::load(a.hub_config.as_deref(), |_| None)?,
+        hub_log: a.hub_log.clone(),
+        hub_ready_timeout: Duration::from_secs(30),
+        broker: match a.broker {
+            BrokerArg::Embedded => BrokerKind::Embedded,
+            BrokerArg::Mosquitto => BrokerKind::Mosquitto,
+        },
+        mosquitto,
+        nodes,
+    })
+}
+
+/// What a hollow run against a started stack gives: the run's outcome and
+/// the hub binary.
+type StackOutcome = (
+    Result<sim::hollow::HollowReport, sim::hollow::HollowError>,
+    Option<PathBuf>,
+);
+
+/// Starts the stack, runs the hollow fleet against it (Ctrl-C or SIGTERM
+/// stop it), and stops the stack again.
+async fn hollow_on_stack(a: &HollowArgs, opts: &HollowOptions) -> anyhow::Result<StackOutcome> {
+    let so = stack_options(a, opts.nodes)?;
+    let mut stack = Stack::start(&so).await?;
+    let so_broker_version = stack.broker_version().map(str::to_owned);
+    if !a.quiet {
+        print_stack(&stack, &so);
+    }
+    // Ctrl-C or SIGTERM stop the run, and then hub and broker: a process
+    // that died of the signal would leave both running.
+    let outcome = tokio::select! {
+        r = sim::hollow::run(opts, stack.endpoint()) => Some(r),
+        () = interrupted() => None,
+    };
+    let alive = stack.check_alive();
+    let keep = a.keep_hub_dir || matches!(outcome, Some(Err(_))) || alive.is_err();
+    for d in stack.stop(keep).await {
+        eprintln!("directory kept: {}", d.display());
+    }
+    let Some(mut r) = outcome else {
+        anyhow::bail!("interrupted; hub and broker stopped");
+    };
+    if let Ok(report) = &mut r {
+        report.broker_version = so_broker_version;
+    }
+    alive?;
+    Ok((r, Some(so.hub_bin)))
+}
+
+/// The started hub and broker, on stderr.
+fn print_stack(stack: &Stack, so: &StackOptions) {
+    let ep = stack.endpoint();
+    eprintln!(
+        "hub: {} {} (pid {:?}), REST {}, MQTT {}:{}, log {}",
+        so.hub_bin.display(),
+        so.hub_args.join(" "),
+        ep.pid,
+        ep.http_base,
+        ep.mqtt_host,
+        ep.mqtt_port,
+        stack.hub_log().display()
+    );
+    if let Some(m) = stack.mosquitto() {
+        eprintln!(
+            "broker: {} (pid {:?}), {}, log {}",
+            m.bin().display(),
+            m.pid(),
+            stack.broker_version().unwrap_or("version unknown"),
+            m.log().display()
+        );
+    }
 }

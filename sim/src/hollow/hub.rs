@@ -45,18 +45,13 @@ pub struct HubProcess {
     log: PathBuf,
 }
 
-/// Reserves a free loopback port (bind to 0, read it back, release it).
+/// Reserves a free loopback port ([`edgefleet_testkit::free_port`]), as a
+/// [`HollowError`].
 pub(crate) fn free_port() -> Result<u16, HollowError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| HollowError::Io {
+    edgefleet_testkit::free_port().map_err(|source| HollowError::Io {
         what: "reserving a loopback port".into(),
         source,
-    })?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|source| HollowError::Io {
-            what: "reserving a loopback port".into(),
-            source,
-        })
+    })
 }
 
 impl HubProcess {

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fleet::{PointInfo, SimNode};
+use edgefleet_testkit::wait_until;
+
 use super::monitor::drained;
 use super::{RunState, lock, now_ms};
 use crate::report::Totals;
@@ -69,20 +71,18 @@ impl RunState {
             "devices stopped after {device_seconds:.1} s; waiting for the edge nodes to drain"
         ));
         let margin_ms = self.s.edge.batch_max_age.as_millis() as u64 + 1_000;
-        let mut is_drained = false;
-        while drain_start.elapsed() < self.s.drain_timeout {
-            if drained(
+        let is_drained = wait_until("the edge nodes to drain", self.s.drain_timeout, || async {
+            drained(
                 &lock(&self.monitor),
                 &self.nodes,
                 end_ms + margin_ms,
                 Some(end_ms + margin_ms),
                 0,
-            ) {
-                is_drained = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            )
+            .then_some(())
+        })
+        .await
+        .is_ok();
         let final_drain = drain_start.elapsed().as_secs_f64();
         self.progress.println(format!(
             "drain {} after {final_drain:.1} s; comparing with ground truth",

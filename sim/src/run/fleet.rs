@@ -21,6 +21,8 @@ use protocols::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use edgefleet_testkit::wait_until;
+
 use super::hub::{Hub, sigterm, spawn_logged};
 use super::{Restart, RunState, lock, now_ms};
 use crate::devices::SimDevice;
@@ -499,7 +501,7 @@ fn edge_config(
     cfg.mqtt.reconnect_max = s.edge.reconnect_max;
     cfg.mqtt.keep_alive = Duration::from_secs(5);
     cfg.hub.public_key = Some(hub.public_key.clone());
-    cfg.hub.http_url.clone_from(&hub.base);
+    hub.base().clone_into(&mut cfg.hub.http_url);
     cfg.outbox.flush_interval = s.edge.flush_interval;
     cfg.uplink.drain_rate = s.edge.drain_rate;
     cfg.uplink.ack_timeout = Duration::from_secs(10);
@@ -767,19 +769,19 @@ impl RunState {
     /// Waits until the monitor saw every put revision applied.
     pub(super) async fn wait_converged(&mut self) -> anyhow::Result<()> {
         let conv_start = Instant::now();
-        loop {
-            let left = lock(&self.monitor).pending.len();
-            if left == 0 {
-                break;
-            }
-            if conv_start.elapsed() > self.s.converge_timeout {
-                bail!(
-                    "{left} of {} nodes did not apply their desired state within {:?}",
-                    self.nodes.len(),
-                    self.s.converge_timeout
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let converged = wait_until(
+            "every node to apply its desired state",
+            self.s.converge_timeout,
+            || async { lock(&self.monitor).pending.is_empty().then_some(()) },
+        )
+        .await;
+        if converged.is_err() {
+            bail!(
+                "{} of {} nodes did not apply their desired state within {:?}",
+                lock(&self.monitor).pending.len(),
+                self.nodes.len(),
+                self.s.converge_timeout
+            );
         }
         self.progress.println(format!(
             "desired state applied on {} nodes in {:.1} s",

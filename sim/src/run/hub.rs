@@ -1,23 +1,22 @@
 //! The hub of a run and the REST calls the runner makes to it.
 //!
-//! [`Hub`] is the runner's handle: the hub's URLs and key, a REST client
-//! whose answers are the hub's own API types (`cloud_hub::api`,
-//! `cloud_hub::sink`, `cloud_hub::artifacts`), and a [`HubProc`] — the one
+//! [`Hub`] is the runner's handle: the hub's broker address and key, its
+//! typed REST client ([`HubClient`], answers as [`protocols::api`] types,
+//! errors with the hub's own message), and a [`HubProc`] — the one
 //! type through which the hub is started, killed, restarted and stopped,
 //! whether it is a `fleet-sim hub` child process or an in-process
 //! `cloud_hub::App`. [`spawn_logged`] and [`sigterm`] are the child-process
 //! primitives, shared with the agents' [`AgentProc`](super::fleet::AgentProc).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use cloud_hub::api::SamplePage;
-use cloud_hub::artifacts::ArtifactInfo;
-use cloud_hub::sink::{StoredSample, StreamStats};
+use cloud_hub::client::HubClient;
+use edgefleet_testkit::{free_port, wait_until};
 use protocols::DesiredState;
+use protocols::api::{ArtifactInfo, SampleQuery, StoredSample};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -25,14 +24,13 @@ use crate::scenario::{HubMode, Scenario};
 
 /// The hub as the runner drives it.
 pub(super) struct Hub {
-    /// `http://127.0.0.1:PORT`.
-    pub(super) base: String,
+    /// Typed client of its REST API (base `http://127.0.0.1:PORT`).
+    pub(super) client: HubClient,
     /// The broker the agents' proxies forward to.
     pub(super) mqtt: SocketAddr,
     /// The hub's signing key (hex), pinned in every edge config.
     pub(super) public_key: String,
     proc: HubProc,
-    http: reqwest::Client,
 }
 
 /// Hub child process or in-process app.
@@ -50,22 +48,20 @@ enum HubProc {
     },
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// The hub config of a run: ephemeral ports, data under `dir`.
 fn hub_config(s: &Scenario, dir: &Path) -> anyhow::Result<cloud_hub::HubConfig> {
     let mut cfg = cloud_hub::HubConfig {
         data_dir: dir.join("hub"),
-        http_listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        http_listen: SocketAddr::from((
+            [127, 0, 0, 1],
+            free_port().context("finding a free port")?,
+        )),
         ack_interval: s.hub.ack_interval,
         cache_capacity_bytes: s.hub.cache_capacity_bytes,
         ..cloud_hub::HubConfig::default()
     };
     if let Some(b) = cfg.embedded_broker.as_mut() {
-        b.listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        b.listen = SocketAddr::from(([127, 0, 0, 1], free_port().context("finding a free port")?));
     }
     cfg.validate().context("hub config")?;
     Ok(cfg)
@@ -185,6 +181,10 @@ impl HubProc {
 }
 
 impl Hub {
+    /// Per-request timeout of the runner's client: a read-back of a big
+    /// stream is one large page.
+    const TIMEOUT: Duration = Duration::from_secs(120);
+
     /// Starts the hub of scenario `s` and waits until it is healthy.
     pub(super) async fn start(
         s: &Scenario,
@@ -193,48 +193,33 @@ impl Hub {
         cancel: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let cfg = hub_config(s, dir)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()?;
         let (proc, base, mqtt) = HubProc::launch(s.hub.mode, cfg, dir, hub_exe, cancel).await?;
+        let client = HubClient::with_timeout(base, Self::TIMEOUT)?;
         let mut hub = Self {
-            base,
+            client,
             mqtt,
             public_key: String::new(),
             proc,
-            http,
         };
         hub.wait_healthy(Duration::from_secs(60)).await?;
-        let info: serde_json::Value = hub
-            .http
-            .get(format!("{}/v1/hub", hub.base))
-            .send()
-            .await?
-            .json()
-            .await?;
-        info["public_key"]
-            .as_str()
-            .context("hub did not tell its public key")?
-            .clone_into(&mut hub.public_key);
+        hub.public_key = hub
+            .client
+            .hub_info()
+            .await
+            .context("asking the hub for its public key")?
+            .public_key;
         Ok(hub)
     }
 
     async fn wait_healthy(&self, limit: Duration) -> anyhow::Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/healthz", self.base)).send().await
-                && r.status().is_success()
-            {
-                return Ok(());
-            }
-            if start.elapsed() > limit {
-                bail!(
-                    "the hub did not become healthy at {} within {limit:?}",
-                    self.base
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("the hub to become healthy at {}", self.client.base());
+        wait_until(&what, limit, || async { self.client.healthy().await.ok() }).await?;
+        Ok(())
+    }
+
+    /// The REST API's base URL, `http://127.0.0.1:PORT`.
+    pub(super) fn base(&self) -> &str {
+        self.client.base()
     }
 
     /// The hub's process id (`None` in process or while it is down).
@@ -260,7 +245,7 @@ impl Hub {
                 }
                 self.kill().await?;
                 if start.elapsed() > Duration::from_secs(60) {
-                    bail!("the hub did not come back on {}", self.base);
+                    bail!("the hub did not come back on {}", self.base());
                 }
             }
         }
@@ -274,77 +259,49 @@ impl Hub {
 
     /// `PUT /v1/artifacts`.
     pub(super) async fn upload(&self, bytes: &'static [u8]) -> anyhow::Result<ArtifactInfo> {
-        let r = self
-            .http
-            .put(format!("{}/v1/artifacts", self.base))
-            .body(bytes)
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("artifact upload refused: {}", r.text().await?);
-        }
-        Ok(r.json().await?)
+        self.client
+            .put_artifact(bytes.to_vec())
+            .await
+            .context("artifact upload refused")
     }
 
     /// `PUT /v1/nodes/{node}/desired`.
     pub(super) async fn put_desired(&self, d: &DesiredState) -> anyhow::Result<()> {
-        let r = self
-            .http
-            .put(format!("{}/v1/nodes/{}/desired", self.base, d.node))
-            .json(d)
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!(
-                "hub refused desired state of {} rev {}: {}",
-                d.node,
-                d.revision,
-                r.text().await?
-            );
-        }
+        self.client.put_desired(d).await.with_context(|| {
+            format!("hub refused desired state of {} rev {}", d.node, d.revision)
+        })?;
         Ok(())
     }
 
     /// Names of `node`'s stored streams (`GET /v1/nodes/{node}/streams`).
     pub(super) async fn streams(&self, node: &str) -> anyhow::Result<Vec<String>> {
-        let v: BTreeMap<String, StreamStats> = self
-            .http
-            .get(format!("{}/v1/nodes/{node}/streams", self.base))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        Ok(v.into_keys().collect())
+        Ok(self.client.streams(node).await?.into_keys().collect())
     }
 
-    /// Every stored sample of one stream, page by page.
+    /// Every stored sample of one stream, in pages of [`Self::PAGE`].
     pub(super) async fn samples(
         &self,
         node: &str,
         stream: &str,
     ) -> anyhow::Result<Vec<StoredSample>> {
         let mut out = Vec::new();
-        let mut from = 1u64;
-        loop {
-            let page: SamplePage = self
-                .http
-                .get(format!(
-                    "{}/v1/nodes/{node}/streams/{stream}/samples?from_seq={from}&limit=200000",
-                    self.base
-                ))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
+        let mut next = Some(1u64);
+        while let Some(from_seq) = next {
+            let query = SampleQuery {
+                from_seq: Some(from_seq),
+                limit: Some(Self::PAGE),
+                ..SampleQuery::default()
+            };
+            let page = self.client.samples(node, stream, &query).await?;
             out.extend(page.samples);
-            match page.next_seq {
-                Some(n) => from = n,
-                None => return Ok(out),
-            }
+            next = page.next_seq;
         }
+        Ok(out)
     }
+
+    /// Page size of [`Hub::samples`]: fewer round trips than the hub's
+    /// default page for the long streams of a run.
+    const PAGE: usize = 200_000;
 }
 
 /// Starts `exe SUBCOMMAND --config CONFIG` (a `fleet-sim` child: hub or
@@ -378,5 +335,52 @@ pub(super) async fn sigterm(c: &tokio::process::Child) {
             .arg(pid.to_string())
             .status()
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    fn desired(node: &str, revision: u64) -> DesiredState {
+        serde_json::from_value(serde_json::json!({"node": node, "revision": revision})).unwrap()
+    }
+
+    /// The runner's calls go through the typed client: an upload answers
+    /// its digest, streams and samples of a node without data are empty,
+    /// and a refused put names the node, the revision and the hub's reason.
+    #[tokio::test]
+    async fn in_process_hub_answers_through_the_client() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+        let mut s = Scenario::load(&path).unwrap();
+        s.hub.mode = HubMode::InProcess;
+        let dir = tempfile::tempdir().unwrap();
+        let cancel = CancellationToken::new();
+        let mut hub = Hub::start(&s, dir.path(), None, &cancel).await.unwrap();
+        assert_eq!(hub.public_key.len(), 64, "{}", hub.public_key);
+        assert!(
+            hub.base().starts_with("http://127.0.0.1:"),
+            "{}",
+            hub.base()
+        );
+        assert_eq!(hub.pid(), None);
+
+        let art = hub.upload(b"not really wasm").await.unwrap();
+        assert_eq!(art.size, 15);
+        assert_eq!(art.sha256.len(), 64);
+
+        assert!(hub.streams("n1").await.unwrap().is_empty());
+        assert!(hub.samples("n1", "nothing").await.unwrap().is_empty());
+
+        hub.put_desired(&desired("n1", 2)).await.unwrap();
+        let e = hub.put_desired(&desired("n1", 1)).await.unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("hub refused desired state of n1 rev 1"),
+            "{msg}"
+        );
+        assert!(msg.contains("409") && msg.contains("revision"), "{msg}");
+        hub.stop().await.unwrap();
     }
 }

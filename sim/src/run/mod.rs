@@ -33,7 +33,7 @@
 //! - `fleet`: phases 1–3 — device servers per protocol, `SimNode` (proxy,
 //!   agent through `AgentProc`), desired state and the `Deployment`;
 //! - `hub`: the hub (`Hub`, started and stopped through `HubProc`) and its
-//!   REST calls, typed with the hub's own API types;
+//!   REST calls, all through `cloud_hub::client::HubClient`;
 //! - `monitor`: the polling task, drain checks and the progress line;
 //! - `faults`: phase 4 — the fault timeline, one `execute` per action, the
 //!   outage and drain accounting;
@@ -53,6 +53,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use cloud_hub::client::HubClient;
 use edge_node::Clock;
 use tokio_util::sync::CancellationToken;
 
@@ -144,6 +145,10 @@ impl RunState {
     }
 }
 
+/// Per-request timeout of the monitor's polls (a slow answer is a missed
+/// poll, not a stalled monitor).
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs a scenario and returns its report.
 pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let s = opts.scenario.clone();
@@ -176,7 +181,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let monitor = Arc::new(Mutex::new(Monitor::default()));
     let mon_cancel = cancel.child_token();
     let mon_task = tokio::spawn(monitor_loop(
-        hub.base.clone(),
+        HubClient::with_timeout(hub.base(), MONITOR_TIMEOUT)?,
         hub_pid.clone(),
         monitor.clone(),
         mon_cancel.clone(),

@@ -1,15 +1,16 @@
 //! What the runner watches while a run goes on: the hub's view of every
-//! node ([`monitor_loop`] over `GET /v1/nodes`, read as the hub's own
-//! `cloud_hub::api::NodeView`), RSS, whether the fleet has drained
+//! node ([`monitor_loop`]: `GET /v1/nodes` through the hub's typed
+//! [`HubClient`], as [`NodeView`]s), RSS, whether the fleet has drained
 //! ([`drained`]), and the progress line ([`Progress`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloud_hub::api::NodeView;
+use cloud_hub::client::HubClient;
 use indicatif::{ProgressBar, ProgressStyle};
 use protocols::ReportedState;
+use protocols::api::NodeView;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -76,13 +77,14 @@ pub fn rss_bytes(pid: &str) -> Option<u64> {
 
 /// Polls the hub every 100 ms until `cancel`: the whole fleet once a second,
 /// nodes with a pending desired revision on every tick; RSS every 0.5 s.
+/// `hub` should have a short per-request timeout: a failed poll is counted
+/// and the next tick tries again.
 pub(super) async fn monitor_loop(
-    hub_base: String,
+    hub: HubClient,
     hub_pid: Arc<Mutex<Option<u32>>>,
     state: Arc<Mutex<Monitor>>,
     cancel: CancellationToken,
 ) {
-    let http = reqwest::Client::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut n = 0u64;
@@ -103,7 +105,7 @@ pub(super) async fn monitor_loop(
         // The whole fleet once a second (reported states of big nodes are
         // large); nodes with a pending desired revision every 100 ms.
         let views: Vec<NodeView> = if n.is_multiple_of(10) {
-            let Some(v) = get_json(&http, format!("{hub_base}/v1/nodes")).await else {
+            let Ok(v) = hub.nodes().await else {
                 lock(&state).polls_failed += 1;
                 continue;
             };
@@ -116,7 +118,7 @@ pub(super) async fn monitor_loop(
                 .collect();
             let mut v = Vec::new();
             for node in pending {
-                if let Some(one) = get_json(&http, format!("{hub_base}/v1/nodes/{node}")).await {
+                if let Ok(Some(one)) = hub.node(&node).await {
                     v.push(one);
                 }
             }
@@ -124,22 +126,6 @@ pub(super) async fn monitor_loop(
         };
         lock(&state).record(views, Instant::now());
     }
-}
-
-async fn get_json<T: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    url: String,
-) -> Option<T> {
-    let r = http
-        .get(url)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .ok()?;
-    if !r.status().is_success() {
-        return None;
-    }
-    r.json().await.ok()
 }
 
 /// Whether every node reported, after `after_ms`, that everything stamped

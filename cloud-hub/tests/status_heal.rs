@@ -15,10 +15,10 @@ use std::time::Duration;
 use cloud_hub::HubConfig;
 use cloud_hub::config::MqttConfig;
 use edgefleet_testkit::{HubHarness, wait_until};
-use tokio_util::sync::CancellationToken;
 use protocols::codec::encode_json;
 use protocols::{NodeState, NodeStatus, ReportedState, TopicKind, Topics};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio_util::sync::CancellationToken;
 
 const N: usize = 150;
 

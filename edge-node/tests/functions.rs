@@ -14,29 +14,21 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cloud_hub::api::{NodeView, SamplePage};
+use cloud_hub::api::{NodeView, SamplePage, SampleQuery};
 use cloud_hub::artifacts::ArtifactInfo;
-use cloud_hub::{App, HubConfig};
-use edge_node::{Agent, Clock, EdgeConfig};
+use edge_node::{Clock, EdgeConfig};
+use edgefleet_testkit::{EdgeHarness, HubHarness, wait_until};
 use protocols::{Event, EventKind, FunctionState, FunctionStatus};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(what, DEADLINE, f).await.unwrap()
 }
 
 fn guest(name: &str, file: &str) -> Vec<u8> {
@@ -74,98 +66,36 @@ fn desired(revision: u64, module: &ArtifactInfo, config: &str) -> serde_json::Va
 }
 
 struct Rig {
-    base: String,
-    hub_key: String,
-    hub_dir: PathBuf,
-    http: reqwest::Client,
-    cancel: CancellationToken,
-    hub_task: tokio::task::JoinHandle<Result<(), cloud_hub::HubError>>,
-    edge_task: tokio::task::JoinHandle<Result<(), edge_node::AgentError>>,
+    hub: HubHarness,
+    edge: EdgeHarness,
     dir: tempfile::TempDir,
 }
 
 impl Rig {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cancel = CancellationToken::new();
-        let mut hub_cfg = HubConfig {
-            data_dir: dir.path().join("hub"),
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            ack_interval: Duration::from_millis(50),
-            ..HubConfig::default()
-        };
-        hub_cfg.embedded_broker.as_mut().unwrap().listen = "127.0.0.1:0".parse().unwrap();
-        let hub_dir = hub_cfg.data_dir.clone();
-        let app = App::start(hub_cfg, cancel.clone()).await.unwrap();
-        let base = format!("http://{}", app.http_addr());
-        let (host, port) = app.mqtt_addr();
-        let hub_key: serde_json::Value = reqwest::get(format!("{base}/v1/hub"))
-            .await
-            .unwrap()
-            .json()
+        let hub = HubHarness::start(HubHarness::config(&dir.path().join("hub")))
             .await
             .unwrap();
-        let hub_task = tokio::spawn(app.run());
-
-        let mut edge_cfg = EdgeConfig {
-            node: "n1".into(),
-            data_dir: dir.path().join("edge"),
-            ..EdgeConfig::default()
-        };
-        edge_cfg.mqtt.host = host;
-        edge_cfg.mqtt.port = port;
-        let hub_key = hub_key["public_key"].as_str().unwrap().to_owned();
-        edge_cfg.hub.public_key = Some(hub_key.clone());
-        edge_cfg.hub.http_url.clone_from(&base);
-        edge_cfg.validate().unwrap();
-        let agent = Agent::start(edge_cfg, Clock::system(), cancel.clone())
-            .await
-            .unwrap();
-        let edge_task = tokio::spawn(agent.run());
-        Self {
-            base,
-            hub_key,
-            hub_dir,
-            http: reqwest::Client::new(),
-            cancel,
-            hub_task,
-            edge_task,
-            dir,
-        }
+        let edge = EdgeHarness::start(
+            hub.edge_config("n1", &dir.path().join("edge")),
+            Clock::system(),
+        )
+        .await
+        .unwrap();
+        Self { hub, edge, dir }
     }
 
     async fn upload(&self, bytes: Vec<u8>) -> ArtifactInfo {
-        let r = self
-            .http
-            .put(format!("{}/v1/artifacts", self.base))
-            .body(bytes)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.status());
-        r.json().await.unwrap()
+        self.hub.client.put_artifact(bytes).await.unwrap()
     }
 
     async fn put_desired(&self, body: serde_json::Value) {
-        let r = self
-            .http
-            .put(format!("{}/v1/nodes/n1/desired", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        self.hub.client.put_desired_json("n1", &body).await.unwrap();
     }
 
     async fn node(&self) -> Option<NodeView> {
-        let r = self
-            .http
-            .get(format!("{}/v1/nodes/n1", self.base))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())?;
-        r.json().await.ok()
+        self.hub.client.node("n1").await.ok().flatten()
     }
 
     async fn function(&self) -> Option<(u64, FunctionStatus, NodeView)> {
@@ -176,40 +106,24 @@ impl Rig {
     }
 
     async fn samples(&self, stream: &str) -> SamplePage {
-        self.http
-            .get(format!(
-                "{}/v1/nodes/n1/streams/{stream}/samples?limit=1000000",
-                self.base
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let q = SampleQuery {
+            limit: Some(SampleQuery::MAX_LIMIT),
+            ..SampleQuery::default()
+        };
+        self.hub.client.samples("n1", stream, &q).await.unwrap()
     }
 
     async fn events(&self) -> Vec<Event> {
-        self.http
-            .get(format!("{}/v1/nodes/n1/events", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.hub.client.events("n1").await.unwrap()
     }
 
     async fn stop(self) -> tempfile::TempDir {
-        self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.edge_task)
+        tokio::time::timeout(Duration::from_secs(20), self.edge.stop())
             .await
-            .unwrap()
             .unwrap()
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.hub_task)
+        tokio::time::timeout(Duration::from_secs(10), self.hub.stop())
             .await
-            .unwrap()
             .unwrap()
             .unwrap();
         self.dir
@@ -334,13 +248,11 @@ async fn restart_without_hub_runs_functions_from_disk() {
             .filter(|(_, f, _)| f.state == FunctionState::Running && counter(f, "samples_out") > 0)
     })
     .await;
-    let hub_key = rig.hub_key.clone();
+    let hub_key = rig.hub.public_key.clone();
     let dir = rig.stop().await;
 
     // No hub at all: nothing listens on the broker or HTTP port.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let port = edgefleet_testkit::free_port().unwrap();
     let mut cfg = EdgeConfig {
         node: "n1".into(),
         data_dir: dir.path().join("edge"),
@@ -349,12 +261,8 @@ async fn restart_without_hub_runs_functions_from_disk() {
     cfg.mqtt.port = port;
     cfg.hub.http_url = format!("http://127.0.0.1:{port}");
     cfg.hub.public_key = Some(hub_key);
-    let cancel = CancellationToken::new();
-    let agent = Agent::start(cfg, Clock::system(), cancel.clone())
-        .await
-        .unwrap();
-    let view = agent.functions();
-    let task = tokio::spawn(agent.run());
+    let edge = EdgeHarness::start(cfg, Clock::system()).await.unwrap();
+    let view = edge.functions.clone();
     let f = wait_for("function running again from the local artifact", || async {
         view.snapshot()
             .get("f")
@@ -363,10 +271,8 @@ async fn restart_without_hub_runs_functions_from_disk() {
     })
     .await;
     assert_eq!(f.module_sha256, module.sha256);
-    cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(20), task)
+    tokio::time::timeout(Duration::from_secs(20), edge.stop())
         .await
-        .unwrap()
         .unwrap()
         .unwrap();
 }
@@ -388,7 +294,7 @@ async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
     let other = rig
         .upload(guest("swinging-door", "swinging-door.wasm"))
         .await;
-    let path = rig.hub_dir.join("artifacts").join(&other.sha256);
+    let path = rig.hub.data_dir.join("artifacts").join(&other.sha256);
     let mut bytes = std::fs::read(&path).unwrap();
     for b in bytes.iter_mut().skip(100).take(64) {
         *b ^= 0xff;

@@ -7,7 +7,8 @@
 
 use std::fmt;
 
-/// What a topic carries; see the sync protocol table in the architecture doc.
+/// What a topic carries; the table in `ARCHITECTURE.md` (repository root)
+/// lists direction, QoS and payload of each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TopicKind {
     /// hub → edge, QoS 1, retained: signed desired state.

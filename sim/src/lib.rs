@@ -1,4 +1,4 @@
-//! fleet simulator (see issue 6).
+//! # sim — the fleet simulator: real hub, real agents, fake devices, ground truth
 //!
 //! Start here: [`scenario`] (the TOML schema of a run), [`run`] (executes a
 //! scenario against the real hub and real edge agents and writes a

@@ -172,6 +172,7 @@ async fn send(
 }
 
 /// Runs the driver until `cancel` fires or `out` is dropped.
+#[expect(clippy::too_many_lines, reason = "the client set-up, then the driver's one select loop over broker events and cancellation; the arms share the loop's local session state")]
 pub async fn run(
     device: Device,
     options: DriverOptions,

@@ -9,12 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use protocols::codec::{decode_json, encode_json};
-use protocols::signing::{VerifyingKey, key_from_hex, key_to_hex};
-use protocols::{
-    Ack, Backlog, DesiredState, Device, DeviceStatus, Event, EventKind, NodeState, NodeStatus,
-    ReportedState, SignedDesired, TopicKind, Topics,
-};
+use protocols::{Backlog, DesiredState, Device, Event, ReportedState, Topics};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -30,6 +25,7 @@ use crate::functions::{FunctionError, FunctionHost, FunctionsView};
 use crate::link::{self, LinkError, LinkEvent};
 use crate::metrics::Counters;
 use crate::pipeline::{Appender, Pipeline, Routing};
+use crate::session::{Input, Output, Restored, Session, encode_report};
 use crate::store::{Store, StoreError};
 use crate::uplink::{self, Conn};
 
@@ -212,19 +208,13 @@ impl Agent {
         }
 
         let mut control = Control {
-            trusted: None,
-            applied: None,
-            previous: None,
+            session: Session::new(cfg.node.clone(), topics, counters.clone(), clock.now_ms()),
             desired: desired_tx,
             functions: functions.clone(),
             fetcher: fetcher.clone(),
             devices: BTreeMap::new(),
-            offline_since_ms: Some(clock.now_ms()),
-            loss_windows: Vec::new(),
-            cfg,
             clock,
             store: store.clone(),
-            topics,
             client,
             counters,
             conn: conn_tx,
@@ -233,7 +223,7 @@ impl Agent {
             device_cancel: cancel.child_token(),
             transports: agent_options.device_transports,
         };
-        control.restore()?;
+        control.restore(cfg.hub.public_key.clone()).await?;
         {
             let cancel = cancel.clone();
             tasks.spawn(async move {
@@ -326,11 +316,13 @@ async fn committer(
     }
 }
 
+/// The I/O driver of the [`Session`]: feeds it link events, events of other
+/// tasks and report ticks, and executes what it returns (publishes, store
+/// writes, outbox acks, hand-off to functions, routing and devices).
 struct Control {
-    cfg: EdgeConfig,
+    session: Session,
     clock: Clock,
     store: Store,
-    topics: Topics,
     client: AsyncClient,
     counters: Arc<Counters>,
     conn: watch::Sender<Conn>,
@@ -338,71 +330,30 @@ struct Control {
     samples: mpsc::Sender<Vec<protocols::Sample>>,
     device_cancel: CancellationToken,
     transports: drivers::transport::DeviceTransports,
-    trusted: Option<VerifyingKey>,
-    applied: Option<DesiredState>,
-    previous: Option<Arc<DesiredState>>,
     desired: watch::Sender<DesiredPair>,
     functions: FunctionsView,
     fetcher: Arc<ArtifactFetcher>,
     devices: BTreeMap<String, (Device, DeviceHandle)>,
-    offline_since_ms: Option<u64>,
-    loss_windows: Vec<protocols::LossWindow>,
 }
 
 impl Control {
-    /// Loads the trusted key and re-applies the last accepted desired state.
-    fn restore(&mut self) -> Result<(), AgentError> {
-        let pinned = match &self.cfg.hub.public_key {
-            Some(k) => Some(k.clone()),
+    /// Reads what the session needs from the store and lets it trust the
+    /// key, re-apply the last accepted desired state and record a loss
+    /// window after an unclean stop.
+    async fn restore(&mut self, configured_key: Option<String>) -> Result<(), AgentError> {
+        let hub_key = match configured_key {
+            Some(k) => Some(k),
             None => self.store.hub_key()?,
         };
-        self.trusted = pinned.as_deref().and_then(|k| key_from_hex(k).ok());
-        if let (Some(doc), Some(key)) = (self.store.desired_previous()?, self.trusted) {
-            // Kept for rollback: its artifacts are not garbage-collected.
-            self.previous = doc.verify(&key).ok().map(Arc::new);
-        }
-        if let (Some(doc), Some(key)) = (self.store.desired_current()?, self.trusted) {
-            match doc.verify(&key) {
-                Ok(desired) => {
-                    info!(node = %self.cfg.node, revision = desired.revision, "re-applying desired state from disk");
-                    self.apply(desired);
-                }
-                Err(e) => {
-                    warn!(error = %e, "stored desired state does not verify; waiting for the hub");
-                }
-            }
-        }
-        // Anything not covered by a completed group commit before an unclean
-        // stop may be gone: report the window (durably, and in every report).
-        let clean = self.store.take_clean_stop()?;
-        if let (false, Some(last)) = (clean, self.store.last_commit_time()?) {
-            let batch_age = self
-                .applied
-                .as_ref()
-                .map_or(0, |d| d.config.batch_max_age_ms);
-            let w = protocols::LossWindow {
-                from_ms: last.saturating_sub(batch_age),
-                to_ms: self.clock.now_ms(),
-            };
-            self.store.record_loss_window(w)?;
-            warn!(
-                from_ms = w.from_ms,
-                to_ms = w.to_ms,
-                "restarted after an unclean stop: samples in this window that no group commit covered may be missing"
-            );
-            self.event(
-                EventKind::UncleanRestart {
-                    from_ms: w.from_ms,
-                    to_ms: w.to_ms,
-                },
-                format!(
-                    "agent restarted after an unclean stop; samples taken in the {} ms before it restarted that no group commit covered may be missing",
-                    w.to_ms - w.from_ms
-                ),
-            );
-        }
-        self.loss_windows = self.store.loss_windows()?;
-        Ok(())
+        let restored = Restored {
+            hub_key,
+            previous: self.store.desired_previous()?,
+            current: self.store.desired_current()?,
+            clean_stop: self.store.take_clean_stop()?,
+            last_commit_ms: self.store.last_commit_time()?,
+            loss_windows: self.store.loss_windows()?,
+        };
+        self.handle(Input::Restore(&restored)).await
     }
 
     async fn run(
@@ -420,11 +371,9 @@ impl Control {
                     None => return Ok(()),
                     Some(ev) => self.on_link(ev).await?,
                 },
-                Some(ev) = events.recv() => self.publish_event(&ev),
+                Some(ev) = events.recv() => self.handle(Input::Event(&ev)).await?,
                 _ = report.tick() => {
-                    if self.conn.borrow().up {
-                        self.report();
-                    }
+                    self.handle(Input::ReportTick).await?;
                     let want = self.report_interval();
                     if report.period() != want {
                         report = tokio::time::interval(want);
@@ -435,165 +384,96 @@ impl Control {
     }
 
     fn report_interval(&self) -> Duration {
-        Duration::from_millis(
-            self.applied
-                .as_ref()
-                .map_or(5_000, |d| d.config.report_interval_ms),
-        )
+        Duration::from_millis(self.session.report_interval_ms())
     }
 
     async fn on_link(&mut self, ev: LinkEvent) -> Result<(), AgentError> {
         match ev {
             LinkEvent::Connected { session_present } => {
-                Counters::add(&self.counters.connects, 1);
-                info!(node = %self.cfg.node, session_present, "connected to broker");
-                let subs = [TopicKind::Desired, TopicKind::Ack].map(|k| {
-                    rumqttc::SubscribeFilter::new(
-                        self.topics.node(&self.cfg.node, k),
-                        QoS::AtLeastOnce,
-                    )
-                });
-                let _ = self.client.try_subscribe_many(subs);
-                let status = NodeStatus {
-                    node: self.cfg.node.clone(),
-                    state: NodeState::Online,
-                    at_ms: self.clock.now_ms(),
-                };
-                self.try_publish(
-                    TopicKind::Status,
-                    true,
-                    encode_json("status", &status).unwrap_or_default(),
-                );
-                self.conn.send_modify(|c| {
-                    c.up = true;
-                    c.epoch += 1;
-                });
-                self.report();
-                self.offline_since_ms = None;
+                info!(node = %self.session.node(), session_present, "connected to broker");
+                self.handle(Input::Connected).await
             }
             LinkEvent::Disconnected { error } => {
-                if self.conn.borrow().up {
-                    Counters::add(&self.counters.disconnects, 1);
-                    warn!(node = %self.cfg.node, %error, "broker link lost; buffering");
-                    self.conn.send_modify(|c| c.up = false);
-                    self.offline_since_ms = Some(self.clock.now_ms());
+                if self.session.is_up() {
+                    warn!(node = %self.session.node(), %error, "broker link lost; buffering");
                 }
+                self.handle(Input::Disconnected).await
             }
-            LinkEvent::Message { topic, payload } => match self.topics.parse(&topic) {
-                Some((node, TopicKind::Desired)) if node == self.cfg.node => {
-                    self.on_desired(&payload).await?;
-                }
-                Some((node, TopicKind::Ack)) if node == self.cfg.node => self.on_ack(&payload)?,
-                _ => {
-                    Counters::add(&self.counters.bad_messages, 1);
-                    warn!(%topic, "message on unexpected topic ignored");
-                }
-            },
+            LinkEvent::Message { topic, payload } => {
+                self.handle(Input::Message {
+                    topic: &topic,
+                    payload: &payload,
+                })
+                .await
+            }
+        }
+    }
+
+    /// Feeds `input` to the session and executes its outputs in order; a
+    /// store error stops at the failing output (nothing after it is done).
+    async fn handle(&mut self, input: Input<'_>) -> Result<(), AgentError> {
+        for out in self.session.handle(input, self.clock.now_ms()) {
+            self.execute(out).await?;
         }
         Ok(())
     }
 
-    fn on_ack(&mut self, payload: &[u8]) -> Result<(), AgentError> {
-        let ack: Ack = match decode_json("ack", payload) {
-            Ok(a) => a,
-            Err(e) => {
-                Counters::add(&self.counters.bad_messages, 1);
-                let topic = self.topics.node(&self.cfg.node, TopicKind::Ack);
-                self.event(EventKind::BadMessage { topic }, e.to_string());
-                return Ok(());
+    async fn execute(&mut self, out: Output) -> Result<(), AgentError> {
+        match out {
+            Output::Subscribe(topics) => {
+                let subs = topics
+                    .into_iter()
+                    .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+                let _ = self.client.try_subscribe_many(subs);
             }
-        };
-        if !protocols::validate::is_valid_name(&ack.stream) {
-            Counters::add(&self.counters.bad_messages, 1);
-            return Ok(());
+            Output::Publish {
+                topic,
+                retain,
+                payload,
+            } => self.try_publish(topic, retain, payload),
+            Output::LinkUp => self.conn.send_modify(|c| {
+                c.up = true;
+                c.epoch += 1;
+            }),
+            Output::LinkDown => self.conn.send_modify(|c| c.up = false),
+            Output::PinKey(hex) => {
+                warn!(node = %self.session.node(), key = %hex, "no hub key configured: trusting the first signer and pinning it (set hub.public_key to avoid this)");
+                self.store.pin_hub_key(&hex).await?;
+            }
+            Output::PersistDesired(doc) => self.store.put_desired(&doc).await?,
+            Output::Apply { desired, previous } => self.apply(&desired, previous),
+            Output::RecordLossWindow(w) => {
+                self.store.record_loss_window(w)?;
+                warn!(
+                    from_ms = w.from_ms,
+                    to_ms = w.to_ms,
+                    "restarted after an unclean stop: samples in this window that no group commit covered may be missing"
+                );
+            }
+            Output::Ack { stream, up_to } => {
+                let released = self.store.outbox(&stream)?.ack(up_to)?;
+                Counters::add(&self.counters.acks, 1);
+                Counters::add(&self.counters.samples_acked, released);
+            }
+            Output::Applied { .. } => {}
+            Output::Rejected { revision, reason } => {
+                warn!(node = %self.session.node(), ?revision, %reason, "desired state refused");
+            }
+            Output::Report { topic, mut state } => {
+                self.complete(&mut state);
+                self.try_publish(topic, true, encode_report(&state));
+            }
         }
-        let released = self.store.outbox(&ack.stream)?.ack(ack.up_to_seq)?;
-        Counters::add(&self.counters.acks, 1);
-        Counters::add(&self.counters.samples_acked, released);
         Ok(())
     }
 
-    async fn on_desired(&mut self, payload: &[u8]) -> Result<(), AgentError> {
-        let reject = |this: &mut Self, revision: Option<u64>, msg: String| {
-            Counters::add(&this.counters.desired_rejected, 1);
-            warn!(node = %this.cfg.node, ?revision, reason = %msg, "desired state refused");
-            this.event(EventKind::DesiredRejected { revision }, msg);
-        };
-        if payload.is_empty() {
-            return Ok(()); // a cleared retained message
-        }
-        let doc = match SignedDesired::decode(payload) {
-            Ok(d) => d,
-            Err(e) => {
-                reject(self, None, e.to_string());
-                return Ok(());
-            }
-        };
-        let key = match self.trusted {
-            Some(k) => k,
-            None => match doc.signer() {
-                Ok(k) => {
-                    warn!(node = %self.cfg.node, key = %key_to_hex(&k), "no hub key configured: trusting the first signer and pinning it (set hub.public_key to avoid this)");
-                    self.store.pin_hub_key(&key_to_hex(&k)).await?;
-                    self.trusted = Some(k);
-                    k
-                }
-                Err(e) => {
-                    reject(self, doc.claimed_revision(), e.to_string());
-                    return Ok(());
-                }
-            },
-        };
-        let desired = match doc.verify(&key) {
-            Ok(d) => d,
-            Err(e) => {
-                reject(self, doc.claimed_revision(), e.to_string());
-                return Ok(());
-            }
-        };
-        if desired.node != self.cfg.node {
-            reject(
-                self,
-                Some(desired.revision),
-                format!("document is for node {:?}", desired.node),
-            );
-            return Ok(());
-        }
-        let applied = self.applied.as_ref().map_or(0, |d| d.revision);
-        if desired.revision == applied {
-            return Ok(()); // retained re-delivery
-        }
-        if desired.revision < applied {
-            reject(
-                self,
-                Some(desired.revision),
-                format!("stale revision {} (applied {applied})", desired.revision),
-            );
-            return Ok(());
-        }
-        // Persist before acting: a restart re-applies this revision with no link.
-        self.store.put_desired(&doc).await?;
-        let revision = desired.revision;
-        self.apply(desired);
-        Counters::add(&self.counters.desired_applied, 1);
-        self.event(
-            EventKind::DesiredApplied { revision },
-            format!("applied revision {revision}"),
-        );
-        self.report();
-        Ok(())
-    }
-
-    /// Reconciles drivers and routing with `desired`.
-    fn apply(&mut self, desired: DesiredState) {
+    /// Reconciles functions, routing and drivers with `desired`.
+    fn apply(&mut self, desired: &Arc<DesiredState>, previous: Option<Arc<DesiredState>>) {
         // The function host learns the new functions before the pipeline
         // routes their inputs to it, and both before new drivers produce.
-        if let Some(old) = self.applied.take() {
-            self.previous = Some(Arc::new(old));
-        }
         self.desired.send_replace(DesiredPair {
-            current: Some(Arc::new(desired.clone())),
-            previous: self.previous.clone(),
+            current: Some(desired.clone()),
+            previous,
         });
         self.routing.send_replace(Routing {
             raw_stream: desired.config.raw_stream.clone(),
@@ -633,28 +513,21 @@ impl Control {
                 self.devices.insert(d.id.clone(), (d.clone(), h));
             }
         }
-        info!(node = %self.cfg.node, revision = desired.revision, devices = desired.devices.len(), functions = desired.functions.len(), "desired state applied");
-        self.applied = Some(desired);
+        info!(node = %self.session.node(), revision = desired.revision, devices = desired.devices.len(), functions = desired.functions.len(), "desired state applied");
     }
 
     async fn shutdown(&mut self) {
         for (_, (_, h)) in std::mem::take(&mut self.devices) {
             h.stop().await;
         }
-        let status = NodeStatus {
-            node: self.cfg.node.clone(),
-            state: NodeState::Offline,
-            at_ms: self.clock.now_ms(),
-        };
-        self.try_publish(
-            TopicKind::Status,
-            true,
-            encode_json("status", &status).unwrap_or_default(),
-        );
+        // Publishing only queues; no store write can fail here.
+        let _ = self.handle(Input::Stopping).await;
     }
 
-    fn reported(&self) -> ReportedState {
-        let now = self.clock.now_ms();
+    /// Adds what only the agent knows to the session's report: backlog,
+    /// device and function status, artifact counters.
+    fn complete(&self, r: &mut ReportedState) {
+        let now = r.at_ms;
         let mut backlog = Backlog::default();
         for o in self.store.outboxes() {
             let s = o.stats();
@@ -665,57 +538,19 @@ impl Control {
                 backlog.oldest_age_ms = backlog.oldest_age_ms.max(now.saturating_sub(ts));
             }
         }
-        let devices: BTreeMap<String, DeviceStatus> = self
+        r.backlog = backlog;
+        r.devices = self
             .devices
             .iter()
             .map(|(id, (_, h))| (id.clone(), h.status()))
             .collect();
-        let mut counters = self.counters.snapshot();
-        counters.extend(self.fetcher.counters().snapshot());
-        ReportedState {
-            node: self.cfg.node.clone(),
-            applied_revision: self.applied.as_ref().map_or(0, |d| d.revision),
-            functions: self.functions.snapshot(),
-            devices,
-            backlog,
-            offline_since_ms: self.offline_since_ms,
-            counters,
-            loss_windows: self.loss_windows.clone(),
-            at_ms: now,
-        }
-    }
-
-    fn report(&self) {
-        let r = self.reported();
-        self.try_publish(
-            TopicKind::Reported,
-            true,
-            encode_json("reported", &r).unwrap_or_default(),
-        );
-    }
-
-    fn event(&self, kind: EventKind, message: String) {
-        let ev = Event {
-            node: self.cfg.node.clone(),
-            at_ms: self.clock.now_ms(),
-            kind,
-            message,
-        };
-        self.publish_event(&ev);
-    }
-
-    fn publish_event(&self, ev: &Event) {
-        self.try_publish(
-            TopicKind::Events,
-            false,
-            encode_json("event", ev).unwrap_or_default(),
-        );
+        r.functions = self.functions.snapshot();
+        r.counters.extend(self.fetcher.counters().snapshot());
     }
 
     /// Control traffic never waits behind telemetry: it is queued without
     /// blocking, and counted if the queue is full.
-    fn try_publish(&self, kind: TopicKind, retain: bool, payload: Vec<u8>) {
-        let topic = self.topics.node(&self.cfg.node, kind);
+    fn try_publish(&self, topic: String, retain: bool, payload: Vec<u8>) {
         if self
             .client
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)

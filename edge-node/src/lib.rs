@@ -23,6 +23,7 @@ pub mod functions;
 pub mod link;
 pub mod metrics;
 pub mod pipeline;
+pub mod session;
 pub mod store;
 pub mod uplink;
 

@@ -17,24 +17,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use protocols::codec::encode_batch;
-use protocols::{TopicKind, Topics};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::watch;
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UplinkConfig;
+use crate::link::Conn;
 use crate::metrics::Counters;
 use crate::store::{Outbox, Store, StoreError};
-
-/// Connection state shared by the agent's tasks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Conn {
-    /// Whether the broker link is up.
-    pub up: bool,
-    /// Incremented on every (re)connect.
-    pub epoch: u64,
-}
 
 /// Entries of at most this age (by newest sample) count as live.
 const LIVE_THRESHOLD_SAMPLES: u64 = 5_000;
@@ -93,7 +84,13 @@ pub async fn run(
             let cur = cursors
                 .entry(outbox.stream().to_owned())
                 .or_insert_with(|| Cursor::new(outbox.stats().acked, c.epoch));
-            match step(&outbox, cur, c.epoch, &cfg, &client, &topic, &counters).await {
+            // Stopping mid-step loses nothing: whatever was not acked is
+            // sent again after the next start.
+            let stepped = tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                r = step(&outbox, cur, c.epoch, &cfg, &client, &topic, &counters) => r,
+            };
+            match stepped {
                 Ok(sent) => busy |= sent,
                 Err(StepError::Store(e)) => return Err(e),
                 // The client's request channel is closed: we are shutting down.
@@ -220,9 +217,4 @@ async fn publish(
     Counters::add(&counters.batches_published, 1);
     Counters::add(&counters.samples_published, batch.samples.len() as u64);
     Ok(())
-}
-
-/// The telemetry topic of `node`.
-pub fn topic(topics: &Topics, node: &str) -> String {
-    topics.node(node, TopicKind::Telemetry)
 }

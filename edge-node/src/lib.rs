@@ -1,7 +1,8 @@
 //! # edge-node — the edgefleet agent for factory gateways
 //!
 //! Owns everything a gateway does: the sync session with the hub over MQTT
-//! ([`link`], [`agent`]), all on-disk state in one sled database ([`store`]),
+//! (the sans-IO protocol in [`session`], its I/O in [`link`] and
+//! [`agent`]), all on-disk state in one sled database ([`store`]),
 //! the device drivers ([`drivers`]), routing samples into durable per-stream
 //! outboxes ([`pipeline`]) and pacing them upstream ([`uplink`]); WASM device
 //! functions ([`functions`], on `device-runtime`) with their modules and
@@ -10,9 +11,10 @@
 //! Start at [`agent::Agent::start`]. Configuration is [`config::EdgeConfig`];
 //! time is injected through [`clock::Clock`] so long outages run in virtual time.
 //!
-//! Data flow: driver → pipeline → (device function →) outbox (sled, group commit) → uplink (MQTT
-//! QoS 1) → hub → cumulative ack → outbox deletes. Nothing is deleted before
-//! the hub's ack.
+//! Data flow, as module names: drivers → [`pipeline`] → ([`functions`] →)
+//! [`store::writer`] → [`store::commit`] (sled group commit) → [`uplink`]
+//! (MQTT QoS 1) → hub → cumulative ack → [`session`] → [`store::outbox`]
+//! deletes. Nothing is deleted before the hub's ack.
 
 pub mod agent;
 pub mod artifacts;
@@ -23,6 +25,7 @@ pub mod functions;
 pub mod link;
 pub mod metrics;
 pub mod pipeline;
+pub mod session;
 pub mod store;
 pub mod uplink;
 

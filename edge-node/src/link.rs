@@ -24,6 +24,16 @@ use crate::config::{EdgeConfig, TlsConfig};
 /// Largest MQTT packet accepted or sent (desired state of large nodes, big batches).
 pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
 
+/// Link state as the agent's tasks see it (the control task sets it from
+/// the session's `LinkUp`/`LinkDown`; the uplink follows it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Conn {
+    /// Whether the broker link is up.
+    pub up: bool,
+    /// Incremented on every (re)connect.
+    pub epoch: u64,
+}
+
 /// What the link tells the agent.
 #[derive(Debug)]
 pub enum LinkEvent {

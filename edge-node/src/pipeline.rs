@@ -3,7 +3,8 @@
 //! Samples arrive from every driver on one channel. Samples of points that a
 //! device function takes as input go to the function host
 //! ([`crate::functions`]), which appends what the functions emit; every
-//! other sample goes to the raw stream (if configured). Per stream, raw
+//! other sample goes to the raw stream (if configured) through the shared
+//! [`OutboxWriter`]. Per stream, raw
 //! samples are buffered until `batch_max_samples` or `batch_max_age`, then
 //! appended to the outbox as one entry. On shutdown every buffer is
 //! appended, so a clean stop loses nothing.
@@ -12,13 +13,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocols::{Event, EventKind, Sample};
+use protocols::Sample;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::AgentContext;
 use crate::clock::Clock;
 use crate::metrics::Counters;
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxWriter, StoreError};
 
 /// Where samples go; replaced whenever a desired revision is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,102 +53,50 @@ struct Buffer {
     since_ms: u64,
 }
 
-/// The pipeline task.
+/// The pipeline task. Build it with [`Pipeline::new`].
 pub struct Pipeline {
-    /// Store to append to.
-    pub store: Store,
-    /// Injected time.
-    pub clock: Clock,
-    /// Counters.
-    pub counters: Arc<Counters>,
-    /// Current routing.
-    pub routing: watch::Receiver<Routing>,
-    /// Events to publish (overflow drops).
-    pub events: mpsc::UnboundedSender<Event>,
-    /// Node name for events.
-    pub node: String,
-    /// Samples of function inputs go here (the function host).
-    pub functions: mpsc::Sender<Vec<Sample>>,
+    clock: Clock,
+    counters: Arc<Counters>,
+    writer: OutboxWriter,
+    routing: watch::Receiver<Routing>,
+    functions: mpsc::Sender<Vec<Sample>>,
 }
 
-/// Appends samples to an outbox stream, counting them and raising an event
-/// when the overflow policy drops some. Shared by the pipeline (raw stream)
-/// and the function host (function outputs).
-#[derive(Clone)]
-pub struct Appender {
-    /// Store to append to.
-    pub store: Store,
-    /// Injected time.
-    pub clock: Clock,
-    /// Counters (`samples_appended`, `samples_append_failed`).
-    pub counters: Arc<Counters>,
-    /// Events to publish (overflow drops).
-    pub events: mpsc::UnboundedSender<Event>,
-    /// Node name for events.
-    pub node: String,
-}
-
-impl std::fmt::Debug for Appender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Appender")
-            .field("node", &self.node)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Appender {
-    /// Appends `samples` to `stream` as one outbox entry.
-    pub fn append(&self, stream: &str, samples: &[Sample]) -> Result<(), StoreError> {
-        if samples.is_empty() {
-            return Ok(());
-        }
-        let n = samples.len() as u64;
-        let outbox = self.store.outbox(stream)?;
-        match outbox.append(samples, self.clock.now_ms()) {
-            Ok(a) => {
-                if a.first_seq.is_some() {
-                    Counters::add(&self.counters.samples_appended, n);
-                }
-                if a.dropped > 0 {
-                    let _ = self.events.send(Event {
-                        node: self.node.clone(),
-                        at_ms: self.clock.now_ms(),
-                        kind: EventKind::OverflowDrop {
-                            stream: stream.to_owned(),
-                            dropped: a.dropped,
-                        },
-                        message: format!(
-                            "outbox {stream} full: {} samples dropped by the overflow policy",
-                            a.dropped
-                        ),
-                    });
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // Keep the samples counted; a store error is fatal for the agent.
-                Counters::add(&self.counters.samples_append_failed, n);
-                Err(e)
-            }
-        }
-    }
-}
+/// The outbox writer under its former name (the function host still names
+/// it so while `functions` is being split; use [`OutboxWriter`]).
+pub type Appender = OutboxWriter;
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
-            .field("node", &self.node)
+            .field("writer", &self.writer)
             .finish_non_exhaustive()
     }
 }
 
 impl Pipeline {
+    /// A pipeline of the agent `ctx` that follows `routing` and hands
+    /// function inputs to `functions`.
+    pub fn new(
+        ctx: &AgentContext,
+        routing: watch::Receiver<Routing>,
+        functions: mpsc::Sender<Vec<Sample>>,
+    ) -> Self {
+        Self {
+            clock: ctx.clock,
+            counters: ctx.counters.clone(),
+            writer: ctx.writer(),
+            routing,
+            functions,
+        }
+    }
+
     /// Runs until `cancel`, then appends what is buffered.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Vec<Sample>>,
         cancel: CancellationToken,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<(), StoreError> {
         let mut buffers: HashMap<String, Buffer> = HashMap::new();
         let mut routing = self.routing.borrow_and_update().clone();
         let mut tick =
@@ -223,13 +173,12 @@ impl Pipeline {
         routing: &Routing,
         buffers: &mut HashMap<String, Buffer>,
         samples: Vec<Sample>,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<(), StoreError> {
         if samples.is_empty() {
             return Ok(());
         }
         let Some(stream) = &routing.raw_stream else {
-            Counters::add(&self.counters.samples_unrouted, samples.len() as u64);
-            return Ok(());
+            return self.writer.append_raw(None, &samples);
         };
         let now = self.clock.now_ms();
         let buf = buffers.entry(stream.clone()).or_insert_with(|| Buffer {
@@ -247,11 +196,7 @@ impl Pipeline {
         Ok(())
     }
 
-    fn flush(
-        &self,
-        buffers: &mut HashMap<String, Buffer>,
-        stream: &str,
-    ) -> Result<(), crate::store::StoreError> {
+    fn flush(&self, buffers: &mut HashMap<String, Buffer>, stream: &str) -> Result<(), StoreError> {
         let Some(buf) = buffers.get_mut(stream) else {
             return Ok(());
         };
@@ -259,13 +204,6 @@ impl Pipeline {
             return Ok(());
         }
         let samples = std::mem::take(&mut buf.samples);
-        Appender {
-            store: self.store.clone(),
-            clock: self.clock,
-            counters: self.counters.clone(),
-            events: self.events.clone(),
-            node: self.node.clone(),
-        }
-        .append(stream, &samples)
+        self.writer.append(stream, &samples)
     }
 }

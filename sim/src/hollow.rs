@@ -3,11 +3,12 @@
 //!
 //! Each hollow node is one `rumqttc` client with the agent's connection
 //! settings (fixed client id = node name, persistent session, last will =
-//! offline status) driving a pure [`session::Session`] that does what the
-//! agent does with desired state: verify the hub's signature, validate,
-//! refuse stale or foreign documents, report `applied_revision`. The hub
-//! cannot tell them from real agents; the simulator pays one socket and a
-//! few kilobytes per node.
+//! offline status) driving the agent's own sans-IO sync session
+//! ([`edge_node::session::Session`]) with no store: it verifies the hub's
+//! signature, validates, refuses stale or foreign documents and reports
+//! `applied_revision` with the same code as a real agent. The hub cannot tell
+//! them from real agents; the simulator pays one socket and a few kilobytes
+//! per node.
 //!
 //! [`run`] measures one fleet against a running hub:
 //! 1. wait for the hub's `/readyz`, connect `nodes` hollow nodes, at most
@@ -32,7 +33,6 @@
 
 pub mod broker;
 pub mod hub;
-pub mod session;
 pub mod stack;
 
 use std::collections::HashMap;
@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cloud_hub::api::NodeView;
+use edge_node::session::{Input, Output, Session, encode_report};
 use futures::StreamExt as _;
 use protocols::signing::{VerifyingKey, key_from_hex};
 use protocols::{DesiredState, NodeConfig, NodeState, Topics};
@@ -54,7 +55,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use broker::{BrokerKind, Mosquitto, MosquittoOptions};
 pub use hub::{HubEndpoint, HubProcess, Memory};
-use session::{Input, Output, Session};
 pub use stack::{Stack, StackOptions};
 
 /// Why a hollow run failed (as opposed to finishing with nodes that did not
@@ -500,6 +500,8 @@ struct NodeLink {
 
 /// Does what `session` asked: queue publishes and subscriptions without
 /// blocking (like the agent's control traffic), record applied revisions.
+/// A hollow node has no store, devices or functions: what the agent would
+/// persist or apply is only held in the session's memory.
 fn perform(out: Vec<Output>, client: &AsyncClient, fleet: &Fleet, idx: usize) {
     for o in out {
         match o {
@@ -515,13 +517,9 @@ fn perform(out: Vec<Output>, client: &AsyncClient, fleet: &Fleet, idx: usize) {
                 topic,
                 retain,
                 payload,
-            } => {
-                if client
-                    .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-                    .is_err()
-                {
-                    fleet.publish_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            } => try_publish(client, fleet, topic, retain, payload),
+            Output::Report { topic, state } => {
+                try_publish(client, fleet, topic, true, encode_report(&state));
             }
             Output::Applied { revision } => {
                 let slot = &fleet.slots[idx];
@@ -532,7 +530,23 @@ fn perform(out: Vec<Output>, client: &AsyncClient, fleet: &Fleet, idx: usize) {
                 fleet.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = idx, ?revision, %reason, "hollow node refused desired state");
             }
+            Output::LinkUp
+            | Output::LinkDown
+            | Output::PinKey(_)
+            | Output::PersistDesired(_)
+            | Output::Apply { .. }
+            | Output::RecordLossWindow(_)
+            | Output::Ack { .. } => {}
         }
+    }
+}
+
+fn try_publish(client: &AsyncClient, fleet: &Fleet, topic: String, retain: bool, payload: Vec<u8>) {
+    if client
+        .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+        .is_err()
+    {
+        fleet.publish_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -548,12 +562,10 @@ fn spawn_node(
     connecting: &Arc<Semaphore>,
     cancel: &CancellationToken,
 ) {
-    let session = Arc::new(Mutex::new(Session::new(
-        name.clone(),
-        link.topics.clone(),
-        link.key,
-        wall_ms(),
-    )));
+    let session = Arc::new(Mutex::new(
+        Session::new(name.clone(), link.topics.clone(), Arc::default(), wall_ms())
+            .trusting(link.key),
+    ));
     let mut opts = MqttOptions::new(name, link.host.clone(), link.port);
     opts.set_keep_alive(link.keep_alive);
     opts.set_clean_session(false);

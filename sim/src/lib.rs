@@ -6,7 +6,9 @@
 //! log every value they serve — the ground truth), [`proxy`] (link faults
 //! between an agent and the broker), [`signal`] (seeded signal models),
 //! [`demo`] (one hub + one node on embedded defaults), [`virtual_time`] (a
-//! node on its own paused clock for long outages).
+//! node on its own paused clock for long outages), [`hollow`] (thousands of
+//! device-less nodes that drive the agent's own sans-IO sync session,
+//! `edge_node::session::Session`, to measure the hub at fleet scale).
 
 pub mod demo;
 pub mod devices;

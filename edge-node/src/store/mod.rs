@@ -10,8 +10,9 @@
 //! # Durability and the loss window
 //! sled buffers writes in memory and writes them out on `flush`. This module
 //! flushes synchronously for desired state and artifacts (rare, must survive),
-//! and in group commits for the outbox: a committer calls [`Store::commit`]
-//! every `flush_interval` (default 100 ms), and the uplink only publishes
+//! and in group commits for the outbox: the committer ([`commit`],
+//! [`Store::run_committer`]) calls [`Store::commit`] every `flush_interval`
+//! (default 100 ms), and the uplink only publishes
 //! samples that a completed commit covers. Consequences:
 //! - a `kill -9` or power cut loses at most the samples not yet covered by a
 //!   completed commit: those still batched in the pipeline (at most the
@@ -28,7 +29,9 @@
 //! - sled does not `fsync` on every flush; an OS crash (not a process crash)
 //!   can lose more. That is sled's documented limit, measured by our crash tests.
 
+pub mod commit;
 pub mod outbox;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +40,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use protocols::SignedDesired;
 
 pub use outbox::{Outbox, OutboxLimits, OutboxStats, OverflowPolicy};
+pub use writer::OutboxWriter;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,364 @@
+//! The agent: wires store, link, drivers, pipeline and uplink together as
+//! named tasks around one shared [`AgentContext`].
+//!
+//! Start here: [`Agent::start`] opens the store, builds the context, lets the
+//! sync session re-apply the last accepted desired revision from disk (so a
+//! restart with no link keeps working), and spawns every task into one
+//! `JoinSet`; [`Agent::run`] waits for the first task to fail or for
+//! cancellation, then drains.
+//!
+//! The tasks, in the order a sample meets them:
+//! - drivers ([`devices`]: the device set the desired state asks for);
+//! - the pipeline ([`crate::pipeline`]) and the function host
+//!   ([`crate::functions`]), both appending through one
+//!   [`OutboxWriter`](crate::store::OutboxWriter);
+//! - the group committer ([`Store::run_committer`]);
+//! - the uplink ([`crate::uplink`]) and the MQTT event loop ([`crate::link`]);
+//! - the control task ([`control`]): the I/O driver of the sans-IO
+//!   [`crate::session::Session`] (desired state in, acks, reported state out,
+//!   with [`report`] adding backlog and device status);
+//! - the artifact fetcher ([`crate::artifacts`]).
+//!
+//! On stop, [`shutdown`] runs the order as one function: stop devices →
+//! drain pipeline and function host → final commit → stop uplink → close link.
+
+mod control;
+mod devices;
+mod report;
+mod shutdown;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use protocols::{Event, Sample, TopicKind, Topics};
+use rumqttc::AsyncClient;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::artifacts::{ArtifactFetcher, DesiredPair, FetchError};
+use crate::clock::Clock;
+use crate::config::EdgeConfig;
+use crate::drivers;
+use crate::functions::{FunctionError, FunctionHost, FunctionsView};
+use crate::link::{self, Conn, LinkError, LinkEvent};
+use crate::metrics::Counters;
+use crate::pipeline::{Pipeline, Routing};
+use crate::session::Session;
+use crate::store::{OutboxWriter, Store, StoreError};
+use crate::uplink;
+use control::Control;
+use devices::DeviceSet;
+use shutdown::{Stage, Stages};
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The MQTT link could not be configured.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The artifact fetcher failed to start.
+    #[error(transparent)]
+    Artifacts(#[from] FetchError),
+    /// The function host failed (outbox append or runtime task).
+    #[error(transparent)]
+    Functions(#[from] FunctionError),
+    /// A task (or a blocking start-up step) panicked or was aborted.
+    #[error("agent task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Optional extras of [`Agent::start_with`]; the default is what
+/// [`Agent::start`] uses.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// How drivers reach devices whose host is registered here (instead of
+    /// the network); see [`drivers::transport`].
+    pub device_transports: drivers::transport::DeviceTransports,
+}
+
+/// What every task of one agent shares. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AgentContext {
+    /// The node name (events, reports, topics).
+    pub node: String,
+    /// Injected time.
+    pub clock: Clock,
+    /// The node's database.
+    pub store: Store,
+    /// The agent's counters.
+    pub counters: Arc<Counters>,
+    /// Events to publish (the control task publishes them).
+    pub events: mpsc::UnboundedSender<Event>,
+    /// The topic scheme.
+    pub topics: Topics,
+}
+
+impl AgentContext {
+    /// This node's topic of `kind`.
+    pub fn topic(&self, kind: TopicKind) -> String {
+        self.topics.node(&self.node, kind)
+    }
+
+    /// A writer into this node's outboxes.
+    pub fn writer(&self) -> OutboxWriter {
+        OutboxWriter::new(
+            self.store.clone(),
+            self.clock,
+            self.counters.clone(),
+            self.events.clone(),
+            self.node.clone(),
+        )
+    }
+}
+
+/// Every task of the agent; each returns why it stopped.
+type Tasks = JoinSet<Result<(), AgentError>>;
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    tasks: Tasks,
+    cancel: CancellationToken,
+    store: Store,
+    functions: FunctionsView,
+    fetcher: Arc<ArtifactFetcher>,
+}
+
+impl Agent {
+    /// Opens the store, restores the last desired state and spawns all tasks.
+    pub async fn start(
+        cfg: EdgeConfig,
+        clock: Clock,
+        cancel: CancellationToken,
+    ) -> Result<Self, AgentError> {
+        Self::start_with(cfg, clock, cancel, AgentOptions::default()).await
+    }
+
+    /// [`start`](Self::start) with [`AgentOptions`].
+    pub async fn start_with(
+        cfg: EdgeConfig,
+        clock: Clock,
+        cancel: CancellationToken,
+        agent_options: AgentOptions,
+    ) -> Result<Self, AgentError> {
+        let store_cfg = cfg.store_config();
+        let store = tokio::task::spawn_blocking(move || Store::open(&store_cfg)).await??;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let ctx = AgentContext {
+            node: cfg.node.clone(),
+            clock,
+            store: store.clone(),
+            counters: Arc::new(Counters::default()),
+            events: events_tx,
+            topics: Topics::new(&cfg.hub.topic_root),
+        };
+        let fetcher = {
+            let (url, dir, store) = (
+                cfg.hub.http_url.clone(),
+                cfg.data_dir.join("artifacts"),
+                store.clone(),
+            );
+            let f =
+                tokio::task::spawn_blocking(move || ArtifactFetcher::new(&url, dir, store, clock))
+                    .await??;
+            Arc::new(f)
+        };
+        let functions = FunctionsView::default();
+        let mut tasks = JoinSet::new();
+        let (desired_tx, _) = watch::channel(DesiredPair::default());
+        let (samples_tx, data) =
+            spawn_data_path(&mut tasks, &ctx, &cfg, &fetcher, &functions, &desired_tx);
+        {
+            let (fetcher, desired) = (fetcher.clone(), desired_tx.subscribe());
+            let (events, node, cancel) = (ctx.events.clone(), ctx.node.clone(), cancel.clone());
+            let ready = data.ready;
+            tasks
+                .spawn(async move { Ok(fetcher.run(desired, ready, events, node, cancel).await?) });
+        }
+        let (client, link_rx, uplink, link) = spawn_link(&mut tasks, &ctx, &cfg)?;
+        let devices = DeviceSet::new(
+            agent_options.device_transports,
+            samples_tx,
+            clock,
+            cancel.child_token(),
+        );
+        let mut control = Control {
+            session: Session::new(
+                ctx.node.clone(),
+                ctx.topics.clone(),
+                ctx.counters.clone(),
+                clock.now_ms(),
+            ),
+            ctx,
+            client,
+            conn: uplink.conn,
+            routing: data.routing,
+            desired: desired_tx,
+            devices,
+            functions: functions.clone(),
+            fetcher: fetcher.clone(),
+        };
+        control.restore(cfg.hub.public_key.clone()).await?;
+        let stages = Stages {
+            pipeline: data.pipeline,
+            host: data.host,
+            committer: data.committer,
+            uplink: uplink.stage,
+            link,
+        };
+        let cancel_control = cancel.clone();
+        tasks.spawn(async move {
+            let r = control.run(link_rx, events_rx, cancel_control).await;
+            shutdown::run(&mut control, stages).await;
+            r
+        });
+        Ok(Self {
+            tasks,
+            cancel,
+            store,
+            functions,
+            fetcher,
+        })
+    }
+
+    /// The agent's store (for tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Live status of the device functions (as reported state shows it).
+    pub fn functions(&self) -> FunctionsView {
+        self.functions.clone()
+    }
+
+    /// Artifact fetcher counters by name.
+    pub fn artifact_counters(&self) -> BTreeMap<String, u64> {
+        self.fetcher.counters().snapshot()
+    }
+
+    /// Runs until cancelled or a task fails; then stops everything.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let mut first_err = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let r = joined.map_err(AgentError::from).and_then(|r| r);
+            if let Err(e) = r {
+                warn!(error = %e, "agent task failed; stopping");
+                if first_err.is_none() {
+                    first_err = Some(e);
+                }
+                self.cancel.cancel();
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The local half of the data path, as started by [`spawn_data_path`].
+struct DataPath {
+    routing: watch::Sender<Routing>,
+    ready: watch::Sender<u64>,
+    pipeline: Stage,
+    host: Stage,
+    committer: (oneshot::Sender<bool>, Stage),
+}
+
+/// Spawns pipeline → function host → group committer; returns where
+/// drivers send their samples.
+fn spawn_data_path(
+    tasks: &mut Tasks,
+    ctx: &AgentContext,
+    cfg: &EdgeConfig,
+    fetcher: &Arc<ArtifactFetcher>,
+    functions: &FunctionsView,
+    desired: &watch::Sender<DesiredPair>,
+) -> (mpsc::Sender<Vec<Sample>>, DataPath) {
+    let (samples_tx, samples_rx) = mpsc::channel(1024);
+    let (fn_tx, fn_rx) = mpsc::channel(256);
+    let (routing_tx, routing_rx) = watch::channel(Routing::default());
+    let (ready_tx, ready_rx) = watch::channel(0u64);
+    let pipeline = Pipeline::new(ctx, routing_rx, fn_tx);
+    let pipeline = Stage::spawn(tasks, |stop| async move {
+        Ok(pipeline.run(samples_rx, stop).await?)
+    });
+    let host = FunctionHost {
+        store: ctx.store.clone(),
+        clock: ctx.clock,
+        node: ctx.node.clone(),
+        fetcher: fetcher.clone(),
+        appender: ctx.writer(),
+        counters: ctx.counters.clone(),
+        events: ctx.events.clone(),
+        view: functions.clone(),
+        cache_dir: cfg.data_dir.join("wasm-cache"),
+    };
+    let desired_rx = desired.subscribe();
+    // The host stops by itself when the pipeline has stopped (its input
+    // closes) and it has appended everything.
+    let host = Stage::spawn(tasks, |_| async move {
+        Ok(host
+            .run(desired_rx, ready_rx, fn_rx, CancellationToken::new())
+            .await?)
+    });
+    let (commit_tx, commit_rx) = oneshot::channel();
+    let (store, clock, every) = (ctx.store.clone(), ctx.clock, cfg.outbox.flush_interval);
+    let committer = Stage::spawn(tasks, move |_| async move {
+        Ok(store.run_committer(clock, every, commit_rx).await?)
+    });
+    let path = DataPath {
+        routing: routing_tx,
+        ready: ready_tx,
+        pipeline,
+        host,
+        committer: (commit_tx, committer),
+    };
+    (samples_tx, path)
+}
+
+/// The uplink as started by [`spawn_link`], with the link state it follows.
+struct Uplink {
+    conn: watch::Sender<Conn>,
+    stage: Stage,
+}
+
+/// Spawns the MQTT event loop and the uplink.
+fn spawn_link(
+    tasks: &mut Tasks,
+    ctx: &AgentContext,
+    cfg: &EdgeConfig,
+) -> Result<
+    (
+        AsyncClient,
+        mpsc::UnboundedReceiver<LinkEvent>,
+        Uplink,
+        Stage,
+    ),
+    AgentError,
+> {
+    let (client, eventloop) = link::client(link::options(cfg, &ctx.topics, ctx.clock.now_ms())?);
+    let (link_tx, link_rx) = mpsc::unbounded_channel();
+    let (min, max) = (cfg.mqtt.reconnect_min, cfg.mqtt.reconnect_max);
+    let link = Stage::spawn(tasks, |stop| async move {
+        link::run_event_loop(eventloop, link_tx, min, max, stop).await;
+        Ok(())
+    });
+    let (conn_tx, conn_rx) = watch::channel(Conn::default());
+    let (store, up) = (ctx.store.clone(), client.clone());
+    let (topic, ucfg) = (ctx.topic(TopicKind::Telemetry), cfg.uplink.clone());
+    let counters = ctx.counters.clone();
+    let stage = Stage::spawn(tasks, move |stop| async move {
+        Ok(uplink::run(store, up, topic, ucfg, counters, conn_rx, stop).await?)
+    });
+    let uplink = Uplink {
+        conn: conn_tx,
+        stage,
+    };
+    Ok((client, link_rx, uplink, link))
+}

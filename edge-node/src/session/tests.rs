@@ -1,0 +1,358 @@
+#![allow(clippy::unwrap_used, clippy::panic, reason = "test code")]
+use super::*;
+use protocols::signing::SigningKey;
+
+const DESIRED: &str = "edgefleet/v1/nodes/n-1/desired";
+const ACK: &str = "edgefleet/v1/nodes/n-1/ack";
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+fn desired(node: &str, revision: u64) -> DesiredState {
+    DesiredState {
+        node: node.into(),
+        revision,
+        functions: Vec::new(),
+        devices: Vec::new(),
+        models: Vec::new(),
+        config: protocols::NodeConfig {
+            report_interval_ms: 1_234,
+            batch_max_age_ms: 500,
+            ..protocols::NodeConfig::default()
+        },
+    }
+}
+
+fn signed(node: &str, revision: u64, key: &SigningKey) -> SignedDesired {
+    SignedDesired::sign(&desired(node, revision), key).unwrap()
+}
+
+fn doc(node: &str, revision: u64, key: &SigningKey) -> Vec<u8> {
+    signed(node, revision, key).encode().unwrap()
+}
+
+fn published(out: &[Output], kind: TopicKind) -> Vec<Vec<u8>> {
+    let t = Topics::default();
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Publish { topic, payload, .. }
+                if t.parse(topic).map(|(_, k)| k) == Some(kind) =>
+            {
+                Some(payload.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn report(out: &[Output]) -> ReportedState {
+    let reports: Vec<&ReportedState> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Report { topic, state } => {
+                assert_eq!(topic, "edgefleet/v1/nodes/n-1/reported");
+                Some(&**state)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports.len(), 1, "one report in {out:?}");
+    reports[0].clone()
+}
+
+fn event(out: &[Output]) -> Event {
+    serde_json::from_slice(&published(out, TopicKind::Events)[0]).unwrap()
+}
+
+fn bare() -> Session {
+    Session::new("n-1", Topics::default(), Arc::default(), 10)
+}
+
+fn session(hub: &SigningKey) -> Session {
+    bare().trusting(hub.verifying_key())
+}
+
+fn deliver(s: &mut Session, topic: &str, payload: &[u8], now: u64) -> Vec<Output> {
+    s.handle(Input::Message { topic, payload }, now)
+}
+
+fn counter(s: &Session, name: &str) -> u64 {
+    s.counters.snapshot()[name]
+}
+
+#[test]
+fn connect_subscribes_and_announces_like_the_agent() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    let out = s.handle(Input::Connected, 20);
+    assert_eq!(out[0], Output::Subscribe(vec![DESIRED.into(), ACK.into()]));
+    assert!(out.contains(&Output::LinkUp));
+    let status: NodeStatus =
+        serde_json::from_slice(&published(&out, TopicKind::Status)[0]).unwrap();
+    assert_eq!(status.state, NodeState::Online);
+    let rep = report(&out);
+    assert_eq!((rep.applied_revision, rep.offline_since_ms), (0, Some(10)));
+    let (topic, will) = s.last_will(30);
+    assert_eq!(topic, "edgefleet/v1/nodes/n-1/status");
+    let will: NodeStatus = serde_json::from_slice(&will).unwrap();
+    assert_eq!(will.state, NodeState::Offline);
+    assert_eq!(counter(&s, "connects"), 1);
+}
+
+#[test]
+fn a_signed_newer_revision_is_persisted_then_applied_and_reported() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    s.handle(Input::Connected, 20);
+    let payload = doc("n-1", 3, &hub);
+    let out = deliver(&mut s, DESIRED, &payload, 30);
+    assert_eq!(out[0], Output::PersistDesired(signed("n-1", 3, &hub)));
+    match &out[1] {
+        Output::Apply { desired, previous } => {
+            assert_eq!(desired.revision, 3);
+            assert!(previous.is_none());
+        }
+        other => panic!("expected apply, got {other:?}"),
+    }
+    assert_eq!(out[2], Output::Applied { revision: 3 });
+    let rep = report(&out);
+    assert_eq!(rep.applied_revision, 3);
+    assert_eq!(rep.offline_since_ms, None);
+    assert_eq!(rep.counters["desired_applied"], 1);
+    assert_eq!(event(&out).kind, EventKind::DesiredApplied { revision: 3 });
+    assert_eq!(s.report_interval_ms(), 1_234);
+    // The next revision names this one as the previous.
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 4, &hub), 35);
+    assert!(matches!(
+        &out[1],
+        Output::Apply { desired, previous: Some(p) } if desired.revision == 4 && p.revision == 3
+    ));
+}
+
+#[test]
+fn a_redelivered_revision_does_nothing() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    let payload = doc("n-1", 3, &hub);
+    deliver(&mut s, DESIRED, &payload, 30);
+    assert!(deliver(&mut s, DESIRED, &payload, 40).is_empty());
+    assert!(
+        deliver(&mut s, DESIRED, b"", 41).is_empty(),
+        "cleared retained"
+    );
+    assert_eq!(counter(&s, "desired_applied"), 1);
+    assert_eq!(counter(&s, "desired_rejected"), 0);
+}
+
+#[test]
+fn a_stale_revision_is_refused_and_the_applied_one_stays() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    deliver(&mut s, DESIRED, &doc("n-1", 7, &hub), 30);
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 6, &hub), 40);
+    assert_eq!(
+        out[0],
+        Output::Rejected {
+            revision: Some(6),
+            reason: "stale revision 6 (applied 7)".into()
+        }
+    );
+    assert_eq!(
+        event(&out).kind,
+        EventKind::DesiredRejected { revision: Some(6) }
+    );
+    assert_eq!(out.len(), 2, "no persist or apply: {out:?}");
+    assert_eq!(s.applied_revision(), 7);
+}
+
+#[test]
+fn forged_foreign_and_garbage_documents_are_refused() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    s.handle(Input::Connected, 20);
+    let mut bad_sig = signed("n-1", 5, &hub);
+    bad_sig.payload = bad_sig.payload.replace("\"revision\":5", "\"revision\":9");
+    let cases = [
+        (doc("n-1", 5, &key(2)), Some(5), "untrusted key"),
+        (doc("n-2", 5, &hub), Some(5), "for node"),
+        (bad_sig.encode().unwrap(), Some(9), "does not verify"),
+        (b"{not json".to_vec(), None, "signed desired state"),
+    ];
+    for (payload, rev, why) in cases {
+        let out = deliver(&mut s, DESIRED, &payload, 30);
+        match &out[0] {
+            Output::Rejected { revision, reason } => {
+                assert_eq!(*revision, rev);
+                assert!(reason.contains(why), "{reason} should say {why}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        assert_eq!(
+            event(&out).kind,
+            EventKind::DesiredRejected { revision: rev }
+        );
+        assert_eq!(out.len(), 2);
+    }
+    assert_eq!(s.applied_revision(), 0);
+    assert_eq!(counter(&s, "desired_rejected"), 4);
+}
+
+#[test]
+fn a_key_is_pinned_only_with_an_accepted_document() {
+    let hub = key(1);
+    let mut s = bare();
+    // A forged signature, a foreign node's document: nothing pinned.
+    let mut forged = signed("n-1", 5, &key(3));
+    forged.payload = forged.payload.replace("\"revision\":5", "\"revision\":6");
+    for payload in [forged.encode().unwrap(), doc("n-2", 5, &key(3))] {
+        let out = deliver(&mut s, DESIRED, &payload, 30);
+        assert!(matches!(out[0], Output::Rejected { .. }), "{out:?}");
+        assert!(!out.iter().any(|o| matches!(o, Output::PinKey(_))));
+        assert_eq!(s.trusted_key(), None);
+    }
+    // The first valid one pins its signer, before it is persisted.
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 5, &hub), 40);
+    assert_eq!(out[0], Output::PinKey(key_to_hex(&hub.verifying_key())));
+    assert!(matches!(out[1], Output::PersistDesired(_)));
+    assert_eq!(s.trusted_key(), Some(hub.verifying_key()));
+    // From then on only that key is trusted, and it is not pinned again.
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 6, &key(3)), 50);
+    assert!(matches!(&out[0], Output::Rejected { reason, .. } if reason.contains("untrusted")));
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 6, &hub), 60);
+    assert!(matches!(out[0], Output::PersistDesired(_)), "{out:?}");
+}
+
+#[test]
+fn a_restart_reapplies_from_disk_and_ignores_the_retained_redelivery() {
+    let hub = key(1);
+    let restored = Restored {
+        hub_key: Some(key_to_hex(&hub.verifying_key())),
+        current: Some(signed("n-1", 4, &hub)),
+        previous: Some(signed("n-1", 3, &hub)),
+        clean_stop: true,
+        last_commit_ms: Some(5),
+        loss_windows: vec![LossWindow {
+            from_ms: 1,
+            to_ms: 2,
+        }],
+    };
+    let mut s = bare();
+    let out = s.handle(Input::Restore(&restored), 100);
+    assert_eq!(out.len(), 1, "a clean stop records no window: {out:?}");
+    assert!(matches!(
+        &out[0],
+        Output::Apply { desired, previous: Some(p) } if desired.revision == 4 && p.revision == 3
+    ));
+    assert_eq!(s.applied_revision(), 4);
+    // The broker re-delivers the retained document on connect.
+    s.handle(Input::Connected, 110);
+    assert!(deliver(&mut s, DESIRED, &doc("n-1", 4, &hub), 120).is_empty());
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 3, &hub), 130);
+    assert!(matches!(&out[0], Output::Rejected { reason, .. } if reason.contains("stale")));
+    let rep = s.reported(140);
+    assert_eq!(
+        rep.loss_windows,
+        vec![LossWindow {
+            from_ms: 1,
+            to_ms: 2
+        }]
+    );
+}
+
+#[test]
+fn an_unclean_restart_records_a_loss_window_and_reports_it() {
+    let hub = key(1);
+    let restored = Restored {
+        hub_key: Some(key_to_hex(&hub.verifying_key())),
+        current: Some(signed("n-1", 4, &hub)),
+        previous: None,
+        clean_stop: false,
+        last_commit_ms: Some(1_000),
+        loss_windows: Vec::new(),
+    };
+    let mut s = bare();
+    let out = s.handle(Input::Restore(&restored), 2_000);
+    // The window starts one batch age (500 ms) before the last commit.
+    let w = LossWindow {
+        from_ms: 500,
+        to_ms: 2_000,
+    };
+    assert_eq!(out[1], Output::RecordLossWindow(w));
+    assert_eq!(
+        event(&out).kind,
+        EventKind::UncleanRestart {
+            from_ms: 500,
+            to_ms: 2_000
+        }
+    );
+    assert_eq!(s.reported(2_001).loss_windows, vec![w]);
+    // A stored document that does not verify with the trusted key is not applied.
+    let mut other = bare();
+    let restored = Restored {
+        current: Some(signed("n-1", 4, &key(2))),
+        ..restored
+    };
+    let out = other.handle(Input::Restore(&restored), 2_000);
+    assert!(!out.iter().any(|o| matches!(o, Output::Apply { .. })));
+    assert_eq!(
+        out[0],
+        Output::RecordLossWindow(LossWindow {
+            from_ms: 1_000,
+            to_ms: 2_000
+        })
+    );
+}
+
+#[test]
+fn acks_are_routed_to_their_stream_and_bad_ones_counted() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    let out = deliver(&mut s, ACK, br#"{"stream":"raw","up_to_seq":42}"#, 10);
+    assert_eq!(
+        out,
+        vec![Output::Ack {
+            stream: "raw".into(),
+            up_to: 42
+        }]
+    );
+    let out = deliver(&mut s, ACK, b"{garbage", 11);
+    assert_eq!(
+        event(&out).kind,
+        EventKind::BadMessage { topic: ACK.into() }
+    );
+    let out = deliver(&mut s, ACK, br#"{"stream":"../x","up_to_seq":1}"#, 12);
+    assert!(out.is_empty());
+    // Another node's ack is not ours.
+    let out = deliver(
+        &mut s,
+        "edgefleet/v1/nodes/n-2/ack",
+        br#"{"stream":"raw","up_to_seq":42}"#,
+        13,
+    );
+    assert!(out.is_empty());
+    assert_eq!(counter(&s, "bad_messages"), 3);
+}
+
+#[test]
+fn reports_only_while_connected_and_foreign_topics_are_counted() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    assert!(s.handle(Input::ReportTick, 11).is_empty());
+    s.handle(Input::Connected, 12);
+    report(&s.handle(Input::ReportTick, 13));
+    assert_eq!(s.handle(Input::Disconnected, 14), vec![Output::LinkDown]);
+    assert!(s.handle(Input::Disconnected, 14).is_empty());
+    assert!(s.handle(Input::ReportTick, 15).is_empty());
+    assert_eq!(s.reported(15).offline_since_ms, Some(14));
+    let out = deliver(&mut s, "edgefleet/v1/nodes/n-2/desired", b"x", 16);
+    assert!(out.is_empty());
+    assert_eq!(counter(&s, "bad_messages"), 1);
+    assert_eq!(counter(&s, "disconnects"), 1);
+    s.handle(Input::Connected, 17);
+    assert_eq!(s.reported(18).offline_since_ms, None);
+    let out = s.handle(Input::Stopping, 19);
+    let status: NodeStatus =
+        serde_json::from_slice(&published(&out, TopicKind::Status)[0]).unwrap();
+    assert_eq!(status.state, NodeState::Offline);
+}

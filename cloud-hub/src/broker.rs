@@ -5,6 +5,7 @@
 //! live in memory. Retained desired state is re-published by the hub on start
 //! from its registry, so a hub restart loses nothing that matters.
 
+use protocols::limits::MAX_SYNC_PACKET_BYTES;
 use std::net::{SocketAddr, TcpListener};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
@@ -28,9 +29,6 @@ pub enum BrokerError {
     Thread(#[source] std::io::Error),
 }
 
-/// Largest MQTT payload the broker accepts.
-pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
-
 /// Starts rumqttd on `cfg.listen` in a background thread.
 pub fn start(cfg: &EmbeddedBroker) -> Result<(), BrokerError> {
     // rumqttd reports bind failures only in its log; check first so the user
@@ -48,7 +46,7 @@ pub fn start(cfg: &EmbeddedBroker) -> Result<(), BrokerError> {
         next_connection_delay_ms: 1,
         connections: ConnectionSettings {
             connection_timeout_ms: 60_000,
-            max_payload_size: MAX_PAYLOAD_BYTES,
+            max_payload_size: MAX_SYNC_PACKET_BYTES,
             max_inflight_count: 500,
             auth: None,
             external_auth: None,

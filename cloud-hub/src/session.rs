@@ -59,8 +59,8 @@ pub(crate) fn client(client_id: &str, broker: &(String, u16)) -> (AsyncClient, E
     opts.set_clean_session(false);
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_max_packet_size(
-        crate::broker::MAX_PAYLOAD_BYTES,
-        crate::broker::MAX_PAYLOAD_BYTES,
+        protocols::limits::MAX_SYNC_PACKET_BYTES,
+        protocols::limits::MAX_SYNC_PACKET_BYTES,
     );
     opts.set_inflight(500);
     AsyncClient::new(opts, 1024)

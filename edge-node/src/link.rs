@@ -8,6 +8,7 @@
 //! (fixed client id, clean session off), but nothing relies on rumqttc's
 //! in-memory queue: the outbox resends everything past the last ack.
 
+use protocols::limits::MAX_SYNC_PACKET_BYTES;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,9 +21,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EdgeConfig, TlsConfig};
-
-/// Largest MQTT packet accepted or sent (desired state of large nodes, big batches).
-pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
 
 /// Link state as the agent's tasks see it (the control task sets it from
 /// the session's `LinkUp`/`LinkDown`; the uplink follows it).
@@ -76,7 +74,7 @@ pub fn options(cfg: &EdgeConfig, topics: &Topics, now_ms: u64) -> Result<MqttOpt
     let mut o = MqttOptions::new(cfg.client_id(), cfg.mqtt.host.clone(), cfg.mqtt.port);
     o.set_keep_alive(cfg.mqtt.keep_alive);
     o.set_clean_session(false);
-    o.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    o.set_max_packet_size(MAX_SYNC_PACKET_BYTES, MAX_SYNC_PACKET_BYTES);
     o.set_inflight(200);
     let will = NodeStatus {
         node: cfg.node.clone(),

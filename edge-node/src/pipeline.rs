@@ -62,10 +62,6 @@ pub struct Pipeline {
     functions: mpsc::Sender<Vec<Sample>>,
 }
 
-/// The outbox writer under its former name (the function host still names
-/// it so while `functions` is being split; use [`OutboxWriter`]).
-pub type Appender = OutboxWriter;
-
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")

@@ -80,7 +80,10 @@ async fn proxy(listener: TcpListener, upstream: String, mut cut: watch::Receiver
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::too_many_lines, reason = "one end-to-end scenario (24 kills, then the checks over all of them), read top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario (24 kills, then the checks over all of them), read top to bottom"
+)]
 async fn sigkill_at_random_moments_loses_only_the_documented_window() {
     let dir = tempfile::tempdir().unwrap();
     let harness = HubHarness::start(HubHarness::config(&dir.path().join("hub")))

@@ -68,7 +68,10 @@ fn desired() -> protocols::DesiredState {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
-#[expect(clippy::too_many_lines, reason = "one end-to-end scenario (48 h outage, reconnect, drain, checks), read top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario (48 h outage, reconnect, drain, checks), read top to bottom"
+)]
 async fn outage_48h_then_reconnect_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();

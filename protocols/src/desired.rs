@@ -125,7 +125,10 @@ impl Default for NodeConfig {
 
 impl DesiredState {
     /// Checks everything that parses but makes no sense. Errors name the field.
-    #[expect(clippy::too_many_lines, reason = "one collector walks the whole document in field order, so every error is reported with its path in one pass; the per-section checks are short loops that read best in that order")]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one collector walks the whole document in field order, so every error is reported with its path in one pass; the per-section checks are short loops that read best in that order"
+    )]
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut c = Collector::new();
         let root = Path::Root;

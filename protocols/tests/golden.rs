@@ -48,7 +48,10 @@ fn pretty<T: serde::Serialize>(v: &T) -> Vec<u8> {
     s
 }
 
-#[expect(clippy::too_many_lines, reason = "the golden document, one literal with every field set")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the golden document, one literal with every field set"
+)]
 pub fn sample_desired() -> DesiredState {
     DesiredState {
         node: "press-7".into(),

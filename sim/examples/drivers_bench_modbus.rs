@@ -39,7 +39,10 @@ fn arg(n: usize, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[expect(clippy::too_many_lines, reason = "a benchmark script: set-up, the timed loop and the printed table in order")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a benchmark script: set-up, the timed loop and the printed table in order"
+)]
 fn main() -> anyhow::Result<()> {
     let devices = u8::try_from(arg(1, 20).clamp(1, 247))?;
     let points = u32::try_from(arg(2, 1000).min(60_000))?;

@@ -35,7 +35,10 @@ fn arg(n: usize, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[expect(clippy::too_many_lines, reason = "a benchmark script: set-up, the timed loop and the printed table in order")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a benchmark script: set-up, the timed loop and the printed table in order"
+)]
 fn main() -> anyhow::Result<()> {
     let n = u32::try_from(arg(1, 5000))?;
     let tick_ms = arg(2, 100);

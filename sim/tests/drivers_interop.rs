@@ -132,7 +132,10 @@ fn value_of(dt: DataType, k: u32) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs python3 with pymodbus; run by .ci/run"]
-#[expect(clippy::too_many_lines, reason = "one end-to-end scenario against the pymodbus peer, read top to bottom")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario against the pymodbus peer, read top to bottom"
+)]
 async fn pymodbus_every_type_both_orders_and_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let mut points = Vec::new();

@@ -59,7 +59,10 @@ async fn wait_malformed(h: &DeviceHandle, at_least: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::too_many_lines, reason = "one end-to-end scenario read top to bottom; each check depends on the state the previous step left")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario read top to bottom; each check depends on the state the previous step left"
+)]
 async fn every_published_value_arrives_once_and_garbage_is_counted() {
     init_tracing();
     let broker = start_broker().await.unwrap();
@@ -328,7 +331,10 @@ impl Drop for Proxy {
 /// and, thanks to the persistent session, still receives every value the
 /// devices published during the cut, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[expect(clippy::too_many_lines, reason = "one end-to-end scenario read top to bottom; each check depends on the state the previous step left")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end scenario read top to bottom; each check depends on the state the previous step left"
+)]
 async fn values_published_during_a_driver_disconnect_are_not_lost() {
     init_tracing();
     let broker = start_broker().await.unwrap();

@@ -293,7 +293,7 @@ fn spawn_data_path(
         clock: ctx.clock,
         node: ctx.node.clone(),
         fetcher: fetcher.clone(),
-        appender: ctx.writer(),
+        writer: ctx.writer(),
         counters: ctx.counters.clone(),
         events: ctx.events.clone(),
         view: functions.clone(),

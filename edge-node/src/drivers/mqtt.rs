@@ -33,6 +33,7 @@
 //!
 //! Reconnects use [`Backoff`] with the driver options' backoff settings.
 
+use protocols::limits::MAX_DEVICE_MESSAGE_BYTES;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -46,9 +47,6 @@ use super::backoff::Backoff;
 use super::decode;
 use super::health::{Health, counter};
 use crate::clock::Clock;
-
-/// Largest message accepted from a device broker.
-pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// Counter of per-point values dropped as redeliveries (see the module doc).
 pub const DUPLICATES: &str = "duplicates";
@@ -172,7 +170,10 @@ async fn send(
 }
 
 /// Runs the driver until `cancel` fires or `out` is dropped.
-#[expect(clippy::too_many_lines, reason = "the client set-up, then the driver's one select loop over broker events and cancellation; the arms share the loop's local session state")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the client set-up, then the driver's one select loop over broker events and cancellation; the arms share the loop's local session state"
+)]
 pub async fn run(
     device: Device,
     options: DriverOptions,
@@ -206,7 +207,7 @@ pub async fn run(
     let mut mqtt = MqttOptions::new(id, host.clone(), *port);
     mqtt.set_keep_alive(Duration::from_secs(10));
     mqtt.set_clean_session(false);
-    mqtt.set_max_packet_size(MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES);
+    mqtt.set_max_packet_size(MAX_DEVICE_MESSAGE_BYTES, MAX_DEVICE_MESSAGE_BYTES);
     let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
     eventloop
         .network_options

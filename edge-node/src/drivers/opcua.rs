@@ -584,7 +584,10 @@ fn item_request(
 }
 
 /// Creates one subscription per group; returns what must be polled instead.
-#[expect(clippy::too_many_lines, reason = "one pass over the groups building each subscription and its monitored items with their error paths; splitting would thread the session and the poll list through every piece")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the groups building each subscription and its monitored items with their error paths; splitting would thread the session and the poll list through every piece"
+)]
 async fn setup(
     session: &Arc<Session>,
     options: &DriverOptions,

@@ -239,7 +239,7 @@ impl FunctionHost {
                 }
             }
             n += samples.len() as u64;
-            self.appender.append(&s.stream, &samples)?;
+            self.writer.append(&s.stream, &samples)?;
         }
         Ok(n)
     }

@@ -70,7 +70,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifacts::{ArtifactFetcher, DesiredPair};
 use crate::clock::Clock;
 use crate::metrics::Counters;
-use crate::pipeline::Appender;
+use crate::store::OutboxWriter;
 use crate::store::{Store, StoreError};
 
 use slots::HostState;
@@ -126,7 +126,7 @@ pub struct FunctionHost {
     /// Downloaded modules and models.
     pub fetcher: Arc<ArtifactFetcher>,
     /// Appends emitted samples to the outbox (shared with the pipeline).
-    pub appender: Appender,
+    pub writer: OutboxWriter,
     /// Agent counters.
     pub counters: Arc<Counters>,
     /// Events to publish.

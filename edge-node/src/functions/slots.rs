@@ -9,7 +9,6 @@ use protocols::{Event, EventKind, Sample};
 
 use super::caps::CapState;
 use super::{FunctionError, FunctionHost, MAX_BUFFERED_PER_FUNCTION};
-use crate::metrics::Counters;
 
 /// Per-function bookkeeping on the host side.
 #[derive(Debug, Default)]
@@ -108,15 +107,10 @@ impl FunctionHost {
         self.to_raw(st, &orphans)
     }
 
+    /// Samples no function takes go to the raw stream (or are counted as
+    /// unrouted), through the writer the pipeline uses, which owns that rule.
     pub(super) fn to_raw(&self, st: &HostState, samples: &[Sample]) -> Result<(), FunctionError> {
-        if samples.is_empty() {
-            return Ok(());
-        }
-        match &st.raw_stream {
-            Some(raw) => self.appender.append(raw, samples)?,
-            None => Counters::add(&self.counters.samples_unrouted, samples.len() as u64),
-        }
-        Ok(())
+        Ok(self.writer.append_raw(st.raw_stream.as_deref(), samples)?)
     }
 
     /// Makes the runtime match `pair.current`: drains buffered input

@@ -359,3 +359,34 @@ enum Ended {
     Aborted,
     Failed(HubError),
 }
+
+/// How long [`serve`] keeps the process up after the drain when the hub runs
+/// the broker: the broker dies with the process, and it may not have
+/// forwarded the last acks the hub published (and the broker acknowledged)
+/// to the nodes yet.
+pub const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(300);
+
+/// Runs a hub from `cfg` until `stop` resolves, then drains it: what the
+/// `cloud-hub` binary and `fleet-sim hub` run. `started` sees the running
+/// app once (to print its addresses). Call the signal handler that makes
+/// `stop` *before* this, so a signal during startup stops the hub cleanly.
+pub async fn serve(
+    cfg: HubConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    started: impl FnOnce(&App),
+) -> Result<(), HubError> {
+    let cancel = CancellationToken::new();
+    let app = App::start(cfg, cancel.clone()).await?;
+    started(&app);
+    let embedded_broker = app.embedded_broker();
+    tokio::spawn(async move {
+        stop.await;
+        info!("stopping: draining the hub");
+        cancel.cancel();
+    });
+    let result = app.run().await;
+    if embedded_broker {
+        tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
+    }
+    result
+}

@@ -6,11 +6,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use cloud_hub::{App, HubConfig};
-use tokio_util::sync::CancellationToken;
+use cloud_hub::HubConfig;
 use tracing::info;
 
 #[derive(Parser)]
@@ -41,11 +39,6 @@ enum Cmd {
 
 /// Log filter unless `RUST_LOG` says otherwise.
 const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttc=warn,sled=warn";
-
-/// How long the process stays up after the drain when it runs the broker:
-/// the broker dies with the process, and it may not have forwarded the last
-/// acks the hub published (and the broker acknowledged) to the nodes yet.
-const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(300);
 
 fn main() -> ExitCode {
     edgefleet_shell::install_crypto_provider();
@@ -100,31 +93,19 @@ fn config(cmd: Cmd) -> Result<HubConfig, String> {
 async fn serve(cfg: HubConfig) -> ExitCode {
     // Before the hub starts, so a signal during startup stops it cleanly.
     let stop = edgefleet_shell::shutdown_signal();
-    let cancel = CancellationToken::new();
-    let app = match App::start(cfg, cancel.clone()).await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("cloud-hub: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    println!(
-        "cloud-hub: REST API on http://{}  MQTT on {}:{}",
-        app.http_addr(),
-        app.mqtt_addr().0,
-        app.mqtt_addr().1
-    );
-    let embedded_broker = app.embedded_broker();
-    tokio::spawn(async move {
+    let stop = async move {
         let signal = stop.await;
-        info!(?signal, "stopping: draining the hub");
-        cancel.cancel();
-    });
-    let result = app.run().await;
-    if embedded_broker {
-        tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
-    }
-    match result {
+        info!(?signal, "signal received");
+    };
+    let started = |app: &cloud_hub::App| {
+        println!(
+            "cloud-hub: REST API on http://{}  MQTT on {}:{}",
+            app.http_addr(),
+            app.mqtt_addr().0,
+            app.mqtt_addr().1
+        );
+    };
+    match cloud_hub::app::serve(cfg, stop, started).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cloud-hub: {e}");

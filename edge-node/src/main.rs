@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use edge_node::{Agent, Clock, EdgeConfig};
-use tokio_util::sync::CancellationToken;
+use edge_node::{Clock, EdgeConfig};
 
 #[derive(Parser)]
 #[command(
@@ -108,19 +107,10 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         // Before the agent starts, so a signal during startup stops it cleanly.
         let stop = edgefleet_shell::shutdown_signal();
-        let cancel = CancellationToken::new();
-        let agent = match Agent::start(cfg, Clock::system(), cancel.clone()).await {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("edge-node: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tokio::spawn(async move {
+        let stop = async move {
             stop.await;
-            cancel.cancel();
-        });
-        match agent.run().await {
+        };
+        match edge_node::agent::serve(cfg, Clock::system(), stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("edge-node: {e}");

@@ -362,3 +362,21 @@ fn spawn_link(
     };
     Ok((client, link_rx, uplink, link))
 }
+
+/// Runs an agent from `cfg` until `stop` resolves, then stops it in its
+/// shutdown order: what the `edge-node` binary and `fleet-sim agent` run.
+/// Call the signal handler that makes `stop` *before* this, so a signal
+/// during startup stops the agent cleanly.
+pub async fn serve(
+    cfg: EdgeConfig,
+    clock: Clock,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let cancel = CancellationToken::new();
+    let agent = Agent::start(cfg, clock, cancel.clone()).await?;
+    tokio::spawn(async move {
+        stop.await;
+        cancel.cancel();
+    });
+    agent.run().await
+}

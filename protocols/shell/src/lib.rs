@@ -47,6 +47,17 @@ pub fn init_tracing(default_filter: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
 }
 
+/// [`init_tracing`] writing to stderr, for tools whose stdout is their
+/// result (`fleet-sim` prints its JSON report there).
+pub fn init_tracing_to_stderr(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Installs rustls' ring crypto provider for the process (the workspace
 /// builds rustls without a default provider). Does nothing if a provider is
 /// already installed.

@@ -160,18 +160,12 @@ enum BrokerArg {
 }
 
 fn main() -> ExitCode {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                // The OPC UA client logs every refused reconnect at ERROR;
-                // devices going down is part of the plan here.
-                "warn,opcua_client=off,opcua_server=off,opcua_core=off".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    edgefleet_shell::install_crypto_provider();
+    // The OPC UA client logs every refused reconnect at ERROR; devices going
+    // down is part of the plan here.
+    edgefleet_shell::init_tracing_to_stderr(
+        "warn,opcua_client=off,opcua_server=off,opcua_core=off",
+    );
     let cli = Cli::parse();
     // Validate scenarios before starting a runtime: bad input exits 64.
     let scenario = if let Cmd::Run { scenario, .. } = &cli.cmd {
@@ -179,7 +173,7 @@ fn main() -> ExitCode {
             Ok(s) => Some(s),
             Err(e) => {
                 eprintln!("fleet-sim: {e}");
-                return ExitCode::from(64);
+                return ExitCode::from(edgefleet_shell::EX_USAGE);
             }
         }
     } else {
@@ -250,55 +244,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// `fleet-sim agent`: the agent as the `edge-node` binary runs it.
 async fn serve_agent(config: PathBuf) -> anyhow::Result<()> {
+    let stop = edgefleet_shell::shutdown_signal();
     let cfg = edge_node::EdgeConfig::load(Some(&config), |k| std::env::var(k).ok())?;
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let agent = edge_node::Agent::start(cfg, edge_node::Clock::system(), cancel.clone()).await?;
-    let task = tokio::spawn(agent.run());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    cancel.cancel();
-    task.await??;
+    let stop = async move {
+        stop.await;
+    };
+    edge_node::agent::serve(cfg, edge_node::Clock::system(), stop).await?;
     Ok(())
 }
 
+/// `fleet-sim hub`: the hub as the `cloud-hub` binary runs it.
 async fn serve_hub(config: PathBuf) -> anyhow::Result<()> {
+    let stop = edgefleet_shell::shutdown_signal();
     let cfg = cloud_hub::HubConfig::load(Some(&config), |k| std::env::var(k).ok())?;
     cfg.validate()?;
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let app = cloud_hub::App::start(cfg, cancel.clone()).await?;
-    let task = tokio::spawn(app.run());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    cancel.cancel();
-    task.await??;
+    let stop = async move {
+        stop.await;
+    };
+    cloud_hub::app::serve(cfg, stop, |_| {}).await?;
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM (never, if the handlers cannot be set).
+/// Resolves on SIGINT or SIGTERM.
 async fn interrupted() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut t) => {
-                t.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => {
-            if r.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        () = term => {}
-    }
+    edgefleet_shell::shutdown_signal().await;
 }
 
 /// `fleet-sim hollow`: against a running hub (`--hub-url`) or a started

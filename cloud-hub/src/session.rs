@@ -25,13 +25,13 @@
 //!   [`mark_drained`] was written and acknowledged by the broker (the marker
 //!   written, nothing pending or inflight in the event loop).
 
+use protocols::backoff::{Backoff, BackoffPolicy};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use protocols::{TopicKind, Topics};
-use rand::Rng as _;
 use rumqttc::{
     AsyncClient, ConnectionError, Disconnect, Event as MqttEvent, EventLoop, MqttOptions, Outgoing,
     Packet, QoS, Request, SubscribeFilter,
@@ -42,10 +42,14 @@ use tracing::{debug, info, warn};
 
 use crate::hub::{Hub, HubError};
 
-/// First reconnect delay; doubled after each failure up to [`MAX_RECONNECT_DELAY`].
-const FIRST_RECONNECT_DELAY: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+/// Reconnects: 100 ms doubling to 10 s, each delay jittered down by up to
+/// half, so hub replicas do not reconnect in lockstep.
+const RECONNECT: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_millis(100),
+    max: Duration::from_secs(10),
+    factor: 2.0,
+    jitter: 0.5,
+};
 /// How long a draining hub waits for its last acks to be written and
 /// acknowledged by the broker.
 pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -178,7 +182,7 @@ struct Session {
     eventloop: EventLoop,
     /// The [`drain_marker`] `Unsubscribe` was written.
     marker_written: bool,
-    delay: Duration,
+    backoff: Backoff,
 }
 
 /// The filter whose `Unsubscribe` marks the end of a draining hub's
@@ -216,7 +220,7 @@ pub(crate) async fn run(
         hub,
         eventloop,
         marker_written: false,
-        delay: FIRST_RECONNECT_DELAY,
+        backoff: Backoff::new(RECONNECT, rand::random()),
     };
     s.serve(&forward, &control, &intake).await;
     drop(forward); // ingest works off what it holds, then ends
@@ -233,7 +237,7 @@ impl Session {
     fn step(&mut self, polled: Result<MqttEvent, ConnectionError>) -> Step {
         match polled {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                self.delay = FIRST_RECONNECT_DELAY;
+                self.backoff.reset();
                 self.hub.readiness.connected.store(true, Ordering::Release);
                 Step::Connected
             }
@@ -255,10 +259,7 @@ impl Session {
             Err(e) => {
                 self.hub.readiness.lost();
                 warn!(error = %e, "hub MQTT connection error; retrying");
-                // Jittered, so hub replicas do not reconnect in lockstep.
-                let jittered = self.delay.mul_f64(rand::rng().random_range(0.5..=1.0));
-                self.delay = (self.delay * 2).min(MAX_RECONNECT_DELAY);
-                Step::Backoff(jittered)
+                Step::Backoff(self.backoff.next_delay())
             }
         }
     }

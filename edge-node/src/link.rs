@@ -8,6 +8,7 @@
 //! (fixed client id, clean session off), but nothing relies on rumqttc's
 //! in-memory queue: the outbox resends everything past the last ack.
 
+use protocols::backoff::{Backoff, BackoffPolicy};
 use protocols::limits::MAX_SYNC_PACKET_BYTES;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use protocols::codec::encode_json;
 use protocols::{NodeState, NodeStatus, TopicKind, Topics};
-use rand::Rng as _;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Transport};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -143,7 +143,15 @@ pub async fn run_event_loop(
     max: Duration,
     cancel: CancellationToken,
 ) {
-    let mut delay = min;
+    // Each delay jittered down by up to half, so a fleet that lost its
+    // broker does not reconnect in lockstep.
+    let policy = BackoffPolicy {
+        initial: min,
+        max,
+        factor: 2.0,
+        jitter: 0.5,
+    };
+    let mut backoff = Backoff::new(policy, rand::random());
     loop {
         let polled = tokio::select! {
             () = cancel.cancelled() => return,
@@ -151,7 +159,7 @@ pub async fn run_event_loop(
         };
         let event = match polled {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                delay = min;
+                backoff.reset();
                 LinkEvent::Connected {
                     session_present: ack.session_present,
                 }
@@ -170,12 +178,10 @@ pub async fn run_event_loop(
                 {
                     return;
                 }
-                let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(jittered) => {}
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                delay = (delay * 2).min(max);
                 continue;
             }
         };

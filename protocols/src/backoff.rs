@@ -1,5 +1,5 @@
 //! Bounded, jittered exponential backoff: the one retry policy of the
-//! workspace (device reconnects, artifact downloads).
+//! workspace (device reconnects, artifact downloads, the MQTT links of hub and edge).
 //!
 //! Pure: the caller injects the randomness (a seed for [`SplitMix64`], so a
 //! run is reproducible and a fleet does not retry in lockstep when each

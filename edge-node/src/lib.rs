@@ -20,6 +20,7 @@ pub mod agent;
 pub mod artifacts;
 pub mod clock;
 pub mod config;
+pub mod context;
 pub mod drivers;
 pub mod functions;
 pub mod link;

@@ -30,7 +30,7 @@ mod shutdown;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use protocols::{Event, Sample, TopicKind, Topics};
+use protocols::{Sample, TopicKind, Topics};
 use rumqttc::AsyncClient;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -40,13 +40,14 @@ use tracing::warn;
 use crate::artifacts::{ArtifactFetcher, DesiredPair, FetchError};
 use crate::clock::Clock;
 use crate::config::EdgeConfig;
+pub use crate::context::AgentContext;
 use crate::drivers;
 use crate::functions::{FunctionError, FunctionHost, FunctionsView};
 use crate::link::{self, Conn, LinkError, LinkEvent};
 use crate::metrics::Counters;
 use crate::pipeline::{Pipeline, Routing};
 use crate::session::Session;
-use crate::store::{OutboxWriter, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::uplink;
 use control::Control;
 use devices::DeviceSet;
@@ -79,41 +80,6 @@ pub struct AgentOptions {
     /// How drivers reach devices whose host is registered here (instead of
     /// the network); see [`drivers::transport`].
     pub device_transports: drivers::transport::DeviceTransports,
-}
-
-/// What every task of one agent shares. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct AgentContext {
-    /// The node name (events, reports, topics).
-    pub node: String,
-    /// Injected time.
-    pub clock: Clock,
-    /// The node's database.
-    pub store: Store,
-    /// The agent's counters.
-    pub counters: Arc<Counters>,
-    /// Events to publish (the control task publishes them).
-    pub events: mpsc::UnboundedSender<Event>,
-    /// The topic scheme.
-    pub topics: Topics,
-}
-
-impl AgentContext {
-    /// This node's topic of `kind`.
-    pub fn topic(&self, kind: TopicKind) -> String {
-        self.topics.node(&self.node, kind)
-    }
-
-    /// A writer into this node's outboxes.
-    pub fn writer(&self) -> OutboxWriter {
-        OutboxWriter::new(
-            self.store.clone(),
-            self.clock,
-            self.counters.clone(),
-            self.events.clone(),
-            self.node.clone(),
-        )
-    }
 }
 
 /// Every task of the agent; each returns why it stopped.
@@ -289,13 +255,9 @@ fn spawn_data_path(
         Ok(pipeline.run(samples_rx, stop).await?)
     });
     let host = FunctionHost {
-        store: ctx.store.clone(),
-        clock: ctx.clock,
-        node: ctx.node.clone(),
+        ctx: ctx.clone(),
         fetcher: fetcher.clone(),
         writer: ctx.writer(),
-        counters: ctx.counters.clone(),
-        events: ctx.events.clone(),
         view: functions.clone(),
         cache_dir: cfg.data_dir.join("wasm-cache"),
     };

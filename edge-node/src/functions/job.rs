@@ -112,7 +112,7 @@ impl FunctionHost {
             return Ok(None);
         };
         let job = Job {
-            now: self.clock.now_ms(),
+            now: self.ctx.clock.now_ms(),
             calls: take_batches(st, names),
             apply,
             tick,
@@ -299,9 +299,9 @@ impl FunctionHost {
                 return;
             }
         };
-        let _ = self.events.send(Event {
-            node: self.node.clone(),
-            at_ms: self.clock.now_ms(),
+        let _ = self.ctx.events.send(Event {
+            node: self.ctx.node.clone(),
+            at_ms: self.ctx.clock.now_ms(),
             kind: EventKind::FunctionFailed { function },
             message,
         });

@@ -63,15 +63,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use protocols::{Event, FunctionStatus, Sample};
+use protocols::{FunctionStatus, Sample};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::{ArtifactFetcher, DesiredPair};
-use crate::clock::Clock;
-use crate::metrics::Counters;
+use crate::context::AgentContext;
 use crate::store::OutboxWriter;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 use slots::HostState;
 pub use spec::{guest_config, runtime_spec};
@@ -117,20 +116,12 @@ impl FunctionsView {
 
 /// The function host task. Build it, then call [`run`](Self::run).
 pub struct FunctionHost {
-    /// Store (kv and outbox).
-    pub store: Store,
-    /// Injected time.
-    pub clock: Clock,
-    /// Node name for events.
-    pub node: String,
+    /// What the agent's tasks share (store, clock, node, events).
+    pub ctx: AgentContext,
     /// Downloaded modules and models.
     pub fetcher: Arc<ArtifactFetcher>,
     /// Appends emitted samples to the outbox (shared with the pipeline).
     pub writer: OutboxWriter,
-    /// Agent counters.
-    pub counters: Arc<Counters>,
-    /// Events to publish.
-    pub events: mpsc::UnboundedSender<Event>,
     /// Reported function status.
     pub view: FunctionsView,
     /// Compiled-code cache directory.
@@ -140,7 +131,7 @@ pub struct FunctionHost {
 impl std::fmt::Debug for FunctionHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FunctionHost")
-            .field("node", &self.node)
+            .field("node", &self.ctx.node)
             .finish_non_exhaustive()
     }
 }
@@ -197,7 +188,7 @@ impl FunctionHost {
                     }
                 }
                 _ = tick.tick() => {
-                    let now = self.clock.now_ms();
+                    let now = self.ctx.clock.now_ms();
                     let due: Vec<String> = st.slots.iter()
                         .filter(|(_, s)| s.loaded.is_some() && !s.buffer.is_empty()
                             && now.saturating_sub(s.since_ms) >= st.batch_max_age_ms)

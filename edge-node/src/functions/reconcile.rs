@@ -89,7 +89,7 @@ impl FunctionHost {
 
     fn create_runtime(&self, st: &mut HostState) {
         let caps = Arc::new(EdgeCaps {
-            store: self.store.clone(),
+            store: self.ctx.store.clone(),
             artifacts_dir: self.fetcher.dir().to_owned(),
             state: st.caps.clone(),
         });
@@ -106,16 +106,16 @@ impl FunctionHost {
             },
         ) {
             Ok(rt) => {
-                info!(node = %self.node, "wasm runtime started");
+                info!(node = %self.ctx.node, "wasm runtime started");
                 st.rt = Some(rt);
                 st.runtime_error = None;
             }
             Err(e) => {
                 let msg = render(&e);
-                warn!(node = %self.node, error = %msg, "cannot start the wasm runtime");
-                let _ = self.events.send(Event {
-                    node: self.node.clone(),
-                    at_ms: self.clock.now_ms(),
+                warn!(node = %self.ctx.node, error = %msg, "cannot start the wasm runtime");
+                let _ = self.ctx.events.send(Event {
+                    node: self.ctx.node.clone(),
+                    at_ms: self.ctx.clock.now_ms(),
                     kind: EventKind::FunctionFailed {
                         function: "runtime".into(),
                     },

@@ -63,7 +63,7 @@ impl FunctionHost {
         st: &mut HostState,
         samples: Vec<Sample>,
     ) -> Result<(), FunctionError> {
-        let now = self.clock.now_ms();
+        let now = self.ctx.clock.now_ms();
         let mut orphans = Vec::new();
         {
             let mut caps = st.caps.lock().unwrap_or_else(PoisonError::into_inner);
@@ -90,8 +90,8 @@ impl FunctionHost {
             if over > 0 {
                 slot.buffer.drain(..over);
                 slot.input_dropped += over as u64;
-                let _ = self.events.send(Event {
-                    node: self.node.clone(),
+                let _ = self.ctx.events.send(Event {
+                    node: self.ctx.node.clone(),
                     at_ms: now,
                     kind: EventKind::OverflowDrop {
                         stream: format!("{name}.input"),

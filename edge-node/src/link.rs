@@ -69,25 +69,69 @@ pub enum LinkError {
     },
 }
 
-/// Builds the MQTT options: persistent session, last will = offline status.
+/// In-flight window of the agent's link (QoS 1 publishes awaiting PUBACK).
+pub const AGENT_INFLIGHT: u16 = 200;
+
+/// What a node's link to the hub is made of, whoever runs the node: the
+/// agent builds it from its config ([`LinkSettings::from_config`]), the
+/// simulator's hollow nodes fill it in directly. [`LinkSettings::options`]
+/// turns it into MQTT options the same way for both.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// MQTT client id (fixed per node: the session is persistent).
+    pub client_id: String,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT keep-alive.
+    pub keep_alive: std::time::Duration,
+    /// In-flight window.
+    pub inflight: u16,
+    /// Last will: topic and payload (the node's offline status, retained).
+    pub last_will: (String, Vec<u8>),
+}
+
+impl LinkSettings {
+    /// The agent's settings: from its config, with the offline status as of
+    /// `now_ms` as last will.
+    pub fn from_config(cfg: &EdgeConfig, topics: &Topics, now_ms: u64) -> Self {
+        let will = NodeStatus {
+            node: cfg.node.clone(),
+            state: NodeState::Offline,
+            at_ms: now_ms,
+        };
+        Self {
+            client_id: cfg.client_id().to_owned(),
+            host: cfg.mqtt.host.clone(),
+            port: cfg.mqtt.port,
+            keep_alive: cfg.mqtt.keep_alive,
+            inflight: AGENT_INFLIGHT,
+            last_will: (
+                topics.node(&cfg.node, TopicKind::Status),
+                encode_json("status", &will).unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// MQTT options: persistent session (clean session off), the sync
+    /// link's packet limit, retained QoS 1 last will.
+    pub fn options(&self) -> MqttOptions {
+        let mut o = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
+        o.set_keep_alive(self.keep_alive);
+        o.set_clean_session(false);
+        o.set_max_packet_size(MAX_SYNC_PACKET_BYTES, MAX_SYNC_PACKET_BYTES);
+        o.set_inflight(self.inflight);
+        let (topic, payload) = self.last_will.clone();
+        o.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+        o
+    }
+}
+
+/// Builds the agent's MQTT options: [`LinkSettings::from_config`], plus TLS
+/// when `[mqtt.tls]` is set.
 pub fn options(cfg: &EdgeConfig, topics: &Topics, now_ms: u64) -> Result<MqttOptions, LinkError> {
-    let mut o = MqttOptions::new(cfg.client_id(), cfg.mqtt.host.clone(), cfg.mqtt.port);
-    o.set_keep_alive(cfg.mqtt.keep_alive);
-    o.set_clean_session(false);
-    o.set_max_packet_size(MAX_SYNC_PACKET_BYTES, MAX_SYNC_PACKET_BYTES);
-    o.set_inflight(200);
-    let will = NodeStatus {
-        node: cfg.node.clone(),
-        state: NodeState::Offline,
-        at_ms: now_ms,
-    };
-    let will_payload = encode_json("status", &will).unwrap_or_default();
-    o.set_last_will(LastWill::new(
-        topics.node(&cfg.node, TopicKind::Status),
-        will_payload,
-        QoS::AtLeastOnce,
-        true,
-    ));
+    let mut o = LinkSettings::from_config(cfg, topics, now_ms).options();
     if let Some(tls) = &cfg.mqtt.tls {
         o.set_transport(Transport::tls_with_config(tls_config(tls)?));
     }

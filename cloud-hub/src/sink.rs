@@ -3,9 +3,9 @@
 //! # Layout
 //! One sled tree per (node, stream). A key is the first sequence number of a
 //! stored run (8 bytes, big-endian, so key order is sequence order); its value
-//! is a 20-byte header (sample count u32, min and max timestamp u64, all
-//! big-endian) followed by the run in the binary telemetry encoding
-//! (`protocols::codec::encode_batch`, about 10 bytes per sample). A run is
+//! is a [`protocols::record`] (the same record the edge's outbox stores: a
+//! 20-byte header with sample count and min/max timestamp, then the run in
+//! the binary telemetry encoding, about 10 bytes per sample). A run is
 //! usually one batch as the edge sent it; storing runs rather than one key per
 //! sample keeps sled's memory and disk use proportional to batches, not
 //! samples (one key per sample grew the hub past 10 GiB while draining a
@@ -25,10 +25,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
 
-use protocols::codec::{decode_batch, encode_batch};
-use protocols::{Sample, TelemetryBatch};
-
-const HEADER: usize = 20;
+use protocols::{TelemetryBatch, record};
 
 /// Why a sink operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -174,31 +171,7 @@ fn seq_of(k: &[u8]) -> Option<u64> {
 
 /// `(n, min_ts, max_ts)` of a stored run.
 fn header(v: &[u8]) -> Option<(u64, u64, u64)> {
-    let n = u64::from(u32::from_be_bytes(v.get(0..4)?.try_into().ok()?));
-    let min_ts = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
-    let max_ts = u64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
-    Some((n, min_ts, max_ts))
-}
-
-fn encode_run(stream: &str, first_seq: u64, samples: &[Sample]) -> Vec<u8> {
-    let body = encode_batch(&TelemetryBatch {
-        stream: stream.to_owned(),
-        first_seq,
-        floor_seq: first_seq,
-        samples: samples.to_vec(),
-    });
-    let min_ts = samples.iter().map(|s| s.ts_ms).min().unwrap_or(0);
-    let max_ts = samples.iter().map(|s| s.ts_ms).max().unwrap_or(0);
-    let mut v = Vec::with_capacity(HEADER + body.len());
-    v.extend_from_slice(
-        &u32::try_from(samples.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    v.extend_from_slice(&min_ts.to_be_bytes());
-    v.extend_from_slice(&max_ts.to_be_bytes());
-    v.extend_from_slice(&body);
-    v
+    record::header(v).map(|h| (h.samples, h.min_ts_ms, h.max_ts_ms))
 }
 
 impl Sink {
@@ -310,7 +283,7 @@ impl Sink {
             for &(first, start, end) in &runs {
                 wb.insert(
                     &key(first),
-                    encode_run(&batch.stream, first, &batch.samples[start..end]),
+                    record::encode(&batch.stream, first, &batch.samples[start..end]),
                 );
             }
             e.tree.apply_batch(wb).map_err(db("store samples"))?;
@@ -424,7 +397,7 @@ impl Sink {
             {
                 continue;
             }
-            let run = decode_batch(&v[HEADER..]).map_err(|e| corrupt(e.to_string()))?;
+            let run = record::decode(&v).map_err(|e| corrupt(e.to_string()))?;
             for (seq, s) in run.iter_seq() {
                 if seq < from_seq
                     || from_ms.is_some_and(|f| s.ts_ms < f)
@@ -451,7 +424,7 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocols::Quality;
+    use protocols::{Quality, Sample};
 
     fn batch(first_seq: u64, floor_seq: u64, n: u64) -> TelemetryBatch {
         TelemetryBatch {

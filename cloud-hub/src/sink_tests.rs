@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use protocols::Quality;
+use protocols::{Quality, Sample};
 
 use super::*;
 

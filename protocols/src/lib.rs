@@ -15,6 +15,7 @@
 //! - [`codec`]: JSON for control-plane documents (with errors that name the
 //!   offending field), a compact columnar binary encoding for telemetry.
 //! - [`signing`]: Ed25519 signatures over desired-state documents.
+//! - [`record`]: the stored record of a run of samples (edge outbox and hub sink).
 //! - [`api`]: the hub's REST API as data (what each endpoint takes and answers).
 //! - [`validate`]: semantic checks whose errors name the field, e.g.
 //!   `devices[3].points[7].address: 70000 is out of range 0..=65535`.
@@ -35,6 +36,7 @@ pub mod desired;
 pub mod device;
 pub mod event;
 pub mod limits;
+pub mod record;
 pub mod reported;
 pub mod signing;
 pub mod status;

@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use protocols::codec::{decode_batch, encode_batch};
-use protocols::{Sample, TelemetryBatch};
+use protocols::{Sample, TelemetryBatch, record};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -33,7 +32,6 @@ const ACKED: &[u8] = b"m:acked";
 const DROPPED: &[u8] = b"m:dropped";
 const FLOOR: &[u8] = b"m:floor";
 const ENTRY: u8 = b'e';
-const HEADER: usize = 20;
 /// Samples per entry at most. With sled 0.34, values above roughly 16 KiB
 /// are kept in memory however small the page cache is set: a 48 h backlog in
 /// 50 KB entries held its whole payload resident (RSS grew 1:1 with it),
@@ -252,19 +250,9 @@ impl Outbox {
         let mut st = self.state();
         let first_seq = st.next_seq;
         let n = samples.len() as u64;
-        let body = encode_batch(&TelemetryBatch {
-            stream: self.inner.stream.clone(),
-            first_seq,
-            floor_seq: first_seq,
-            samples: samples.to_vec(),
-        });
+        let value = record::encode(&self.inner.stream, first_seq, samples);
         let min_ts = samples.iter().map(|s| s.ts_ms).min().unwrap_or(0);
         let max_ts = samples.iter().map(|s| s.ts_ms).max().unwrap_or(0);
-        let mut value = Vec::with_capacity(HEADER + body.len());
-        value.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
-        value.extend_from_slice(&min_ts.to_be_bytes());
-        value.extend_from_slice(&max_ts.to_be_bytes());
-        value.extend_from_slice(&body);
         if value.len() > MAX_ENTRY_BYTES && samples.len() > 1 {
             return Ok(None);
         }
@@ -380,11 +368,9 @@ impl Outbox {
             else {
                 continue;
             };
-            let mut b = decode_batch(v.get(HEADER..).unwrap_or_default()).map_err(|e| {
-                StoreError::Corrupt {
-                    what: format!("outbox/{}/{seq}", self.inner.stream),
-                    detail: e.to_string(),
-                }
+            let mut b = record::decode(&v).map_err(|e| StoreError::Corrupt {
+                what: format!("outbox/{}/{seq}", self.inner.stream),
+                detail: e.to_string(),
             })?;
             b.floor_seq = floor.min(b.first_seq);
             out.push(b);
@@ -465,13 +451,11 @@ impl Outbox {
 }
 
 fn parse_header(v: &[u8]) -> Option<EntryInfo> {
-    let n = u64::from(u32::from_be_bytes(v.get(0..4)?.try_into().ok()?));
-    let min_ts = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
-    let max_ts = u64::from_be_bytes(v.get(12..20)?.try_into().ok()?);
+    let h = record::header(v)?;
     Some(EntryInfo {
-        n,
+        n: h.samples,
         bytes: v.len() as u64,
-        min_ts,
-        max_ts,
+        min_ts: h.min_ts_ms,
+        max_ts: h.max_ts_ms,
     })
 }

@@ -10,7 +10,7 @@ use edge_node::session::{Input, Output, Session, encode_report};
 use protocols::Topics;
 use protocols::signing::VerifyingKey;
 use rand::Rng as _;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -128,6 +128,32 @@ pub(super) fn spawn_node(
         Session::new(name.clone(), link.topics.clone(), Arc::default(), wall_ms())
             .trusting(link.key),
     ));
+    let (client, eventloop) = mqtt_client(name, link, &session);
+    tasks.spawn(poll_loop(
+        eventloop,
+        session.clone(),
+        fleet.clone(),
+        client.clone(),
+        connecting.clone(),
+        cancel.clone(),
+        idx,
+    ));
+    tasks.spawn(report_loop(
+        session,
+        fleet.clone(),
+        client,
+        cancel.clone(),
+        idx,
+    ));
+}
+
+/// The node's MQTT client with the agent's connection settings (fixed
+/// client id, persistent session, last will from the session).
+fn mqtt_client(
+    name: String,
+    link: &NodeLink,
+    session: &Mutex<Session>,
+) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(name, link.host.clone(), link.port);
     opts.set_keep_alive(link.keep_alive);
     opts.set_clean_session(false);
@@ -147,99 +173,113 @@ pub(super) fn spawn_node(
     let mut net = eventloop.network_options();
     net.set_connection_timeout(link.connect_timeout_s);
     eventloop.set_network_options(net);
-    {
-        let (session, fleet, client, cancel) = (
-            session.clone(),
-            fleet.clone(),
-            client.clone(),
-            cancel.clone(),
-        );
-        let connecting = connecting.clone();
-        tasks.spawn(async move {
-            let mut permit = tokio::select! {
-                () = cancel.cancelled() => return,
-                p = connecting.acquire_owned() => p.ok(),
-            };
-            let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
-            let mut delay = min;
-            loop {
-                let polled = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    p = eventloop.poll() => p,
-                };
-                let input = match &polled {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        delay = min;
-                        if permit.take().is_some() {
-                            fleet.connected_once.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            fleet.reconnects.fetch_add(1, Ordering::Relaxed);
-                        }
-                        fleet.up.fetch_add(1, Ordering::Relaxed);
-                        Input::Connected
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => Input::Message {
-                        topic: &p.topic,
-                        payload: &p.payload,
-                    },
-                    Ok(_) => continue,
-                    Err(e) => {
-                        {
-                            let mut s = session.lock().unwrap_or_else(PoisonError::into_inner);
-                            if s.is_up() {
-                                fleet.up.fetch_sub(1, Ordering::Relaxed);
-                            } else {
-                                fleet.connect_errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                            tracing::debug!(node = s.node(), error = %e, "hollow node link error");
-                            s.handle(Input::Disconnected, wall_ms());
-                        }
-                        let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
-                        tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = tokio::time::sleep(jittered) => {}
-                        }
-                        delay = (delay * 2).min(max);
-                        continue;
-                    }
-                };
-                let out = session
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .handle(input, wall_ms());
-                perform(out, &client, &fleet, idx);
+    (client, eventloop)
+}
+
+/// The polling task: waits for a connect permit, then polls the event loop
+/// and hands every event to the session until cancelled; a link error
+/// backs off (200 ms doubling to 30 s, jittered) before the next poll.
+async fn poll_loop(
+    mut eventloop: EventLoop,
+    session: Arc<Mutex<Session>>,
+    fleet: Arc<Fleet>,
+    client: AsyncClient,
+    connecting: Arc<Semaphore>,
+    cancel: CancellationToken,
+    idx: usize,
+) {
+    let mut permit = tokio::select! {
+        () = cancel.cancelled() => return,
+        p = connecting.acquire_owned() => p.ok(),
+    };
+    let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
+    let mut delay = min;
+    loop {
+        let polled = tokio::select! {
+            () = cancel.cancelled() => return,
+            p = eventloop.poll() => p,
+        };
+        let input = match &polled {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                delay = min;
+                if permit.take().is_some() {
+                    fleet.connected_once.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    fleet.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                fleet.up.fetch_add(1, Ordering::Relaxed);
+                Input::Connected
             }
-        });
-    }
-    {
-        let (fleet, cancel) = (fleet.clone(), cancel.clone());
-        tasks.spawn(async move {
-            let period = |s: &Mutex<Session>| {
-                Duration::from_millis(
-                    s.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .report_interval_ms(),
-                )
-            };
-            let mut every = period(&session);
-            // Spread the nodes' reports over the interval.
-            let mut next = Instant::now() + every.mul_f64(rand::rng().random_range(0.0..1.0));
-            loop {
+            Ok(Event::Incoming(Packet::Publish(p))) => Input::Message {
+                topic: &p.topic,
+                payload: &p.payload,
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                link_lost(&session, &fleet, e);
+                let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep_until(next) => {}
+                    () = tokio::time::sleep(jittered) => {}
                 }
-                let out = session
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .handle(Input::ReportTick, wall_ms());
-                perform(out, &client, &fleet, idx);
-                every = period(&session);
-                next += every;
-                if next < Instant::now() {
-                    next = Instant::now() + every;
-                }
+                delay = (delay * 2).min(max);
+                continue;
             }
-        });
+        };
+        let out = session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle(input, wall_ms());
+        perform(out, &client, &fleet, idx);
+    }
+}
+
+/// A link error: count it (a drop if the link was up, a failed connect
+/// otherwise) and tell the session.
+fn link_lost(session: &Mutex<Session>, fleet: &Fleet, e: &rumqttc::ConnectionError) {
+    let mut s = session.lock().unwrap_or_else(PoisonError::into_inner);
+    if s.is_up() {
+        fleet.up.fetch_sub(1, Ordering::Relaxed);
+    } else {
+        fleet.connect_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(node = s.node(), error = %e, "hollow node link error");
+    s.handle(Input::Disconnected, wall_ms());
+}
+
+/// The report ticker: a `ReportTick` every `report_interval_ms` of the
+/// session, the first at a random point of the interval.
+async fn report_loop(
+    session: Arc<Mutex<Session>>,
+    fleet: Arc<Fleet>,
+    client: AsyncClient,
+    cancel: CancellationToken,
+    idx: usize,
+) {
+    let period = |s: &Mutex<Session>| {
+        Duration::from_millis(
+            s.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .report_interval_ms(),
+        )
+    };
+    let mut every = period(&session);
+    // Spread the nodes' reports over the interval.
+    let mut next = Instant::now() + every.mul_f64(rand::rng().random_range(0.0..1.0));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let out = session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handle(Input::ReportTick, wall_ms());
+        perform(out, &client, &fleet, idx);
+        every = period(&session);
+        next += every;
+        if next < Instant::now() {
+            next = Instant::now() + every;
+        }
     }
 }

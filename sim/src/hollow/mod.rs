@@ -236,27 +236,8 @@ pub(super) fn say(opts: &HollowOptions, msg: &str) {
 pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport, HollowError> {
     opts.validate()?;
     let t0 = Instant::now();
-    let limit = raise_fd_limit()?;
-    let per_node = if hub.in_process { 2 } else { 1 };
-    let needed = (opts.nodes * per_node) as u64 + 256;
-    if limit < needed {
-        return Err(HollowError::FileLimit { limit, needed });
-    }
-    let api = Arc::new(Api {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(opts.put_concurrency + 4)
-            .build()
-            .map_err(|e| Api::err("client", e))?,
-        base: hub.http_base.trim_end_matches('/').to_owned(),
-    });
-    // Nodes that connect before the hub subscribed may have their retained
-    // status missed by it (see `cloud_hub::Hub::mqtt_ready`).
-    if !api.wait_ready(opts.connect_timeout).await? {
-        say(
-            opts,
-            "hub has no /readyz: connecting nodes without knowing whether it subscribed",
-        );
-    }
+    check_fd_limit(opts, hub)?;
+    let api = connect_api(opts, hub).await?;
     let (key, topics) = api.hub_key().await?;
     let names: Vec<String> = (0..opts.nodes).map(|i| opts.node_name(i)).collect();
     let index: HashMap<&str, usize> = names
@@ -281,18 +262,7 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
         ..MemWatch::default()
     });
     let cancel = CancellationToken::new();
-    let sampler = {
-        let (mem, cancel) = (mem.clone(), cancel.clone());
-        tokio::spawn(async move {
-            loop {
-                mem.sample();
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-            }
-        })
-    };
+    let sampler = spawn_sampler(&mem, &cancel);
     let idle = mem.sample();
 
     let fleet = Arc::new(Fleet {
@@ -313,6 +283,79 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
         keep_alive: opts.keep_alive,
         connect_timeout_s: opts.mqtt_connect_timeout.as_secs(),
     });
+    let mut tasks = spawn_fleet(opts, hub, &names, &link, &fleet, &cancel);
+
+    let result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem).await;
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let _ = sampler.await;
+    let mut report = result?;
+    mem.sample();
+    report.hub_rss_bytes_idle = idle.hub_rss;
+    report.broker_rss_bytes_idle = idle.broker_rss;
+    report.load_average_start = load_average_start;
+    totals(&mut report, &mem, &fleet, hub);
+    report.wall_seconds = t0.elapsed().as_secs_f64();
+    report.options = opts.clone();
+    Ok(report)
+}
+
+/// Fails unless this process may open a socket per node (two with the hub
+/// in this process) plus some spare.
+fn check_fd_limit(opts: &HollowOptions, hub: &HubEndpoint) -> Result<(), HollowError> {
+    let limit = raise_fd_limit()?;
+    let per_node = if hub.in_process { 2 } else { 1 };
+    let needed = (opts.nodes * per_node) as u64 + 256;
+    if limit < needed {
+        return Err(HollowError::FileLimit { limit, needed });
+    }
+    Ok(())
+}
+
+/// The hub's REST API, once the hub is ready for nodes.
+async fn connect_api(opts: &HollowOptions, hub: &HubEndpoint) -> Result<Arc<Api>, HollowError> {
+    let api = Arc::new(Api {
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(opts.put_concurrency + 4)
+            .build()
+            .map_err(|e| Api::err("client", e))?,
+        base: hub.http_base.trim_end_matches('/').to_owned(),
+    });
+    // Nodes that connect before the hub subscribed may have their retained
+    // status missed by it (see `cloud_hub::Hub::mqtt_ready`).
+    if !api.wait_ready(opts.connect_timeout).await? {
+        say(
+            opts,
+            "hub has no /readyz: connecting nodes without knowing whether it subscribed",
+        );
+    }
+    Ok(api)
+}
+
+/// Samples `mem` every 250 ms until `cancel`.
+fn spawn_sampler(mem: &Arc<MemWatch>, cancel: &CancellationToken) -> tokio::task::JoinHandle<()> {
+    let (mem, cancel) = (mem.clone(), cancel.clone());
+    tokio::spawn(async move {
+        loop {
+            mem.sample();
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    })
+}
+
+/// Spawns one hollow node per name, at most `connect_concurrency`
+/// connecting at once.
+fn spawn_fleet(
+    opts: &HollowOptions,
+    hub: &HubEndpoint,
+    names: &[String],
+    link: &Arc<NodeLink>,
+    fleet: &Arc<Fleet>,
+    cancel: &CancellationToken,
+) -> JoinSet<()> {
     let connecting = Arc::new(Semaphore::new(opts.connect_concurrency));
     let mut tasks = JoinSet::new();
     say(
@@ -327,52 +370,29 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
             &mut tasks,
             i,
             name.clone(),
-            &link,
-            &fleet,
+            link,
+            fleet,
             &connecting,
-            &cancel,
+            cancel,
         );
     }
+    tasks
+}
 
-    let result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem).await;
-    cancel.cancel();
-    while tasks.join_next().await.is_some() {}
-    let _ = sampler.await;
-    let mut report = result?;
-    mem.sample();
-    report.hub_rss_bytes_idle = idle.hub_rss;
+/// Copies the run-wide figures (peak memory, load, the fleet's counters)
+/// into `report`.
+fn totals(report: &mut HollowReport, mem: &MemWatch, fleet: &Fleet, hub: &HubEndpoint) {
     report.hub_rss_bytes_max = mem.hub_max.load(Ordering::Relaxed);
-    report.broker_rss_bytes_idle = idle.broker_rss;
     report.broker_rss_bytes_max = mem.broker_max.load(Ordering::Relaxed);
     report.sim_rss_bytes_max = mem.sim_max.load(Ordering::Relaxed);
     report.hub_in_process = hub.in_process;
     report.broker = hub.broker;
-    report.load_average_start = load_average_start;
     report.load_average_end = load_average().unwrap_or_default();
     report.load_average_1m_max = f64::from_bits(mem.load_max.load(Ordering::Relaxed));
     report.reconnects = fleet.reconnects.load(Ordering::Relaxed);
     report.connect_errors = fleet.connect_errors.load(Ordering::Relaxed);
     report.desired_rejected = fleet.rejected.load(Ordering::Relaxed);
     report.publish_dropped = fleet.publish_dropped.load(Ordering::Relaxed);
-    report.wall_seconds = t0.elapsed().as_secs_f64();
-    report.options = opts.clone();
-    Ok(report)
-}
-
-/// Runs a hub in this process from a TOML config file until killed or
-/// Ctrl-C: the body of the hidden `fleet-sim hub` subcommand, so a hollow
-/// run can start a separate hub process built from the same sources.
-pub async fn serve_hub(config: &std::path::Path) -> anyhow::Result<()> {
-    let cfg = cloud_hub::HubConfig::load(Some(config), |_| None)?;
-    cfg.validate()?;
-    let cancel = CancellationToken::new();
-    let app = cloud_hub::App::start(cfg, cancel.clone()).await?;
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        cancel.cancel();
-    });
-    app.run().await?;
-    Ok(())
 }
 
 #[cfg(test)]

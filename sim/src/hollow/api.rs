@@ -1,8 +1,10 @@
-//! The hub's REST API as a hollow run uses it.
+//! The hub's REST API as a hollow run uses it: the typed
+//! [`HubClient`] with errors turned into [`HollowError::Api`].
 
 use std::time::Duration;
 
 use cloud_hub::api::NodeView;
+use cloud_hub::client::{ClientError, HubClient};
 use protocols::signing::{VerifyingKey, key_from_hex};
 use protocols::{DesiredState, Topics};
 use tokio::time::Instant;
@@ -10,11 +12,16 @@ use tokio::time::Instant;
 use super::HollowError;
 
 pub(super) struct Api {
-    pub(super) http: reqwest::Client,
-    pub(super) base: String,
+    client: HubClient,
 }
 
 impl Api {
+    /// A client of the hub at `base`; `timeout` bounds each request.
+    pub(super) fn new(base: &str, timeout: Duration) -> Result<Self, HollowError> {
+        let client = HubClient::with_timeout(base, timeout).map_err(|e| Self::err("client", e))?;
+        Ok(Self { client })
+    }
+
     pub(super) fn err(what: &str, e: impl std::fmt::Display) -> HollowError {
         HollowError::Api {
             what: what.into(),
@@ -24,24 +31,13 @@ impl Api {
 
     pub(super) async fn hub_key(&self) -> Result<(VerifyingKey, Topics), HollowError> {
         let what = "GET /v1/hub";
-        let v: serde_json::Value = self
-            .http
-            .get(format!("{}/v1/hub", self.base))
-            .send()
+        let info = self
+            .client
+            .hub_info()
             .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| Self::err(what, e))?
-            .json()
-            .await
-            .map_err(|e| Self::err(what, e))?;
-        let key = v["public_key"]
-            .as_str()
-            .ok_or_else(|| Self::err(what, "no public_key in the answer"))?;
-        let key = key_from_hex(key).map_err(|e| Self::err(what, e))?;
-        let root = v["topic_root"]
-            .as_str()
-            .ok_or_else(|| Self::err(what, "no topic_root in the answer"))?;
-        Ok((key, Topics::new(root)))
+            .map_err(|e| Self::err(what, detail(e)))?;
+        let key = key_from_hex(&info.public_key).map_err(|e| Self::err(what, e))?;
+        Ok((key, Topics::new(&info.topic_root)))
     }
 
     /// Waits until `GET /readyz` answers 200 (the hub's MQTT session is
@@ -50,54 +46,68 @@ impl Api {
         let what = "GET /readyz";
         let deadline = Instant::now() + timeout;
         loop {
-            let r = self
-                .http
-                .get(format!("{}/readyz", self.base))
-                .send()
-                .await
-                .map_err(|e| Self::err(what, e))?;
-            match r.status() {
-                s if s.is_success() => return Ok(true),
-                reqwest::StatusCode::NOT_FOUND => return Ok(false),
-                s if Instant::now() >= deadline => {
-                    return Err(HollowError::Timeout(format!(
-                        "{what}: hub not ready within {timeout:?} (last answer {s})"
-                    )));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            let s = match self.client.ready().await {
+                Ok(true) => return Ok(true),
+                Ok(false) => status_text(503),
+                Err(ClientError::Status { status: 404, .. }) => return Ok(false),
+                Err(ClientError::Status { status, .. }) => status_text(status),
+                Err(e) => return Err(Self::err(what, detail(e))),
+            };
+            if Instant::now() >= deadline {
+                return Err(HollowError::Timeout(format!(
+                    "{what}: hub not ready within {timeout:?} (last answer {s})"
+                )));
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub(super) async fn nodes(&self) -> Result<Vec<NodeView>, HollowError> {
-        let what = "GET /v1/nodes";
-        self.http
-            .get(format!("{}/v1/nodes", self.base))
-            .send()
+        self.client
+            .nodes()
             .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| Self::err(what, e))?
-            .json()
-            .await
-            .map_err(|e| Self::err(what, e))
+            .map_err(|e| Self::err("GET /v1/nodes", detail(e)))
     }
 
+    /// `Err` is the status and the hub's message, or why there was no
+    /// answer.
     pub(super) async fn put_desired(&self, d: &DesiredState) -> Result<(), String> {
-        let r = self
-            .http
-            .put(format!("{}/v1/nodes/{}/desired", self.base, d.node))
-            .json(d)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            let status = r.status();
-            Err(format!(
-                "{status}: {}",
-                r.text().await.unwrap_or_default().trim()
-            ))
-        }
+        self.client.put_desired(d).await.map(drop).map_err(detail)
+    }
+}
+
+/// What went wrong, without the method and path the caller already names:
+/// `"{status}: {message}"` for an error answer.
+fn detail(e: ClientError) -> String {
+    match e {
+        ClientError::Status {
+            status, message, ..
+        } => format!("{}: {}", status_text(status), message.trim()),
+        ClientError::Transport { source, .. } => source.to_string(),
+        ClientError::Decode { source, .. } => source.to_string(),
+        ClientError::BadUrl(_) => e.to_string(),
+    }
+}
+
+/// `404 Not Found` for 404.
+fn status_text(status: u16) -> String {
+    reqwest::StatusCode::from_u16(status).map_or_else(|_| status.to_string(), |s| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_answers_keep_status_and_hub_message() {
+        let e = ClientError::Status {
+            method: "PUT",
+            path: "/v1/nodes/n/desired".into(),
+            status: 409,
+            message: " revision 3 is not newer than 4\n".into(),
+        };
+        assert_eq!(detail(e), "409 Conflict: revision 3 is not newer than 4");
+        assert_eq!(status_text(503), "503 Service Unavailable");
+        assert_eq!(status_text(99), "99");
     }
 }

@@ -314,13 +314,9 @@ fn check_fd_limit(opts: &HollowOptions, hub: &HubEndpoint) -> Result<(), HollowE
 
 /// The hub's REST API, once the hub is ready for nodes.
 async fn connect_api(opts: &HollowOptions, hub: &HubEndpoint) -> Result<Arc<Api>, HollowError> {
-    let api = Arc::new(Api {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(opts.put_concurrency + 4)
-            .build()
-            .map_err(|e| Api::err("client", e))?,
-        base: hub.http_base.trim_end_matches('/').to_owned(),
-    });
+    // No per-request bound tighter than the run's own waits.
+    let timeout = opts.connect_timeout.max(opts.round_timeout);
+    let api = Arc::new(Api::new(&hub.http_base, timeout)?);
     // Nodes that connect before the hub subscribed may have their retained
     // status missed by it (see `cloud_hub::Hub::mqtt_ready`).
     if !api.wait_ready(opts.connect_timeout).await? {

@@ -30,6 +30,22 @@
 //! two ends of 10,000 connections do not share one descriptor table. The
 //! broker is the hub's embedded rumqttd or, for large fleets, a Mosquitto
 //! process ([`broker::Mosquitto`]) that the hub uses as an external broker.
+//!
+//! # Layout
+//!
+//! - `mod.rs`: [`HollowOptions`], [`HollowError`] and [`run`] (set-up, spawn
+//!   the fleet, measure, collect the totals);
+//! - `fleet.rs`: the hollow nodes (`spawn_node`: MQTT client, poll loop,
+//!   report ticker; `perform` of the session's outputs) and the per-node
+//!   results they share with the measurement (`Fleet`, `Slot`);
+//! - `measure.rs`: waiting for the fleet to connect and show up online, and
+//!   the timed desired-state rounds;
+//! - `api.rs`: the hub's REST API through [`cloud_hub::client::HubClient`];
+//! - `proc.rs`: `/proc` readings (peak memory of hub, broker and simulator;
+//!   [`load_average`]);
+//! - `report.rs`: [`Latency`], [`RoundReport`], [`HollowReport`];
+//! - [`hub`], [`broker`], [`stack`]: the hub and broker processes a run
+//!   starts.
 
 mod api;
 pub mod broker;

@@ -22,7 +22,7 @@ impl Api {
         Ok(Self { client })
     }
 
-    pub(super) fn err(what: &str, e: impl std::fmt::Display) -> HollowError {
+    fn err(what: &str, e: impl std::fmt::Display) -> HollowError {
         HollowError::Api {
             what: what.into(),
             detail: e.to_string(),

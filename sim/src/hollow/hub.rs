@@ -126,8 +126,9 @@ impl HubProcess {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), HollowError> {
-        let http = reqwest::Client::new();
-        let url = format!("{}/healthz", self.endpoint.http_base);
+        let client = cloud_hub::client::HubClient::new(self.endpoint.http_base.clone())
+            .map_err(|e| HollowError::Hub(e.to_string()))?;
+        let url = format!("{}/healthz", client.base());
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -136,9 +137,7 @@ impl HubProcess {
                     self.log.display()
                 )));
             }
-            if let Ok(r) = http.get(&url).send().await
-                && r.status().is_success()
-            {
+            if client.healthy().await.is_ok() {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {

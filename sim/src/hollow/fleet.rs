@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use edge_node::link::LinkSettings;
 use edge_node::session::{Input, Output, Session, encode_report};
 use protocols::Topics;
+use protocols::backoff::{Backoff, BackoffPolicy};
 use protocols::signing::VerifyingKey;
 use rand::Rng as _;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -154,22 +156,21 @@ fn mqtt_client(
     link: &NodeLink,
     session: &Mutex<Session>,
 ) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(name, link.host.clone(), link.port);
-    opts.set_keep_alive(link.keep_alive);
-    opts.set_clean_session(false);
-    opts.set_max_packet_size(
-        edge_node::link::MAX_PACKET_BYTES,
-        edge_node::link::MAX_PACKET_BYTES,
-    );
-    // A hollow node sends a handful of control messages: a small window
-    // keeps the simulator's memory per node small (the agent uses 200).
-    opts.set_inflight(16);
-    let (will_topic, will) = session
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .last_will(wall_ms());
-    opts.set_last_will(LastWill::new(will_topic, will, QoS::AtLeastOnce, true));
-    let (client, mut eventloop) = AsyncClient::new(opts, 32);
+    let settings = LinkSettings {
+        client_id: name,
+        host: link.host.clone(),
+        port: link.port,
+        keep_alive: link.keep_alive,
+        // A hollow node sends a handful of control messages: a small window
+        // keeps the simulator's memory per node small (the agent uses
+        // `edge_node::link::AGENT_INFLIGHT`).
+        inflight: 16,
+        last_will: session
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last_will(wall_ms()),
+    };
+    let (client, mut eventloop) = AsyncClient::new(settings.options(), 32);
     let mut net = eventloop.network_options();
     net.set_connection_timeout(link.connect_timeout_s);
     eventloop.set_network_options(net);
@@ -192,8 +193,13 @@ async fn poll_loop(
         () = cancel.cancelled() => return,
         p = connecting.acquire_owned() => p.ok(),
     };
-    let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
-    let mut delay = min;
+    let policy = BackoffPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(30),
+        factor: 2.0,
+        jitter: 0.5,
+    };
+    let mut backoff = Backoff::new(policy, rand::random());
     loop {
         let polled = tokio::select! {
             () = cancel.cancelled() => return,
@@ -201,7 +207,7 @@ async fn poll_loop(
         };
         let input = match &polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                delay = min;
+                backoff.reset();
                 if permit.take().is_some() {
                     fleet.connected_once.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -217,12 +223,10 @@ async fn poll_loop(
             Ok(_) => continue,
             Err(e) => {
                 link_lost(&session, &fleet, e);
-                let jittered = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(jittered) => {}
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                delay = (delay * 2).min(max);
                 continue;
             }
         };

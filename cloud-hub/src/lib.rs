@@ -9,7 +9,8 @@
 //! Start at [`app::App::start`]; configuration is [`config::HubConfig`]. The
 //! shared state of a running hub is [`hub::Hub`]; its tasks are the MQTT
 //! session ([`session`]), ingest ([`ingest`]) and the hub end of the ack loop
-//! ([`acks`]), plus the REST API.
+//! ([`acks`]), plus the REST API. [`client::HubClient`] is the typed client
+//! of that API (what the simulator and the tests use).
 
 pub mod acks;
 pub mod api;

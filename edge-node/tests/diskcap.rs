@@ -14,9 +14,9 @@ mod common;
 
 use std::time::Duration;
 
+use edge_node::Clock;
 use edge_node::store::Store;
-use edge_node::{Clock, EdgeConfig};
-use edgefleet_testkit::{EdgeHarness, HubHarness, free_port};
+use edgefleet_testkit::{EdgeHarness, HubHarness, edge_config, free_port};
 use protocols::signing::key_to_hex;
 use protocols::{NodeConfig, SignedDesired};
 
@@ -39,12 +39,9 @@ async fn drop_oldest_is_exact_counted_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
-    let mut cfg = EdgeConfig::default();
-    cfg.node = "cap-1".into();
-    cfg.data_dir = dir.path().join("edge");
-    cfg.mqtt.port = port;
+    let hub_key = key_to_hex(&key.verifying_key());
+    let mut cfg = edge_config("cap-1", &dir.path().join("edge"), port, &hub_key);
     cfg.mqtt.reconnect_max = Duration::from_secs(1);
-    cfg.hub.public_key = Some(key_to_hex(&key.verifying_key()));
     cfg.outbox.max_bytes = Some(64 * 1024);
     cfg.validate().unwrap();
     {

@@ -16,20 +16,12 @@ use std::time::Duration;
 
 use cloud_hub::api::{NodeView, SamplePage, SampleQuery};
 use cloud_hub::artifacts::ArtifactInfo;
-use edge_node::{Clock, EdgeConfig};
-use edgefleet_testkit::{EdgeHarness, HubHarness, wait_until};
+use edge_node::Clock;
+use edgefleet_testkit::{EdgeHarness, HubHarness, eventually};
 use protocols::{Event, EventKind, FunctionState, FunctionStatus};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    wait_until(what, DEADLINE, f).await.unwrap()
-}
 
 fn guest(name: &str, file: &str) -> Vec<u8> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -151,7 +143,7 @@ async fn deadband_filters_and_hot_swaps_without_gaps() {
     rig.put_desired(desired(1, &module, "deadband=2")).await;
 
     // The function runs the uploaded module and has seen a good amount of input.
-    let (_, f, _) = wait_for("deadband running with input", || async {
+    let (_, f, _) = eventually("deadband running with input", DEADLINE, || async {
         rig.function().await.filter(|(rev, f, _)| {
             *rev == 1 && f.state == FunctionState::Running && counter(f, "samples_in") >= 600
         })
@@ -162,12 +154,16 @@ async fn deadband_filters_and_hot_swaps_without_gaps() {
 
     // What the hub stored on `filtered` is the function's output: far fewer
     // samples than went in, only from the function's input points.
-    let (f, filtered) = wait_for("hub has every filtered sample the edge emitted", || async {
-        let (_, f, _) = rig.function().await?;
-        let page = rig.samples("filtered").await;
-        (page.samples.len() as u64 >= counter(&f, "samples_out") && !page.samples.is_empty())
-            .then_some((f, page))
-    })
+    let (f, filtered) = eventually(
+        "hub has every filtered sample the edge emitted",
+        DEADLINE,
+        || async {
+            let (_, f, _) = rig.function().await?;
+            let page = rig.samples("filtered").await;
+            (page.samples.len() as u64 >= counter(&f, "samples_out") && !page.samples.is_empty())
+                .then_some((f, page))
+        },
+    )
     .await;
     let (inp, out) = (counter(&f, "samples_in"), counter(&f, "samples_out"));
     assert!(out * 4 < inp, "deadband passed {out} of {inp} samples");
@@ -193,18 +189,28 @@ async fn deadband_filters_and_hot_swaps_without_gaps() {
     // Hot swap: a new revision with a different config, same module.
     let before = rig.samples("filtered").await.samples.len();
     rig.put_desired(desired(2, &module, "deadband=0.5")).await;
-    let (_, f2, _) = wait_for("revision 2 applied and the function running", || async {
-        rig.function().await.filter(|(rev, f, _)| {
-            *rev == 2 && f.state == FunctionState::Running && counter(f, "samples_in") > inp + 1_000
-        })
-    })
+    let (_, f2, _) = eventually(
+        "revision 2 applied and the function running",
+        DEADLINE,
+        || async {
+            rig.function().await.filter(|(rev, f, _)| {
+                *rev == 2
+                    && f.state == FunctionState::Running
+                    && counter(f, "samples_in") > inp + 1_000
+            })
+        },
+    )
     .await;
     assert_eq!(counter(&f2, "errors"), 0, "{f2:?}");
-    let after = wait_for("hub has every filtered sample after the swap", || async {
-        let (_, f, _) = rig.function().await?;
-        let page = rig.samples("filtered").await;
-        (page.samples.len() as u64 >= counter(&f, "samples_out")).then_some(page)
-    })
+    let after = eventually(
+        "hub has every filtered sample after the swap",
+        DEADLINE,
+        || async {
+            let (_, f, _) = rig.function().await?;
+            let page = rig.samples("filtered").await;
+            (page.samples.len() as u64 >= counter(&f, "samples_out")).then_some(page)
+        },
+    )
     .await;
     assert!(
         after.samples.len() > before + 50,
@@ -242,7 +248,7 @@ async fn restart_without_hub_runs_functions_from_disk() {
     let rig = Rig::start().await;
     let module = rig.upload(guest("deadband", "deadband.wasm")).await;
     rig.put_desired(desired(1, &module, "deadband=2")).await;
-    wait_for("deadband running", || async {
+    eventually("deadband running", DEADLINE, || async {
         rig.function()
             .await
             .filter(|(_, f, _)| f.state == FunctionState::Running && counter(f, "samples_out") > 0)
@@ -253,22 +259,20 @@ async fn restart_without_hub_runs_functions_from_disk() {
 
     // No hub at all: nothing listens on the broker or HTTP port.
     let port = edgefleet_testkit::free_port().unwrap();
-    let mut cfg = EdgeConfig {
-        node: "n1".into(),
-        data_dir: dir.path().join("edge"),
-        ..EdgeConfig::default()
-    };
-    cfg.mqtt.port = port;
+    let mut cfg = edgefleet_testkit::edge_config("n1", &dir.path().join("edge"), port, &hub_key);
     cfg.hub.http_url = format!("http://127.0.0.1:{port}");
-    cfg.hub.public_key = Some(hub_key);
     let edge = EdgeHarness::start(cfg, Clock::system()).await.unwrap();
     let view = edge.functions.clone();
-    let f = wait_for("function running again from the local artifact", || async {
-        view.snapshot()
-            .get("f")
-            .filter(|f| f.state == FunctionState::Running && counter(f, "samples_out") > 0)
-            .cloned()
-    })
+    let f = eventually(
+        "function running again from the local artifact",
+        DEADLINE,
+        || async {
+            view.snapshot()
+                .get("f")
+                .filter(|f| f.state == FunctionState::Running && counter(f, "samples_out") > 0)
+                .cloned()
+        },
+    )
     .await;
     assert_eq!(f.module_sha256, module.sha256);
     tokio::time::timeout(Duration::from_secs(20), edge.stop())
@@ -282,7 +286,7 @@ async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
     let rig = Rig::start().await;
     let good = rig.upload(guest("deadband", "deadband.wasm")).await;
     rig.put_desired(desired(1, &good, "deadband=2")).await;
-    wait_for("deadband running", || async {
+    eventually("deadband running", DEADLINE, || async {
         rig.function().await.filter(|(rev, f, _)| {
             *rev == 1 && f.state == FunctionState::Running && counter(f, "samples_out") > 0
         })
@@ -302,35 +306,44 @@ async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
     std::fs::write(&path, &bytes).unwrap();
     rig.put_desired(desired(2, &other, "deviation=1")).await;
 
-    let (_, f, n) = wait_for("the corrupt module is refused and counted", || async {
-        let (rev, f, n) = rig.function().await?;
-        let rejected = n
-            .reported
-            .as_ref()?
-            .counters
-            .get("artifacts_rejected")
-            .copied()?;
-        (rev == 2 && rejected >= 1).then_some((rev, f, n))
-    })
+    let (_, f, n) = eventually(
+        "the corrupt module is refused and counted",
+        DEADLINE,
+        || async {
+            let (rev, f, n) = rig.function().await?;
+            let rejected = n
+                .reported
+                .as_ref()?
+                .counters
+                .get("artifacts_rejected")
+                .copied()?;
+            (rev == 2 && rejected >= 1).then_some((rev, f, n))
+        },
+    )
     .await;
     // The previous version keeps running.
     assert_eq!(f.module_sha256, good.sha256, "{f:?}");
     assert_eq!(f.state, FunctionState::Running);
-    let events = wait_for("a function-failed event reaches the hub", || async {
-        let evs = rig.events().await;
-        evs.iter()
-            .any(|e| {
-                matches!(&e.kind, EventKind::FunctionFailed { function } if function == "f")
-                    && e.message.contains("refused")
-            })
-            .then_some(evs)
-    })
+    let events = eventually(
+        "a function-failed event reaches the hub",
+        DEADLINE,
+        || async {
+            let evs = rig.events().await;
+            evs.iter()
+                .any(|e| {
+                    matches!(&e.kind, EventKind::FunctionFailed { function } if function == "f")
+                        && e.message.contains("refused")
+                })
+                .then_some(evs)
+        },
+    )
     .await;
     assert!(!events.is_empty());
     let out_then = counter(&f, "samples_out");
     let seen = rig.samples("filtered").await.samples.len();
-    wait_for(
+    eventually(
         "filtered data keeps flowing from the old version",
+        DEADLINE,
         || async {
             let (_, f, _) = rig.function().await?;
             let page = rig.samples("filtered").await;

@@ -19,9 +19,9 @@ mod common;
 
 use std::time::Duration;
 
+use edge_node::Clock;
 use edge_node::store::Store;
-use edge_node::{Clock, EdgeConfig};
-use edgefleet_testkit::{EdgeHarness, HubHarness, free_port};
+use edgefleet_testkit::{EdgeHarness, HubHarness, edge_config, free_port};
 use protocols::signing::key_to_hex;
 use protocols::{NodeConfig, SignedDesired};
 
@@ -77,12 +77,9 @@ async fn outage_48h_then_reconnect_loses_nothing() {
     let port = free_port().unwrap();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
 
-    let mut cfg = EdgeConfig::default();
-    cfg.node = "offline-1".into();
-    cfg.data_dir = dir.path().join("edge");
-    cfg.mqtt.port = port;
+    let hub_key = key_to_hex(&key.verifying_key());
+    let mut cfg = edge_config("offline-1", &dir.path().join("edge"), port, &hub_key);
     cfg.mqtt.reconnect_max = Duration::from_secs(1);
-    cfg.hub.public_key = Some(key_to_hex(&key.verifying_key()));
     cfg.uplink.drain_rate = 50_000_000;
     cfg.uplink.max_in_flight_samples = 500_000;
     cfg.validate().unwrap();

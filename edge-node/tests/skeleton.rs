@@ -13,18 +13,10 @@ use std::time::Duration;
 
 use cloud_hub::api::{NodeView, SampleQuery};
 use edge_node::Clock;
-use edgefleet_testkit::{EdgeHarness, HubHarness, wait_until};
+use edgefleet_testkit::{EdgeHarness, HubHarness, eventually};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    wait_until(what, DEADLINE, f).await.unwrap()
-}
 
 fn desired(revision: u64, points: u32) -> serde_json::Value {
     let pts: Vec<_> = (0..points)
@@ -62,7 +54,7 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     let node = || async { hub.client.node("n1").await.ok().flatten() };
 
     put(desired(1, 1)).await.unwrap();
-    wait_for("revision 1 applied", || async {
+    eventually("revision 1 applied", DEADLINE, || async {
         node()
             .await
             .filter(|n| n.reported.as_ref().is_some_and(|r| r.applied_revision == 1))
@@ -83,21 +75,25 @@ async fn hub_and_edge_converge_and_telemetry_flows() {
     assert_eq!(e.status(), Some(409), "{e}");
 
     put(desired(2, 3)).await.unwrap();
-    let n = wait_for("revision 2 applied and telemetry counted", || async {
-        node().await.filter(|n: &NodeView| {
-            n.reported.as_ref().is_some_and(|r| r.applied_revision == 2)
-                && n.telemetry.samples >= 100
-                && n.status
-                    .as_ref()
-                    .is_some_and(|s| s.state == protocols::NodeState::Online)
-        })
-    })
+    let n = eventually(
+        "revision 2 applied and telemetry counted",
+        DEADLINE,
+        || async {
+            node().await.filter(|n: &NodeView| {
+                n.reported.as_ref().is_some_and(|r| r.applied_revision == 2)
+                    && n.telemetry.samples >= 100
+                    && n.status
+                        .as_ref()
+                        .is_some_and(|s| s.state == protocols::NodeState::Online)
+            })
+        },
+    )
     .await;
     assert_eq!(n.desired_revision, 2);
     assert_eq!(n.telemetry.bad_payloads, 0);
 
     // The edge's outbox drains as the hub acks.
-    wait_for("acks reach the edge", || async {
+    eventually("acks reach the edge", DEADLINE, || async {
         let n = node().await?;
         (n.reported?
             .counters

@@ -11,7 +11,9 @@
 //!   runtime, for tests whose own runtime runs on paused time.
 //! - [`EdgeHarness`]: a real [`edge_node::Agent`] in this process.
 //! - [`free_port`] and [`wait_until`]: a loopback port, and a bounded poll
-//!   whose timeout says what it was waiting for.
+//!   whose timeout says what it was waiting for ([`eventually`]: the same,
+//!   failing the test on timeout); [`edge_config`] for an agent whose hub is
+//!   not up yet.
 //!
 //! Everything here binds `127.0.0.1` only and every wait has a deadline, so a
 //! suite built on it stops by itself.
@@ -103,6 +105,38 @@ where
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// [`wait_until`] for tests: the value, or a panic whose message says what
+/// was waited for and how long.
+#[expect(
+    clippy::panic,
+    reason = "a test helper: running out of time fails the test that waits"
+)]
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match wait_until(what, deadline, condition).await {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// An agent config for `node` with data in `data_dir`, pointed at a broker
+/// on 127.0.0.1:`mqtt_port` (which need not be up yet: offline tests start
+/// the hub later) and pinning the hub key `hub_key` (hex).
+pub fn edge_config(node: &str, data_dir: &Path, mqtt_port: u16, hub_key: &str) -> EdgeConfig {
+    let mut cfg = EdgeConfig {
+        node: node.to_owned(),
+        data_dir: data_dir.to_path_buf(),
+        ..EdgeConfig::default()
+    };
+    "127.0.0.1".clone_into(&mut cfg.mqtt.host);
+    cfg.mqtt.port = mqtt_port;
+    cfg.hub.public_key = Some(hub_key.to_owned());
+    cfg
 }
 
 /// A real hub on loopback.
@@ -225,14 +259,8 @@ impl HubHarness {
     /// An agent config for `node` with data in `data_dir`, pointed at this
     /// hub's broker and REST API and pinning its key.
     pub fn edge_config(&self, node: &str, data_dir: &Path) -> EdgeConfig {
-        let mut cfg = EdgeConfig {
-            node: node.to_owned(),
-            data_dir: data_dir.to_path_buf(),
-            ..EdgeConfig::default()
-        };
+        let mut cfg = edge_config(node, data_dir, self.mqtt.1, &self.public_key);
         cfg.mqtt.host.clone_from(&self.mqtt.0);
-        cfg.mqtt.port = self.mqtt.1;
-        cfg.hub.public_key = Some(self.public_key.clone());
         self.base().clone_into(&mut cfg.hub.http_url);
         cfg
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use edge_node::Clock;
 use edge_node::store::Store;
-use edgefleet_testkit::{EdgeHarness, HubHarness, edge_config, free_port};
+use edgefleet_testkit::{EdgeHarness, HubHarness, edge_config, eventually, free_port};
 use protocols::signing::key_to_hex;
 use protocols::{NodeConfig, SignedDesired};
 
@@ -196,7 +196,24 @@ async fn outage_48h_then_reconnect_loses_nothing() {
     // Stop the edge cleanly; then check the hub's store: seq 1..=N exactly once,
     // and per point a sample every INTERVAL_MS with no hole during the outage.
     edge.stop().await.unwrap();
-    let stats = hub.sink.streams("offline-1")["raw"].clone();
+    // The ordered stop sends what the last commit covered; let the hub take
+    // the batches still on their way before comparing its count with what
+    // it serves (stable over 10 polls, 0.5 s).
+    let mut last = (u64::MAX, 0u32);
+    let stats = eventually(
+        "the hub's ingest to settle",
+        Duration::from_secs(30),
+        || {
+            let st = hub.sink.streams("offline-1")["raw"].clone();
+            last = if st.stored == last.0 {
+                (st.stored, last.1 + 1)
+            } else {
+                (st.stored, 0)
+            };
+            std::future::ready((last.1 >= 10).then_some(st))
+        },
+    )
+    .await;
     assert_eq!(stats.dropped_by_edge, 0);
     let mut next = 1u64;
     let mut last_ts = vec![None::<u64>; POINTS as usize];

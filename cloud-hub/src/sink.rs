@@ -442,8 +442,20 @@ mod tests {
         }
     }
 
+    /// Opens the sink's database; a reopen retries while the dropped
+    /// handle's background flusher still holds sled's file lock.
     fn open(dir: &std::path::Path) -> (sled::Db, Sink) {
-        let db = sled::Config::new().path(dir).open().unwrap();
+        let mut tries = 0;
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("opening the sink db: {e}"),
+            }
+        };
         let sink = Sink::open(&db).unwrap();
         (db, sink)
     }

@@ -42,14 +42,10 @@ use tracing::{debug, info, warn};
 
 use crate::hub::{Hub, HubError};
 
-/// Reconnects: 100 ms doubling to 10 s, each delay jittered down by up to
-/// half, so hub replicas do not reconnect in lockstep.
-const RECONNECT: BackoffPolicy = BackoffPolicy {
-    initial: Duration::from_millis(100),
-    max: Duration::from_secs(10),
-    factor: 2.0,
-    jitter: 0.5,
-};
+/// Reconnects: 100 ms doubling to 10 s, jittered, so hub replicas do not
+/// reconnect in lockstep.
+const RECONNECT: BackoffPolicy =
+    BackoffPolicy::reconnect(Duration::from_millis(100), Duration::from_secs(10));
 /// How long a draining hub waits for its last acks to be written and
 /// acknowledged by the broker.
 pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);

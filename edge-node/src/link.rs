@@ -187,15 +187,7 @@ pub async fn run_event_loop(
     max: Duration,
     cancel: CancellationToken,
 ) {
-    // Each delay jittered down by up to half, so a fleet that lost its
-    // broker does not reconnect in lockstep.
-    let policy = BackoffPolicy {
-        initial: min,
-        max,
-        factor: 2.0,
-        jitter: 0.5,
-    };
-    let mut backoff = Backoff::new(policy, rand::random());
+    let mut backoff = Backoff::new(BackoffPolicy::reconnect(min, max), rand::random());
     loop {
         let polled = tokio::select! {
             () = cancel.cancelled() => return,

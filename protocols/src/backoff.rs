@@ -41,6 +41,18 @@ impl Default for BackoffPolicy {
 }
 
 impl BackoffPolicy {
+    /// The MQTT reconnect policy of hub and edge links: doubling from
+    /// `initial` to `max`, each delay jittered down by up to half so a fleet
+    /// that lost its broker does not reconnect in lockstep.
+    pub const fn reconnect(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            factor: 2.0,
+            jitter: 0.5,
+        }
+    }
+
     /// A copy with out-of-range fields clamped to usable values.
     #[must_use]
     pub fn sanitized(self) -> Self {

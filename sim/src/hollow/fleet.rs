@@ -193,12 +193,7 @@ async fn poll_loop(
         () = cancel.cancelled() => return,
         p = connecting.acquire_owned() => p.ok(),
     };
-    let policy = BackoffPolicy {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(30),
-        factor: 2.0,
-        jitter: 0.5,
-    };
+    let policy = BackoffPolicy::reconnect(Duration::from_millis(200), Duration::from_secs(30));
     let mut backoff = Backoff::new(policy, rand::random());
     loop {
         let polled = tokio::select! {

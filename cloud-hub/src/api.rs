@@ -14,6 +14,19 @@
 //! | GET | `/v1/nodes/{node}/events` | the node's most recent events (in memory, bounded) |
 //! | PUT | `/v1/artifacts` | store a blob (body = bytes); answers `{sha256, size}`; idempotent |
 //! | GET | `/v1/artifacts/{sha256}` | a blob; `Range: bytes=N-` (or `N-M`) answers 206 with `Content-Range` |
+//! | POST | `/v1/tokens` | issue an operator token (admin) |
+//! | GET | `/v1/tokens` | list tokens (admin) |
+//! | DELETE | `/v1/tokens/{id}` | delete a token (admin) |
+//! | POST | `/v1/nodes/{node}/bootstrap` | a one-time join token (admin) |
+//! | POST | `/v1/nodes/{node}/revoke` | revoke a node's certificates (admin) |
+//! | POST | `/v1/join` | join token + CSR → node certificate, CA, hub key (public) |
+//! | POST | `/v1/renew` | CSR → new certificate (node client certificate) |
+//! | GET | `/v1/audit?limit=` | newest audit records (admin) |
+//!
+//! Every route but `/healthz`, `/readyz` and `/v1/join` needs a credential
+//! ([`crate::auth`]): none, unknown, expired or revoked → 401; a credential
+//! without the role → 403. Every PUT/POST/DELETE that reaches a route is
+//! audited ([`crate::audit`]), refused ones included.
 //!
 //! Errors are JSON `{"error": "..."}` whose text names the offending field.
 
@@ -23,9 +36,20 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
+use axum::middleware::Next;
+use axum::routing::{delete, get, post, put};
+use axum::{Extension, Json, Router};
 use protocols::Event;
+use protocols::api::{
+    AuditRecord, BootstrapIssued, JoinAnswer, JoinRequest, RenewAnswer, RenewRequest, TokenIssued,
+    TokenRequest, TokenView,
+};
+
+use crate::auth::{AuthError, Need, Principal};
+use crate::ca::Identity;
+use crate::metrics::Metrics;
+use crate::tls::Peer;
 
 use crate::artifacts::{ArtifactError, ArtifactInfo, ArtifactStore, RangeRequest, parse_range};
 use crate::hub::{Hub, SetDesiredError};
@@ -45,8 +69,294 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/nodes/{node}/streams", get(streams))
         .route("/v1/nodes/{node}/streams/{stream}/samples", get(samples))
         .route("/v1/nodes/{node}/events", get(events))
+        .route("/v1/nodes/{node}/bootstrap", post(bootstrap))
+        .route("/v1/nodes/{node}/revoke", post(revoke))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", delete(delete_token))
+        .route("/v1/join", post(join))
+        .route("/v1/renew", post(renew))
+        .route("/v1/audit", get(audit))
         .merge(artifact_router(hub.artifacts.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(hub.clone(), guard))
         .with_state(hub)
+}
+
+/// Authenticates and authorizes every routed request, and audits changes.
+async fn guard(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default();
+    let target = req.uri().path().to_owned();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let need = crate::auth::required(&method, &route);
+    let (who, resp) = match authorize(&hub, need, bearer.as_deref(), peer.as_ref(), &target) {
+        Ok(p) => {
+            let who = p.to_string();
+            req.extensions_mut().insert(p);
+            (who, next.run(req).await)
+        }
+        Err((who, e)) => (who, e.into_response()),
+    };
+    if matches!(method.as_str(), "PUT" | "POST" | "DELETE" | "PATCH") {
+        let recorded = hub
+            .audit
+            .record(who, &method, &route, &target, resp.status().as_u16());
+        if let Err(e) = recorded {
+            Metrics::inc(&hub.metrics.audit_failures);
+            tracing::warn!(error = %e, "audit record not written");
+        }
+    }
+    resp
+}
+
+/// The principal of a request, or who it claimed to be and the refusal.
+fn authorize(
+    hub: &Hub,
+    need: Need,
+    bearer: Option<&str>,
+    peer: Option<&Peer>,
+    target: &str,
+) -> Result<Principal, (String, ApiError)> {
+    if need == Need::Public {
+        return Ok(Principal::Anonymous);
+    }
+    let unauthenticated = |who: String, e: &dyn std::fmt::Display| {
+        Metrics::inc(&hub.metrics.auth_unauthenticated);
+        (who, ApiError(StatusCode::UNAUTHORIZED, e.to_string()))
+    };
+    let principal = match (bearer, peer.and_then(|p| p.identity.as_ref())) {
+        (Some(b), _) => hub
+            .auth
+            .verify(b)
+            .map_err(|e| unauthenticated("anonymous".into(), &e))?,
+        (None, Some(id)) if id.kind == crate::ca::IdentityKind::Node => {
+            if hub.ca.is_revoked(id) {
+                return Err(unauthenticated(
+                    format!("node:{}", id.name),
+                    &format!("authorization: the certificate of {id} is revoked"),
+                ));
+            }
+            Principal::Node(id.name.clone())
+        }
+        (None, Some(id)) => {
+            return Err(unauthenticated(
+                id.to_string(),
+                &format!("authorization: {id} certificates are not accepted on the API; use a bearer token"),
+            ));
+        }
+        (None, None) => return Err(unauthenticated("anonymous".into(), &AuthError::Missing)),
+    };
+    let allowed = match (&principal, need) {
+        (Principal::Token { role, .. }, Need::Role(r)) => *role >= r,
+        (Principal::Token { .. }, Need::ArtifactRead) | (Principal::Node(_), Need::Node) => true,
+        (Principal::Node(node), Need::ArtifactRead) => {
+            let sha = target.rsplit('/').next().unwrap_or_default();
+            let ok = node_may_fetch(hub, node, sha);
+            if !ok {
+                Metrics::inc(&hub.metrics.artifact_denied);
+            }
+            ok
+        }
+        _ => false,
+    };
+    if allowed {
+        return Ok(principal);
+    }
+    Metrics::inc(&hub.metrics.auth_forbidden);
+    let what = match need {
+        Need::Role(r) => format!("needs the {r:?} role").to_lowercase(),
+        Need::Node => "is for nodes (client certificate) only".into(),
+        Need::ArtifactRead => "sha256: not an artifact of this node's desired state".into(),
+        Need::Public => String::new(),
+    };
+    let who = principal.to_string();
+    Err((
+        who.clone(),
+        ApiError(StatusCode::FORBIDDEN, format!("authorization: {who}: this route {what}")),
+    ))
+}
+
+/// The artifact digests a desired document references.
+fn digests(doc: Option<&protocols::SignedDesired>) -> std::collections::BTreeSet<String> {
+    doc.and_then(|d| serde_json::from_str::<protocols::DesiredState>(&d.payload).ok())
+        .map(|d| {
+            d.functions
+                .into_iter()
+                .map(|f| f.module_sha256)
+                .chain(d.models.into_iter().map(|m| m.sha256))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `node`'s current (or previous) desired state references `sha`.
+fn node_may_fetch(hub: &Hub, node: &str, sha: &str) -> bool {
+    let current = hub.registry.get(node).ok().flatten();
+    digests(current.as_ref().and_then(|r| r.desired.as_ref())).contains(sha)
+        || hub.auth.granted(node, sha)
+}
+
+fn auth_error(hub: &Hub, e: AuthError) -> ApiError {
+    match e {
+        AuthError::Store(_) | AuthError::Io { .. } => ApiError::internal(e),
+        _ => {
+            Metrics::inc(&hub.metrics.join_refused);
+            tracing::info!(error = %e, "join refused");
+            ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+        }
+    }
+}
+
+fn checked_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let mut c = protocols::validate::Collector::new();
+    protocols::validate::check_name(&mut c, &protocols::validate::Path::Root.field(what), name);
+    c.finish().map_err(|e| ApiError::bad(e.to_string()))
+}
+
+async fn create_token(
+    State(hub): State<Arc<Hub>>,
+    body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<TokenIssued>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad(e.body_text()))?;
+    checked_name("name", &req.name)?;
+    let t = hub
+        .auth
+        .issue(&req.name, req.role, req.ttl_secs.map(std::time::Duration::from_secs))
+        .map_err(ApiError::internal)?;
+    Ok(Json(TokenIssued {
+        token: t.view,
+        secret: t.secret,
+    }))
+}
+
+async fn list_tokens(State(hub): State<Arc<Hub>>) -> Json<Vec<TokenView>> {
+    Json(hub.auth.list())
+}
+
+async fn delete_token(
+    State(hub): State<Arc<Hub>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if hub.auth.delete(&id).map_err(ApiError::internal)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("id: no token {id:?}")))
+    }
+}
+
+async fn bootstrap(
+    State(hub): State<Arc<Hub>>,
+    Path(node): Path<String>,
+) -> Result<Json<BootstrapIssued>, ApiError> {
+    checked_name("node", &node)?;
+    let (token, expires_ms) = hub
+        .auth
+        .bootstrap(&node, hub.security.join_token_ttl, &hub.ca.fingerprint())
+        .map_err(ApiError::internal)?;
+    Ok(Json(BootstrapIssued {
+        node,
+        token,
+        expires_ms,
+    }))
+}
+
+async fn revoke(
+    State(hub): State<Arc<Hub>>,
+    Path(node): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    checked_name("node", &node)?;
+    hub.ca
+        .revoke(&Identity::node(&node))
+        .map_err(ApiError::internal)?;
+    tracing::info!(%node, "node revoked");
+    Ok(Json(serde_json::json!({"node": node, "revoked": true})))
+}
+
+async fn join(
+    State(hub): State<Arc<Hub>>,
+    body: Result<Json<JoinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<JoinAnswer>, ApiError> {
+    let refused = |e: String| {
+        Metrics::inc(&hub.metrics.join_refused);
+        ApiError::bad(e)
+    };
+    let Json(req) = body.map_err(|e| refused(e.body_text()))?;
+    // The CSR is checked before the token is spent.
+    let csr = crate::ca::parse_csr(&req.csr_pem).map_err(|e| refused(e.to_string()))?;
+    let node = hub
+        .auth
+        .consume_join(&req.token, &hub.ca.fingerprint())
+        .map_err(|e| auth_error(&hub, e))?;
+    let identity = Identity::node(&node);
+    if hub.ca.is_revoked(&identity) {
+        Metrics::inc(&hub.metrics.join_refused);
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("token: node {node:?} is revoked"),
+        ));
+    }
+    let cert_pem = hub
+        .ca
+        .sign_request(&identity, &csr, hub.security.node_cert_validity)
+        .map_err(ApiError::internal)?;
+    Metrics::inc(&hub.metrics.joined);
+    tracing::info!(%node, "node joined");
+    Ok(Json(JoinAnswer {
+        node,
+        cert_pem,
+        ca_pem: hub.ca.cert_pem().to_owned(),
+        hub_public_key: protocols::signing::key_to_hex(&hub.key.verifying_key()),
+        mqtt_url: hub.security.advertised_mqtt_url.clone(),
+    }))
+}
+
+async fn renew(
+    State(hub): State<Arc<Hub>>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Json<RenewRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<RenewAnswer>, ApiError> {
+    let refused = |status, e: String| {
+        Metrics::inc(&hub.metrics.renew_refused);
+        ApiError(status, e)
+    };
+    let Principal::Node(node) = principal else {
+        return Err(refused(StatusCode::FORBIDDEN, "authorization: renew is for nodes only".into()));
+    };
+    let Json(req) = body.map_err(|e| refused(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let cert_pem = hub
+        .ca
+        .sign_csr(&Identity::node(&node), &req.csr_pem, hub.security.node_cert_validity)
+        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(Json(RenewAnswer { cert_pem }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(hub): State<Arc<Hub>>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AuditRecord>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad(format!("limit: {limit} is out of range 1..=10000")));
+    }
+    Ok(Json(hub.audit.recent(limit)))
 }
 
 /// Largest artifact `PUT /v1/artifacts` accepts (the body is held in memory).
@@ -153,10 +463,21 @@ async fn put_desired(
             desired.node
         )));
     }
+    let previous = hub
+        .registry
+        .get(&node)
+        .map_err(ApiError::internal)?
+        .and_then(|r| r.desired);
     match hub.set_desired(&desired).await {
-        Ok(()) => Ok(Json(
+        Ok(()) => {
+            // The edge may keep fetching the previous document's blobs.
+            let mut grant = digests(previous.as_ref());
+            grant.extend(digests(hub.registry.get(&node).ok().flatten().and_then(|r| r.desired).as_ref()));
+            hub.auth.grant_artifacts(&node, &grant).map_err(ApiError::internal)?;
+            Ok(Json(
             serde_json::json!({"node": node, "revision": desired.revision}),
-        )),
+        ))
+        }
         Err(e @ SetDesiredError::Stale { .. }) => {
             Err(ApiError(StatusCode::CONFLICT, format!("revision: {e}")))
         }

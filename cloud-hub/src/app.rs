@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use crate::config::HubConfig;
 use crate::hub::{Hub, HubError, Stores};
 use crate::session::{self, Delivered, Drain};
+use crate::tls::{Peer, PlainListener, TlsListener};
 use crate::{acks, ingest};
 
 /// Bound of the ingest channel (session → ingest).
@@ -60,6 +61,7 @@ pub struct App {
     tasks: Tasks,
     drain: Option<oneshot::Sender<Drain>>,
     http_addr: SocketAddr,
+    http_tls: bool,
     mqtt_addr: (String, u16),
     embedded_broker: bool,
     cancel: CancellationToken,
@@ -81,17 +83,43 @@ impl App {
             .await
             .map_err(http_err)?;
         let http_addr = listener.local_addr().map_err(http_err)?;
-        let (tasks, drain) = spawn_tasks(&hub, &cfg, eventloop, (listener, http_addr), &cancel);
-        info!(http = %http_addr, mqtt = ?mqtt_addr, "cloud-hub running");
+        let tls = if cfg.http.tls {
+            Some(crate::tls::server_config(
+                &hub.ca,
+                &cfg.http.subject_alt_names,
+            )?)
+        } else {
+            warn!(
+                http = %http_addr,
+                "http.tls = false: the REST API is plain HTTP (bearer tokens cross the network in the clear; nodes cannot use certificates)"
+            );
+            None
+        };
+        let http_tls = tls.is_some();
+        let (tasks, drain) = spawn_tasks(&hub, &cfg, eventloop, (listener, http_addr, tls), &cancel);
+        info!(http = %http_addr, tls = http_tls, mqtt = ?mqtt_addr, "cloud-hub running");
         Ok(Self {
             hub,
             tasks,
             drain: Some(drain),
             http_addr,
+            http_tls,
             mqtt_addr,
             embedded_broker,
             cancel,
         })
+    }
+
+    /// The REST API's base URL (`https://…` unless `http.tls = false`).
+    pub fn http_url(&self) -> String {
+        let scheme = if self.http_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
+    }
+
+    /// Where the first admin token is (`{data_dir}/admin.token`) and the CA
+    /// certificate (PEM) clients of [`App::http_url`] pin.
+    pub fn ca_pem(&self) -> String {
+        self.hub.ca.cert_pem().to_owned()
     }
 
     /// The bound HTTP address.
@@ -234,7 +262,11 @@ fn spawn_tasks(
     hub: &Arc<Hub>,
     cfg: &HubConfig,
     eventloop: EventLoop,
-    (listener, http_addr): (tokio::net::TcpListener, SocketAddr),
+    (listener, http_addr, tls): (
+        tokio::net::TcpListener,
+        SocketAddr,
+        Option<Arc<rustls::ServerConfig>>,
+    ),
     cancel: &CancellationToken,
 ) -> (Tasks, oneshot::Sender<Drain>) {
     let (forward, messages) = mpsc::channel(INGEST_QUEUE);
@@ -271,23 +303,37 @@ fn spawn_tasks(
             listener,
             http_addr,
             crate::api::router(hub.clone()),
+            tls,
             cancel.clone(),
         ),
     );
     (tasks, drain_tx)
 }
 
-/// The REST API until `stop` is cancelled (requests in flight complete).
+/// The REST API until `stop` is cancelled (requests in flight complete):
+/// over TLS when `tls` is set, each request carrying its [`Peer`].
 async fn serve_http(
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     stop: CancellationToken,
 ) -> Result<(), HubError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-        .map_err(|source| HubError::Http { addr, source })
+    let make = router.into_make_service_with_connect_info::<Peer>();
+    let http_err = |source| HubError::Http { addr, source };
+    match tls {
+        Some(cfg) => {
+            let l = TlsListener::spawn(listener, cfg, stop.clone()).map_err(http_err)?;
+            axum::serve(l, make)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(http_err)
+        }
+        None => axum::serve(PlainListener(listener), make)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .map_err(http_err),
+    }
 }
 
 /// The hub's tasks by name, with the first failure among them.

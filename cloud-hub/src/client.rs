@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use protocols::api::{
-    ArtifactInfo, DesiredAccepted, ErrorBody, HubInfo, NodeView, SamplePage, SampleQuery,
-    StoredSample, StreamStats,
+    ArtifactInfo, AuditRecord, BootstrapIssued, DesiredAccepted, ErrorBody, HubInfo, JoinAnswer,
+    JoinRequest, NodeView, RenewAnswer, RenewRequest, Role, SamplePage, SampleQuery, StoredSample,
+    StreamStats, TokenIssued, TokenRequest, TokenView,
 };
 use protocols::{DesiredState, Event};
 use serde::de::DeserializeOwned;
@@ -53,6 +54,9 @@ pub enum ClientError {
         /// The hub's error text (names the offending field).
         message: String,
     },
+    /// The token, CA or client certificate could not be read or used.
+    #[error("hub credentials: {0}")]
+    Credentials(String),
     /// The answer was not the JSON this client expects.
     #[error("{method} {path}: unexpected answer: {source}")]
     Decode {
@@ -76,6 +80,69 @@ impl ClientError {
     }
 }
 
+/// How a [`HubClient`] authenticates and whom it trusts.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bearer token (`<id>.<secret>`).
+    pub token: Option<String>,
+    /// The only CA trusted for `https://` (PEM); `None`: no TLS trust set up.
+    pub ca_pem: Option<String>,
+    /// Client certificate and key (PEM), e.g. a node's identity.
+    pub identity: Option<(String, String)>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            ca_pem: None,
+            identity: None,
+            timeout: HubClient::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// A rustls client config trusting only `ca_pem`, presenting `identity`
+/// (certificate PEM, key PEM) when given. What the hub's clients and the
+/// edge's artifact fetcher use.
+pub fn tls_config(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| ClientError::Credentials(format!("{what}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| bad("ca", &e))?)
+            .map_err(|e| bad("ca", &e))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Credentials("ca: no certificate in the PEM".into()));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", &e))?
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad("certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad("key", &e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad("certificate", &e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// A client of one hub. Cheap to clone (one connection pool).
 #[derive(Debug, Clone)]
 pub struct HubClient {
@@ -94,18 +161,79 @@ impl HubClient {
 
     /// As [`HubClient::new`], with a per-request timeout.
     pub fn with_timeout(base: impl Into<String>, timeout: Duration) -> Result<Self, ClientError> {
+        Self::with_options(
+            base,
+            &ClientOptions {
+                timeout,
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// A client sending `token` as its bearer credential and trusting only
+    /// the CA `ca_pem` for `https://` (the hub's `{data_dir}/ca/ca.crt`).
+    pub fn authenticated(
+        base: impl Into<String>,
+        token: &str,
+        ca_pem: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        Self::with_options(
+            base,
+            &ClientOptions {
+                token: Some(token.to_owned()),
+                ca_pem: ca_pem.map(str::to_owned),
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// The admin client of a hub whose data directory is local: the first
+    /// admin token (`{data_dir}/admin.token`) and the CA
+    /// (`{data_dir}/ca/ca.crt`).
+    pub fn local_admin(
+        base: impl Into<String>,
+        data_dir: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let read = |p: std::path::PathBuf| {
+            std::fs::read_to_string(&p)
+                .map_err(|e| ClientError::Credentials(format!("{}: {e}", p.display())))
+        };
+        Self::with_options(
+            base,
+            &ClientOptions {
+                token: Some(read(data_dir.join("admin.token"))?.trim().to_owned()),
+                ca_pem: Some(read(data_dir.join("ca").join("ca.crt"))?),
+                timeout,
+                ..ClientOptions::default()
+            },
+        )
+    }
+
+    /// A client with every option.
+    pub fn with_options(base: impl Into<String>, opts: &ClientOptions) -> Result<Self, ClientError> {
         let base = base.into().trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::BadUrl(base));
         }
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|source| ClientError::Transport {
-                method: "BUILD",
-                path: String::new(),
-                source,
-            })?;
+        let mut builder = reqwest::Client::builder().timeout(opts.timeout);
+        if let Some(token) = &opts.token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|_| ClientError::Credentials("token: not a valid header value".into()))?;
+            v.set_sensitive(true);
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+            builder = builder.default_headers(headers);
+        }
+        if let Some(ca) = &opts.ca_pem {
+            let identity = opts.identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+            builder = builder.use_preconfigured_tls(tls_config(ca, identity)?);
+        }
+        let http = builder.build().map_err(|source| ClientError::Transport {
+            method: "BUILD",
+            path: String::new(),
+            source,
+        })?;
         Ok(Self { base, http })
     }
 
@@ -255,6 +383,78 @@ impl HubClient {
             path: "/metrics".into(),
             source,
         })
+    }
+
+    /// `POST /v1/tokens` (admin): the new token and its secret.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        ttl: Option<Duration>,
+    ) -> Result<TokenIssued, ClientError> {
+        let body = TokenRequest {
+            name: name.to_owned(),
+            role,
+            ttl_secs: ttl.map(|t| t.as_secs()),
+        };
+        let req = self.http.post(self.url("/v1/tokens")).json(&body);
+        self.json("POST", "/v1/tokens", req).await
+    }
+
+    /// `GET /v1/tokens` (admin).
+    pub async fn tokens(&self) -> Result<Vec<TokenView>, ClientError> {
+        self.get_json("/v1/tokens").await
+    }
+
+    /// `DELETE /v1/tokens/{id}` (admin).
+    pub async fn delete_token(&self, id: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/tokens/{id}");
+        self.send("DELETE", &path, self.http.delete(self.url(&path)))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /v1/nodes/{node}/bootstrap` (admin): a one-time join token.
+    pub async fn bootstrap(&self, node: &str) -> Result<BootstrapIssued, ClientError> {
+        let path = format!("/v1/nodes/{node}/bootstrap");
+        let req = self.http.post(self.url(&path));
+        self.json("POST", &path, req).await
+    }
+
+    /// `POST /v1/nodes/{node}/revoke` (admin).
+    pub async fn revoke(&self, node: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/nodes/{node}/revoke");
+        self.send("POST", &path, self.http.post(self.url(&path)))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /v1/join` (no credential: the token is the credential).
+    pub async fn join(&self, token: &str, csr_pem: &str) -> Result<JoinAnswer, ClientError> {
+        let body = JoinRequest {
+            token: token.to_owned(),
+            csr_pem: csr_pem.to_owned(),
+        };
+        let req = self.http.post(self.url("/v1/join")).json(&body);
+        self.json("POST", "/v1/join", req).await
+    }
+
+    /// `POST /v1/renew` (node client certificate).
+    pub async fn renew(&self, csr_pem: &str) -> Result<RenewAnswer, ClientError> {
+        let body = RenewRequest {
+            csr_pem: csr_pem.to_owned(),
+        };
+        let req = self.http.post(self.url("/v1/renew")).json(&body);
+        self.json("POST", "/v1/renew", req).await
+    }
+
+    /// `GET /v1/audit?limit=` (admin): newest first.
+    pub async fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, ClientError> {
+        let req = self
+            .http
+            .get(self.url("/v1/audit"))
+            .query(&[("limit", limit)]);
+        self.json("GET", "/v1/audit", req).await
     }
 
     fn url(&self, path: &str) -> String {

@@ -41,6 +41,60 @@ pub struct HubConfig {
     pub shared_group: Option<String>,
     /// sled page cache in bytes.
     pub cache_capacity_bytes: u64,
+    /// How the REST API is served (`[http]`).
+    pub http: HttpConfig,
+    /// Certificates, join tokens, audit log (`[security]`).
+    pub security: SecurityConfig,
+}
+
+/// `[http]`: how the REST API is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve HTTPS with a certificate from the hub CA (default). `false`
+    /// serves plain HTTP: bearer tokens and node traffic then cross the
+    /// network readable by anyone on the path, and nodes cannot
+    /// authenticate with certificates; the hub logs a WARN at start.
+    pub tls: bool,
+    /// DNS names and IP addresses in the server certificate (what clients
+    /// connect to).
+    pub subject_alt_names: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            tls: true,
+            subject_alt_names: vec!["localhost".into(), "127.0.0.1".into()],
+        }
+    }
+}
+
+/// `[security]`: identities and the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Validity of node certificates issued at join and renewal.
+    #[serde(with = "humantime_serde")]
+    pub node_cert_validity: Duration,
+    /// Lifetime of a join token from `POST /v1/nodes/{node}/bootstrap`.
+    #[serde(with = "humantime_serde")]
+    pub join_token_ttl: Duration,
+    /// Records the audit log keeps (the oldest are overwritten).
+    pub audit_capacity: u64,
+    /// Broker URL handed to joining nodes (`mqtt_url` of the join answer).
+    pub advertised_mqtt_url: Option<String>,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            node_cert_validity: Duration::from_secs(30 * 24 * 3600),
+            join_token_ttl: Duration::from_secs(3600),
+            audit_capacity: 10_000,
+            advertised_mqtt_url: None,
+        }
+    }
 }
 
 impl Default for HubConfig {
@@ -54,6 +108,8 @@ impl Default for HubConfig {
             ack_interval: Duration::from_millis(200),
             shared_group: None,
             cache_capacity_bytes: 128 * 1024 * 1024,
+            http: HttpConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -204,6 +260,22 @@ impl HubConfig {
                 &root.field("embedded_broker").field("max_connections"),
                 "must be greater than 0",
             );
+        }
+        if self.http.tls && self.http.subject_alt_names.is_empty() {
+            c.push(
+                &root.field("http").field("subject_alt_names"),
+                "must name at least one host when http.tls is on",
+            );
+        }
+        let sec = root.field("security");
+        if self.security.node_cert_validity < Duration::from_secs(60) {
+            c.push(&sec.field("node_cert_validity"), "must be at least 1m");
+        }
+        if self.security.join_token_ttl.is_zero() {
+            c.push(&sec.field("join_token_ttl"), "must be greater than 0");
+        }
+        if self.security.audit_capacity == 0 {
+            c.push(&sec.field("audit_capacity"), "must be greater than 0");
         }
         config::check_cache_capacity(
             &mut c,

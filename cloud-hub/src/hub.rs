@@ -70,6 +70,18 @@ pub enum HubError {
     /// A task panicked.
     #[error("hub task failed: {0}")]
     Task(String),
+    /// The CA could not be opened or created.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    /// The token store failed.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// The audit log could not be opened.
+    #[error("audit log: {0}")]
+    Audit(sled::Error),
+    /// HTTPS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Why [`Hub::set_desired`] refused or failed.
@@ -118,6 +130,14 @@ pub struct Hub {
     pub artifacts: Arc<crate::artifacts::ArtifactStore>,
     /// Most recent events per node.
     pub events: EventLog,
+    /// The certificate authority (`{data_dir}/ca`).
+    pub ca: crate::ca::Ca,
+    /// Operator and join tokens.
+    pub auth: crate::auth::Auth,
+    /// Who changed what.
+    pub audit: crate::audit::AuditLog,
+    /// Certificate validity, join-token ttl.
+    pub security: crate::config::SecurityConfig,
     /// Whether the MQTT session is subscribed and desired state republished
     /// (owned by [`crate::session`]).
     pub(crate) readiness: Readiness,
@@ -134,6 +154,10 @@ pub(crate) struct Stores {
     pub(crate) artifacts: crate::artifacts::ArtifactStore,
     pub(crate) registry: Registry,
     pub(crate) sink: Sink,
+    pub(crate) ca: crate::ca::Ca,
+    pub(crate) auth: crate::auth::Auth,
+    pub(crate) audit: crate::audit::AuditLog,
+    pub(crate) security: crate::config::SecurityConfig,
 }
 
 impl Stores {
@@ -164,12 +188,21 @@ impl Stores {
         };
         let registry = Registry::open(&db)?;
         let sink = Sink::open(&db)?;
+        let ca = crate::ca::Ca::open(&cfg.data_dir.join("ca"), &db)?;
+        let auth = crate::auth::Auth::open(&db)?;
+        auth.ensure_admin(&cfg.data_dir)?;
+        let audit =
+            crate::audit::AuditLog::open(&db, cfg.security.audit_capacity).map_err(HubError::Audit)?;
         Ok(Self {
             db,
             key,
             artifacts,
             registry,
             sink,
+            ca,
+            auth,
+            audit,
+            security: cfg.security.clone(),
         })
     }
 }
@@ -183,6 +216,10 @@ impl Hub {
             artifacts,
             registry,
             sink,
+            ca,
+            auth,
+            audit,
+            security,
         } = stores;
         Self {
             key,
@@ -192,6 +229,10 @@ impl Hub {
             metrics: Metrics::default(),
             artifacts: Arc::new(artifacts),
             events: EventLog::default(),
+            ca,
+            auth,
+            audit,
+            security,
             readiness: Readiness::default(),
             client,
             commit: GroupCommit::new(db.clone()),

@@ -16,7 +16,10 @@ pub mod acks;
 pub mod api;
 pub mod app;
 pub mod artifacts;
+pub mod audit;
+pub mod auth;
 pub mod broker;
+pub mod ca;
 pub mod client;
 pub mod commit;
 pub mod config;
@@ -26,6 +29,7 @@ pub mod keys;
 pub mod metrics;
 pub mod registry;
 pub mod session;
+pub mod tls;
 pub mod sink;
 
 pub use app::App;

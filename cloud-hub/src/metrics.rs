@@ -35,6 +35,20 @@ pub struct Metrics {
     /// Nodes marked online because a live reported state arrived while the
     /// registry had them offline or unknown (a missed `status`).
     pub status_inferred_online: AtomicU64,
+    /// API calls refused 401 (no, unknown, expired or revoked credential).
+    pub auth_unauthenticated: AtomicU64,
+    /// API calls refused 403 (credential without the needed role).
+    pub auth_forbidden: AtomicU64,
+    /// Joins refused (unknown, reused, expired or wrong-CA token; bad CSR).
+    pub join_refused: AtomicU64,
+    /// Nodes joined.
+    pub joined: AtomicU64,
+    /// Renewals refused (revoked node, bad CSR).
+    pub renew_refused: AtomicU64,
+    /// Node artifact downloads refused (not in the node's desired state).
+    pub artifact_denied: AtomicU64,
+    /// Audit records that could not be written.
+    pub audit_failures: AtomicU64,
     nodes: Mutex<BTreeMap<String, NodeTelemetry>>,
 }
 
@@ -80,6 +94,16 @@ impl Metrics {
                 "edgefleet_hub_status_inferred_online_total",
                 &self.status_inferred_online,
             ),
+            (
+                "edgefleet_hub_auth_unauthenticated_total",
+                &self.auth_unauthenticated,
+            ),
+            ("edgefleet_hub_auth_forbidden_total", &self.auth_forbidden),
+            ("edgefleet_hub_join_refused_total", &self.join_refused),
+            ("edgefleet_hub_joined_total", &self.joined),
+            ("edgefleet_hub_renew_refused_total", &self.renew_refused),
+            ("edgefleet_hub_artifact_denied_total", &self.artifact_denied),
+            ("edgefleet_hub_audit_failures_total", &self.audit_failures),
         ] {
             let _ = writeln!(
                 s,

@@ -213,10 +213,27 @@ impl ArtifactFetcher {
         store: Store,
         clock: Clock,
     ) -> Result<Self, FetchError> {
+        Self::with_tls(base_url, dir, store, clock, None)
+    }
+
+    /// [`ArtifactFetcher::new`] over HTTPS with `tls` (the node identity's
+    /// [`crate::identity::Identity::tls_config`]: the hub CA as the only
+    /// root, the node certificate as client identity).
+    pub fn with_tls(
+        base_url: &str,
+        dir: PathBuf,
+        store: Store,
+        clock: Clock,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, FetchError> {
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(30));
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http = builder
             .build()
             .map_err(|source| FetchError::Http {
                 digest: String::new(),

@@ -107,9 +107,15 @@ pub struct TlsConfig {
 pub struct HubConfig {
     /// MQTT topic root shared with the hub.
     pub topic_root: String,
-    /// Hex Ed25519 public key of the hub. When unset the first key that signs
-    /// a desired document is pinned on disk (trust on first use) and logged.
+    /// Hex Ed25519 public key of the hub. When unset, the key `edge-node
+    /// join` wrote to `{data_dir}/identity/hub.pub` is used; with neither
+    /// (and no `insecure_trust_first_use`) the agent refuses to start.
     pub public_key: Option<String>,
+    /// Opt-in trust on first use: with no `public_key` and no identity,
+    /// pin whichever key signs the first desired document received. Anyone
+    /// who can publish to the node's desired topic before the hub does
+    /// (a rogue broker, a broker without ACLs) then owns the node for good.
+    pub insecure_trust_first_use: bool,
     /// Base URL of the hub's HTTP API, where artifacts (WASM modules,
     /// models) are downloaded from: `{http_url}/v1/artifacts/{sha256}`.
     pub http_url: String,
@@ -120,6 +126,7 @@ impl Default for HubConfig {
         Self {
             topic_root: protocols::Topics::DEFAULT_ROOT.into(),
             public_key: None,
+            insecure_trust_first_use: false,
             http_url: "http://127.0.0.1:8080".into(),
         }
     }
@@ -276,6 +283,15 @@ impl EdgeConfig {
             c.push(
                 &h.field("public_key"),
                 format!("{k:?} is not 64 hex characters of an Ed25519 key"),
+            );
+        }
+        if self.hub.public_key.is_none()
+            && !self.hub.insecure_trust_first_use
+            && !crate::identity::dir(&self.data_dir).exists()
+        {
+            c.push(
+                &h.field("public_key"),
+                "must be set (or run `edge-node join`, or opt in to hub.insecure_trust_first_use = true)",
             );
         }
         if !valid_http_url(&self.hub.http_url) {

@@ -23,6 +23,7 @@ pub mod config;
 pub mod context;
 pub mod drivers;
 pub mod functions;
+pub mod identity;
 pub mod link;
 pub mod metrics;
 pub mod pipeline;

@@ -14,6 +14,12 @@
 //! | GET | `/v1/nodes/{node}/streams/{stream}/samples` | [`SampleQuery`] → [`SamplePage`] |
 //! | GET | `/v1/nodes/{node}/events` | `Vec<`[`crate::Event`]`>` |
 //! | PUT | `/v1/artifacts` | bytes → [`ArtifactInfo`] |
+//! | POST | `/v1/tokens` | [`TokenRequest`] → [`TokenIssued`] |
+//! | GET | `/v1/tokens` | `Vec<`[`TokenView`]`>` |
+//! | POST | `/v1/nodes/{node}/bootstrap` | [`BootstrapIssued`] |
+//! | POST | `/v1/join` | [`JoinRequest`] → [`JoinAnswer`] |
+//! | POST | `/v1/renew` | [`RenewRequest`] → [`RenewAnswer`] |
+//! | GET | `/v1/audit` | `Vec<`[`AuditRecord`]`>` |
 //!
 //! Every error answer is an [`ErrorBody`] whose text names the offending field.
 
@@ -167,6 +173,125 @@ pub struct ArtifactInfo {
 pub struct ErrorBody {
     /// What was wrong; names the offending field where there is one.
     pub error: String,
+}
+
+/// What an operator token may do (each role includes the ones before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read (GET) every operator route.
+    Viewer,
+    /// Also set desired state and upload artifacts.
+    Operator,
+    /// Also manage tokens, bootstrap and revoke nodes, read the audit log.
+    Admin,
+}
+
+/// An operator token as the hub lists it (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Id (the part before the `.` of the bearer string).
+    pub id: String,
+    /// Name given at creation (shown in the audit log).
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Unix ms of creation.
+    pub created_ms: u64,
+    /// Unix ms of expiry; `None`: never.
+    pub expires_ms: Option<u64>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Name (1..=64 characters of `[A-Za-z0-9_.-]`).
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Lifetime in seconds; `None`: never expires.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// What `POST /v1/tokens` answers: the secret, this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    /// The stored token.
+    pub token: TokenView,
+    /// The bearer string `<id>.<secret>`.
+    pub secret: String,
+}
+
+/// What `POST /v1/nodes/{node}/bootstrap` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapIssued {
+    /// The node it admits.
+    pub node: String,
+    /// One-time join token `<secret>.<sha256 of the hub CA DER, hex>`.
+    pub token: String,
+    /// Unix ms after which it is refused.
+    pub expires_ms: u64,
+}
+
+/// `POST /v1/join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The join token.
+    pub token: String,
+    /// PKCS#10 CSR (PEM) of the key the node made; only its key is used.
+    pub csr_pem: String,
+}
+
+/// What `POST /v1/join` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAnswer {
+    /// The node's name (the certificate's CN).
+    pub node: String,
+    /// The node's client certificate (PEM).
+    pub cert_pem: String,
+    /// The hub CA certificate (PEM).
+    pub ca_pem: String,
+    /// The hub's desired-state signing key (hex Ed25519).
+    pub hub_public_key: String,
+    /// The broker to connect to, when the hub advertises one.
+    pub mqtt_url: Option<String>,
+}
+
+/// `POST /v1/renew`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// CSR (PEM) of the node's (new or current) key.
+    pub csr_pem: String,
+}
+
+/// What `POST /v1/renew` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewAnswer {
+    /// The new client certificate (PEM).
+    pub cert_pem: String,
+}
+
+/// One entry of the audit log (`GET /v1/audit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Sequence number (increasing).
+    pub seq: u64,
+    /// Unix ms.
+    pub at_ms: u64,
+    /// Who: `token:NAME(ID)`, `node:NAME` or `anonymous`.
+    pub who: String,
+    /// HTTP method.
+    pub method: String,
+    /// Route pattern (`/v1/nodes/{node}/desired`).
+    pub route: String,
+    /// The concrete path (names the target).
+    pub target: String,
+    /// HTTP status of the answer (401/403 for refused calls).
+    pub status: u16,
 }
 
 #[cfg(test)]

@@ -68,6 +68,9 @@ pub enum AgentError {
     /// The function host failed (outbox append or runtime task).
     #[error(transparent)]
     Functions(#[from] FunctionError),
+    /// The identity files (`edge-node join`) could not be read.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// A task (or a blocking start-up step) panicked or was aborted.
     #[error("agent task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -123,15 +126,21 @@ impl Agent {
             events: events_tx,
             topics: Topics::new(&cfg.hub.topic_root),
         };
+        let identity = crate::identity::Identity::load(&cfg.data_dir)?;
         let fetcher = {
             let (url, dir, store) = (
                 cfg.hub.http_url.clone(),
                 cfg.data_dir.join("artifacts"),
                 store.clone(),
             );
-            let f =
-                tokio::task::spawn_blocking(move || ArtifactFetcher::new(&url, dir, store, clock))
-                    .await??;
+            let tls = identity
+                .as_ref()
+                .map(crate::identity::Identity::tls_config)
+                .transpose()?;
+            let f = tokio::task::spawn_blocking(move || {
+                ArtifactFetcher::with_tls(&url, dir, store, clock, tls)
+            })
+            .await??;
             Arc::new(f)
         };
         let functions = FunctionsView::default();
@@ -169,7 +178,13 @@ impl Agent {
             functions: functions.clone(),
             fetcher: fetcher.clone(),
         };
-        control.restore(cfg.hub.public_key.clone()).await?;
+        // The configured key, else the one `edge-node join` wrote.
+        let hub_key = cfg
+            .hub
+            .public_key
+            .clone()
+            .or_else(|| identity.as_ref().map(|i| i.hub_public_key.clone()));
+        control.restore(hub_key).await?;
         let stages = Stages {
             pipeline: data.pipeline,
             host: data.host,

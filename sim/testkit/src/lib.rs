@@ -184,7 +184,11 @@ impl HubHarness {
         let cancel = CancellationToken::new();
         let data_dir = cfg.data_dir.clone();
         let app = App::start(cfg, cancel.clone()).await?;
-        let (client, hub, mqtt) = (Self::client_of(&app)?, app.hub(), app.mqtt_addr());
+        let (client, hub, mqtt) = (
+            Self::client_of(&app, &data_dir)?,
+            app.hub(),
+            app.mqtt_addr(),
+        );
         let task = HubTask::Task(tokio::spawn(app.run()));
         Self::finish(client, hub, mqtt, data_dir, cancel, task).await
     }
@@ -196,6 +200,7 @@ impl HubHarness {
         let data_dir = cfg.data_dir.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let token = cancel.clone();
+        let dir = data_dir.clone();
         let thread = std::thread::spawn(move || -> Result<(), HubError> {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -216,7 +221,8 @@ impl HubHarness {
                         return Ok(());
                     }
                 };
-                let started = Self::client_of(&app).map(|c| (c, app.hub(), app.mqtt_addr()));
+                let started =
+                    Self::client_of(&app, &dir).map(|c| (c, app.hub(), app.mqtt_addr()));
                 let _ = tx.send(started);
                 app.run().await
             })
@@ -227,8 +233,14 @@ impl HubHarness {
         Self::finish(client, hub, mqtt, data_dir, cancel, HubTask::Thread(thread)).await
     }
 
-    fn client_of(app: &App) -> Result<HubClient, HarnessError> {
-        Ok(HubClient::new(format!("http://{}", app.http_addr()))?)
+    /// The admin client of `app`: its first admin token and its CA, read
+    /// from the data directory (as an operator on the hub's host would).
+    fn client_of(app: &App, data_dir: &Path) -> Result<HubClient, HarnessError> {
+        Ok(HubClient::local_admin(
+            app.http_url(),
+            data_dir,
+            HubClient::DEFAULT_TIMEOUT,
+        )?)
     }
 
     async fn finish(
@@ -257,12 +269,40 @@ impl HubHarness {
     }
 
     /// An agent config for `node` with data in `data_dir`, pointed at this
-    /// hub's broker and REST API and pinning its key.
+    /// hub's broker and REST API and pinning its key. The node's identity
+    /// (key, certificate from the hub CA, CA, hub key) is written to
+    /// `{data_dir}/identity` as `edge-node join` would, so it can fetch
+    /// artifacts over HTTPS; a failure to write it leaves the node without
+    /// one (its artifact fetches then fail and say why).
     pub fn edge_config(&self, node: &str, data_dir: &Path) -> EdgeConfig {
+        if let Err(e) = self.write_identity(node, data_dir) {
+            tracing::warn!(node, error = %e, "testkit: node identity not written");
+        }
         let mut cfg = edge_config(node, data_dir, self.mqtt.1, &self.public_key);
         cfg.mqtt.host.clone_from(&self.mqtt.0);
         self.base().clone_into(&mut cfg.hub.http_url);
         cfg
+    }
+
+    /// Issues `node` a certificate from the hub CA and writes the identity
+    /// files an agent with data in `data_dir` reads.
+    pub fn write_identity(&self, node: &str, data_dir: &Path) -> Result<(), HarnessError> {
+        let keyed = self
+            .hub
+            .ca
+            .issue_keyed(
+                &cloud_hub::ca::Identity::node(node),
+                Duration::from_secs(24 * 3600),
+            )
+            .map_err(|e| HarnessError::Thread(e.to_string()))?;
+        edge_node::identity::Identity {
+            key_pem: keyed.key_pem,
+            cert_pem: keyed.cert_pem,
+            ca_pem: self.hub.ca.cert_pem().to_owned(),
+            hub_public_key: self.public_key.clone(),
+        }
+        .write(data_dir)
+        .map_err(|e| HarnessError::Thread(e.to_string()))
     }
 
     /// Waits until the hub's MQTT session is subscribed (`/readyz`).

@@ -1,0 +1,329 @@
+//! The node's identity from the hub CA: `{data_dir}/identity/` holds
+//! `node.key` (0600, made here, never sent), `node.crt` (issued by the hub
+//! CA, `CN` = node, `OU` = node), `ca.crt` (the hub CA) and `hub.pub` (the
+//! hub's desired-state key, hex).
+//!
+//! [`join`] gets them (what `edge-node join` runs): it makes the key, sends
+//! a CSR with the one-time join token, and trusts the hub's HTTPS
+//! certificate only if it chains to a CA whose DER sha256 is the pin in
+//! the token (`<secret>.<pin>`), so nothing else needs to be trusted first.
+//! The agent uses these files as its anchors when `hub.public_key` is
+//! unset: the CA for HTTPS to the hub, the certificate as its client
+//! identity, `hub.pub` as the pinned desired-state key.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest as _, Sha256};
+
+/// Why the identity could not be read, written or obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file could not be read or written.
+    #[error("identity {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file or the key does not parse, or TLS refused it.
+    #[error("identity {what}: {detail}")]
+    Bad {
+        /// Which part.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The join token is not `<secret>.<ca sha256 hex>`.
+    #[error("token: expected <secret>.<sha256 of the hub CA, 64 hex characters>")]
+    BadToken,
+    /// The hub answered a CA that is not the one the token pins.
+    #[error("ca_pem: the hub's CA does not match the token's pin {0}")]
+    WrongCa(String),
+    /// The request failed or the hub refused it.
+    #[error("join {url}: {detail}")]
+    Join {
+        /// The URL.
+        url: String,
+        /// What went wrong (the hub's message when it answered).
+        detail: String,
+    },
+}
+
+/// The identity files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// PKCS#8 private key (PEM).
+    pub key_pem: String,
+    /// Node certificate (PEM).
+    pub cert_pem: String,
+    /// Hub CA certificate (PEM).
+    pub ca_pem: String,
+    /// Hub desired-state key (hex Ed25519).
+    pub hub_public_key: String,
+}
+
+/// `{data_dir}/identity`.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("identity")
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Identity {
+    /// Reads the identity of the node with data in `data_dir`; `None` when
+    /// the directory does not exist.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, IdentityError> {
+        let d = dir(data_dir);
+        if !d.exists() {
+            return Ok(None);
+        }
+        let read = |name: &str| {
+            let p = d.join(name);
+            std::fs::read_to_string(&p).map_err(io(&p))
+        };
+        Ok(Some(Self {
+            key_pem: read("node.key")?,
+            cert_pem: read("node.crt")?,
+            ca_pem: read("ca.crt")?,
+            hub_public_key: read("hub.pub")?.trim().to_owned(),
+        }))
+    }
+
+    /// Writes the files (key 0600; each through tmp + fsync + rename).
+    pub fn write(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let d = dir(data_dir);
+        std::fs::create_dir_all(&d).map_err(io(&d))?;
+        for (name, text, private) in [
+            ("node.key", self.key_pem.as_str(), true),
+            ("node.crt", self.cert_pem.as_str(), false),
+            ("ca.crt", self.ca_pem.as_str(), false),
+            ("hub.pub", self.hub_public_key.as_str(), false),
+        ] {
+            let p = d.join(name);
+            write_atomic(&p, text, private).map_err(io(&p))?;
+        }
+        Ok(())
+    }
+
+    /// A rustls client config trusting only the hub CA and presenting the
+    /// node certificate.
+    pub fn tls_config(&self) -> Result<rustls::ClientConfig, IdentityError> {
+        let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
+            what,
+            detail: e.to_string(),
+        };
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots
+                .add(c.map_err(|e| bad("ca.crt", &e))?)
+                .map_err(|e| bad("ca.crt", &e))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("node.crt", &e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad("node.key", &e))?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("tls", &e))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("node.crt", &e))?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Trusts a server certificate only if it chains to the certificate (sent
+/// by the server along with its own) whose sha256 is `pin`.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| sha256_hex(c) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General("the hub sent no CA matching the join token's pin".into())
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What the hub answers a join (`protocols::api::JoinAnswer`, read loosely
+/// so the edge does not depend on the hub crate).
+#[derive(Debug, serde::Deserialize)]
+struct JoinAnswer {
+    node: String,
+    cert_pem: String,
+    ca_pem: String,
+    hub_public_key: String,
+}
+
+/// Joins the hub at `hub_url` with the one-time `token`: makes the key,
+/// sends the CSR, checks the CA against the token's pin, writes the
+/// identity files under `data_dir`. Returns the node name the hub set.
+pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String, IdentityError> {
+    let (_, pin) = token.trim().split_once('.').ok_or(IdentityError::BadToken)?;
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(IdentityError::BadToken);
+    }
+    let pin = pin.to_ascii_lowercase();
+    let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
+        what,
+        detail: e.to_string(),
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| bad("node.key", &e))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| bad("csr", &e))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", &e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            pin: pin.clone(),
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let url = format!("{}/v1/join", hub_url.trim_end_matches('/'));
+    let join_err = |detail: String| IdentityError::Join {
+        url: url.clone(),
+        detail,
+    };
+    if !url.starts_with("https://") {
+        return Err(join_err("the hub URL must be https://".into()));
+    }
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| join_err(e.to_string()))?;
+    let resp = http
+        .post(&url)
+        .json(&serde_json::json!({"token": token.trim(), "csr_pem": csr}))
+        .send()
+        .await
+        .map_err(|e| join_err(format!("{e:#}")))?;
+    let status = resp.status();
+    let body = resp.text().await.map_err(|e| join_err(e.to_string()))?;
+    if !status.is_success() {
+        return Err(join_err(format!("{status}: {body}")));
+    }
+    let answer: JoinAnswer =
+        serde_json::from_str(&body).map_err(|e| join_err(format!("unexpected answer: {e}")))?;
+    let ca_der = CertificateDer::from_pem_slice(answer.ca_pem.as_bytes())
+        .map_err(|e| bad("ca_pem", &e))?;
+    if sha256_hex(&ca_der) != pin {
+        return Err(IdentityError::WrongCa(pin));
+    }
+    Identity {
+        key_pem: key.serialize_pem(),
+        cert_pem: answer.cert_pem,
+        ca_pem: answer.ca_pem,
+        hub_public_key: answer.hub_public_key,
+    }
+    .write(data_dir)?;
+    Ok(answer.node)
+}
+
+/// tmp + fsync + rename (+ directory fsync); mode 0600 when `private`.
+fn write_atomic(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = path.to_path_buf();
+    tmp.as_mut_os_string().push(".tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(if private { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = opts.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent()
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloud_hub::api::SamplePage;
+use cloud_hub::client::HubClient;
 use cloud_hub::sink::StreamStats;
 use protocols::codec::{decode_json, encode_batch};
 use protocols::{Ack, Quality, Sample, TelemetryBatch, TopicKind, Topics};
@@ -50,6 +51,7 @@ fn free_port() -> u16 {
 struct HubProcess {
     child: Child,
     http: String,
+    data: PathBuf,
     mqtt: u16,
     log: PathBuf,
 }
@@ -75,7 +77,8 @@ impl HubProcess {
             .unwrap();
         let hub = Self {
             child,
-            http: format!("http://127.0.0.1:{http_port}"),
+            http: format!("https://127.0.0.1:{http_port}"),
+            data: dir.join("data"),
             mqtt,
             log,
         };
@@ -88,11 +91,12 @@ impl HubProcess {
     }
 
     async fn wait_ready(&self) {
-        let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let r = http.get(format!("{}/readyz", self.http)).send().await;
-            if r.is_ok_and(|r| r.status() == 200) {
+            // The admin token and CA exist once the hub started.
+            if let Ok(c) = self.try_client()
+                && c.ready().await.unwrap_or(false)
+            {
                 return;
             }
             assert!(
@@ -104,14 +108,13 @@ impl HubProcess {
         }
     }
 
+    fn try_client(&self) -> Result<HubClient, cloud_hub::client::ClientError> {
+        HubClient::local_admin(self.http.clone(), &self.data, HubClient::DEFAULT_TIMEOUT)
+    }
+
     async fn stats(&self) -> Option<StreamStats> {
         let mut all: BTreeMap<String, StreamStats> =
-            reqwest::get(format!("{}/v1/nodes/{NODE}/streams", self.http))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            self.try_client().unwrap().streams(NODE).await.unwrap();
         all.remove(STREAM)
     }
 
@@ -268,15 +271,20 @@ async fn drain_then_restart(dir: &Path) {
     let hub = HubProcess::start(dir, "2").await;
     let st = hub.stats().await.unwrap();
     assert_eq!((st.contiguous, st.acked, st.stored), (TOTAL, TOTAL, TOTAL));
-    let page: SamplePage = reqwest::get(format!(
-        "{}/v1/nodes/{NODE}/streams/{STREAM}/samples?from_seq=1&limit=100000",
-        hub.http
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let page: SamplePage = hub
+        .try_client()
+        .unwrap()
+        .samples(
+            NODE,
+            STREAM,
+            &cloud_hub::api::SampleQuery {
+                from_seq: Some(1),
+                limit: Some(100_000),
+                ..cloud_hub::api::SampleQuery::default()
+            },
+        )
+        .await
+        .unwrap();
     let sent: Vec<Sample> = (0..BATCHES)
         .flat_map(|b| batch(1 + b * PER_BATCH).samples)
         .collect();

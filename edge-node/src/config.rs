@@ -371,7 +371,25 @@ mod tests {
 
     #[test]
     fn defaults_are_valid_and_size_48h() {
-        let c = EdgeConfig::default();
+        // Secure by default: no hub key, no identity and no TOFU opt-in is
+        // refused, naming hub.public_key; any one of the three is enough.
+        let mut c = EdgeConfig {
+            data_dir: "/nonexistent/edgefleet-test".into(),
+            ..EdgeConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("hub.public_key: must be set"), "{e}");
+        c.hub.insecure_trust_first_use = true;
+        c.validate().unwrap();
+        c.hub.insecure_trust_first_use = false;
+        c.hub.public_key = Some("11".repeat(32));
+        c.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(crate::identity::dir(dir.path())).unwrap();
+        let c = EdgeConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..EdgeConfig::default()
+        };
         c.validate().unwrap();
         assert_eq!(c.outbox.effective_max_bytes(), 100 * 48 * 3600 * 18);
     }

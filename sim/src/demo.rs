@@ -49,6 +49,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     edge.mqtt.host.clone_from(&hub.mqtt.0);
     edge.mqtt.port = hub.mqtt.1;
     edge.hub.public_key = Some(hub.public_key.clone());
+    hub.base().clone_into(&mut edge.hub.http_url);
+    hub.write_identity(&edge.node, &edge.data_dir)
+        .context("the edge's identity")?;
     edge.validate().context("edge config")?;
     println!(
         "cloud-hub  REST API {}   MQTT {}:{}",

@@ -47,6 +47,7 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         broker_pid: None,
         broker: BrokerKind::Embedded,
         in_process: true,
+        data_dir: Some(harness.data_dir.clone()),
     };
     let client = &harness.client;
 
@@ -207,8 +208,12 @@ async fn hollow_external_mosquitto() {
 
     // The hub's own registry, read independently of the run's bookkeeping:
     // every node applied revision 2 twice over Mosquitto.
-    let views: Vec<NodeView> = HubClient::new(hub.http_base.clone())
-        .unwrap()
+    let views: Vec<NodeView> = HubClient::local_admin(
+        hub.http_base.clone(),
+        hub.data_dir.as_deref().unwrap(),
+        HubClient::DEFAULT_TIMEOUT,
+    )
+    .unwrap()
         .nodes()
         .await
         .unwrap();

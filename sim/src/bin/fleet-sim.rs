@@ -291,6 +291,9 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
             broker_pid: None,
             broker: BrokerKind::External,
             in_process: false,
+            // An external hub: its admin token and CA, when its data
+            // directory is on this machine.
+            data_dir: std::env::var_os("EDGEFLEET_HUB_DATA_DIR").map(std::path::PathBuf::from),
         };
         (sim::hollow::run(&opts, &ep).await, None)
     } else {

@@ -17,8 +17,17 @@ pub(super) struct Api {
 
 impl Api {
     /// A client of the hub at `base`; `timeout` bounds each request.
-    pub(super) fn new(base: &str, timeout: Duration) -> Result<Self, HollowError> {
-        let client = HubClient::with_timeout(base, timeout).map_err(|e| Self::err("client", e))?;
+    /// With the hub's local `data_dir`, it authenticates as its admin.
+    pub(super) fn new(
+        base: &str,
+        data_dir: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<Self, HollowError> {
+        let client = match data_dir {
+            Some(d) => HubClient::local_admin(base, d, timeout),
+            None => HubClient::with_timeout(base, timeout),
+        }
+        .map_err(|e| Self::err("client", e))?;
         Ok(Self { client })
     }
 

@@ -35,6 +35,9 @@ pub struct HubEndpoint {
     /// Whether the hub runs inside this process (its memory then includes
     /// the hollow nodes').
     pub in_process: bool,
+    /// The hub's data directory when it is local: the admin token and the
+    /// CA certificate are read from it (`None`: an unauthenticated client).
+    pub data_dir: Option<PathBuf>,
 }
 
 /// A hub child process; killed when dropped.
@@ -104,7 +107,10 @@ impl HubProcess {
             .spawn()
             .map_err(io(format!("starting hub {}", bin.display())))?;
         let endpoint = HubEndpoint {
-            http_base: format!("http://127.0.0.1:{http_port}"),
+            http_base: format!(
+                "{}://127.0.0.1:{http_port}",
+                if cfg.http.tls { "https" } else { "http" }
+            ),
             mqtt_host,
             mqtt_port,
             pid: child.id(),
@@ -115,6 +121,7 @@ impl HubProcess {
                 BrokerKind::External
             },
             in_process: false,
+            data_dir: Some(cfg.data_dir.clone()),
         };
         let mut me = Self {
             child,
@@ -126,8 +133,14 @@ impl HubProcess {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), HollowError> {
-        let client = cloud_hub::client::HubClient::new(self.endpoint.http_base.clone())
-            .map_err(|e| HollowError::Hub(e.to_string()))?;
+        let client = cloud_hub::client::HubClient::with_options(
+            self.endpoint.http_base.clone(),
+            &cloud_hub::client::ClientOptions {
+                ca_pem: std::fs::read_to_string(cfg_ca(&self.endpoint)).ok(),
+                ..cloud_hub::client::ClientOptions::default()
+            },
+        )
+        .map_err(|e| HollowError::Hub(e.to_string()))?;
         let url = format!("{}/healthz", client.base());
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -236,4 +249,12 @@ mod tests {
         let me = memory(std::process::id()).unwrap();
         assert!(me.rss_bytes > 0 && me.hwm_bytes >= me.rss_bytes);
     }
+}
+
+/// Where the CA certificate of a local hub is (an empty path when unknown).
+fn cfg_ca(ep: &HubEndpoint) -> PathBuf {
+    ep.data_dir
+        .as_ref()
+        .map(|d| d.join("ca").join("ca.crt"))
+        .unwrap_or_default()
 }

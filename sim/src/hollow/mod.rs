@@ -332,7 +332,7 @@ fn check_fd_limit(opts: &HollowOptions, hub: &HubEndpoint) -> Result<(), HollowE
 async fn connect_api(opts: &HollowOptions, hub: &HubEndpoint) -> Result<Arc<Api>, HollowError> {
     // No per-request bound tighter than the run's own waits.
     let timeout = opts.connect_timeout.max(opts.round_timeout);
-    let api = Arc::new(Api::new(&hub.http_base, timeout)?);
+    let api = Arc::new(Api::new(&hub.http_base, hub.data_dir.as_deref(), timeout)?);
     // Nodes that connect before the hub subscribed may have their retained
     // status missed by it (see `cloud_hub::Hub::mqtt_ready`).
     if !api.wait_ready(opts.connect_timeout).await? {

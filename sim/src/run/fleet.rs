@@ -539,6 +539,9 @@ pub(super) async fn start_nodes(
         };
         let proxy = Proxy::start(hub.mqtt).await.context("starting a proxy")?;
         let cfg = edge_config(s, dir, &layout, &proxy, hub)?;
+        if !crate::run::hub_identity_exists(&cfg.data_dir) {
+            hub.enroll(&layout.name, &cfg.data_dir).await?;
+        }
         let servers = BTreeMap::from([
             (Protocol::Modbus, dyn_all(modbus)),
             (

@@ -97,7 +97,8 @@ impl HubProc {
                     log: dir.join("hub.log"),
                     child: None,
                 };
-                let base = format!("http://{}", cfg.http_listen);
+                let scheme = if cfg.http.tls { "https" } else { "http" };
+                let base = format!("{scheme}://{}", cfg.http_listen);
                 proc.spawn_child()?;
                 Ok((proc, base, mqtt))
             }
@@ -106,7 +107,7 @@ impl HubProc {
                 let app = cloud_hub::App::start(cfg, token.clone())
                     .await
                     .context("starting cloud-hub")?;
-                let base = format!("http://{}", app.http_addr());
+                let base = app.http_url();
                 let (host, port) = app.mqtt_addr();
                 let mqtt: SocketAddr = format!("{host}:{port}").parse()?;
                 let task = tokio::spawn(app.run());
@@ -193,14 +194,28 @@ impl Hub {
         cancel: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let cfg = hub_config(s, dir)?;
+        let data_dir = cfg.data_dir.clone();
         let (proc, base, mqtt) = HubProc::launch(s.hub.mode, cfg, dir, hub_exe, cancel).await?;
-        let client = HubClient::with_timeout(base, Self::TIMEOUT)?;
+        // Until the hub made its CA and admin token: health needs neither.
+        let unauthenticated = HubClient::with_options(
+            base.clone(),
+            &cloud_hub::client::ClientOptions {
+                ca_pem: None,
+                ..cloud_hub::client::ClientOptions::default()
+            },
+        )?;
         let mut hub = Self {
-            client,
+            client: unauthenticated,
             mqtt,
             public_key: String::new(),
             proc,
         };
+        let ca = data_dir.join("ca").join("ca.crt");
+        wait_until("the hub's CA and admin token", Duration::from_secs(60), || async {
+            (ca.exists() && data_dir.join("admin.token").exists()).then_some(())
+        })
+        .await?;
+        hub.client = HubClient::local_admin(base, &data_dir, Self::TIMEOUT)?;
         hub.wait_healthy(Duration::from_secs(60)).await?;
         hub.public_key = hub
             .client
@@ -217,9 +232,22 @@ impl Hub {
         Ok(())
     }
 
-    /// The REST API's base URL, `http://127.0.0.1:PORT`.
+    /// The REST API's base URL, `https://127.0.0.1:PORT`.
     pub(super) fn base(&self) -> &str {
         self.client.base()
+    }
+
+    /// Gives `node` (data in `data_dir`) its identity the way an operator
+    /// would: a join token from the hub, then `edge-node join`.
+    pub(super) async fn enroll(&self, node: &str, data_dir: &Path) -> anyhow::Result<()> {
+        if !self.base().starts_with("https://") {
+            return Ok(());
+        }
+        let token = self.client.bootstrap(node).await?.token;
+        edge_node::identity::join(self.base(), &token, data_dir)
+            .await
+            .with_context(|| format!("joining node {node}"))?;
+        Ok(())
     }
 
     /// The hub's process id (`None` in process or while it is down).

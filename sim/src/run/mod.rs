@@ -232,3 +232,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     };
     Ok(report::build(&s, &totals, &mon, measured))
 }
+
+/// Whether a node with data in `data_dir` already joined (a rerun keeps it).
+pub(crate) fn hub_identity_exists(data_dir: &std::path::Path) -> bool {
+    edge_node::identity::dir(data_dir).join("node.crt").exists()
+}

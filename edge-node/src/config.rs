@@ -127,7 +127,7 @@ impl Default for HubConfig {
             topic_root: protocols::Topics::DEFAULT_ROOT.into(),
             public_key: None,
             insecure_trust_first_use: false,
-            http_url: "http://127.0.0.1:8080".into(),
+            http_url: "https://127.0.0.1:8080".into(),
         }
     }
 }
@@ -298,7 +298,7 @@ impl EdgeConfig {
             c.push(
                 &h.field("http_url"),
                 format!(
-                    "{:?} is not an http:// URL with a host (e.g. http://hub:8080)",
+                    "{:?} is not an https:// (or http://) URL with a host (e.g. https://hub:8080)",
                     self.hub.http_url
                 ),
             );
@@ -351,7 +351,10 @@ impl EdgeConfig {
 
 /// `http://host[:port][/path]` (https is not built in yet).
 fn valid_http_url(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
         return false;
     };
     let authority = rest.split('/').next().unwrap_or_default();
@@ -430,7 +433,14 @@ mod tests {
 
     #[test]
     fn http_urls() {
-        for ok in ["http://127.0.0.1:8080", "http://hub", "http://hub:80/base/"] {
+        // https:// since the hub serves HTTPS by default.
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://hub",
+            "http://hub:80/base/",
+            "https://hub",
+            "https://127.0.0.1:8443",
+        ] {
             assert!(valid_http_url(ok), "{ok}");
         }
         for bad in [
@@ -439,7 +449,8 @@ mod tests {
             "http://",
             "http://:80",
             "http://hub:x",
-            "https://hub",
+            "https://",
+            "ftp://hub",
         ] {
             assert!(!valid_http_url(bad), "{bad}");
         }

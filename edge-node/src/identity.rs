@@ -278,7 +278,7 @@ pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String,
         .json(&serde_json::json!({"token": token.trim(), "csr_pem": csr}))
         .send()
         .await
-        .map_err(|e| join_err(format!("{e:#}")))?;
+        .map_err(|e| join_err(chain(&e)))?;
     let status = resp.status();
     let body = resp.text().await.map_err(|e| join_err(e.to_string()))?;
     if !status.is_success() {
@@ -299,6 +299,18 @@ pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String,
     }
     .write(data_dir)?;
     Ok(answer.node)
+}
+
+/// An error with its sources (reqwest hides the TLS reason in them).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// tmp + fsync + rename (+ directory fsync); mode 0600 when `private`.

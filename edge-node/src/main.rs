@@ -42,6 +42,62 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Join a hub with a one-time token (from `POST /v1/nodes/{node}/bootstrap`):
+    /// makes this gateway's key, gets its certificate, writes
+    /// `{data_dir}/identity/`.
+    Join {
+        /// The hub's REST API, `https://HOST:PORT`.
+        #[arg(long)]
+        hub: String,
+        /// The join token `<secret>.<ca sha256>`.
+        #[arg(long, env = "EDGEFLEET_JOIN_TOKEN")]
+        token: String,
+        /// Data directory (defaults to the config's `data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// TOML config file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `edge-node join`.
+fn join(
+    hub: &str,
+    token: &str,
+    data_dir: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    let dir = match data_dir.map_or_else(|| load(config).map(|c| c.data_dir), Ok) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("edge-node: {e}");
+            return ExitCode::from(edgefleet_shell::EX_USAGE);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edge-node: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(edge_node::identity::join(hub, token, &dir)) {
+        Ok(node) => {
+            println!(
+                "edge-node: joined as {node}; identity in {}",
+                edge_node::identity::dir(&dir).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(config: Option<&std::path::Path>) -> Result<EdgeConfig, String> {
@@ -53,6 +109,12 @@ fn main() -> ExitCode {
     edgefleet_shell::init_tracing("info,rumqttc=warn,sled=warn");
     let cli = Cli::parse();
     let (cfg, run) = match cli.cmd {
+        Cmd::Join {
+            hub,
+            token,
+            data_dir,
+            config,
+        } => return join(&hub, &token, data_dir, config.as_deref()),
         Cmd::Config { config } => (load(config.as_deref()), false),
         Cmd::Run {
             config,

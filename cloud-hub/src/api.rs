@@ -33,11 +33,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json, Router};
 use protocols::Event;
@@ -153,7 +153,9 @@ fn authorize(
         (None, Some(id)) => {
             return Err(unauthenticated(
                 id.to_string(),
-                &format!("authorization: {id} certificates are not accepted on the API; use a bearer token"),
+                &format!(
+                    "authorization: {id} certificates are not accepted on the API; use a bearer token"
+                ),
             ));
         }
         (None, None) => return Err(unauthenticated("anonymous".into(), &AuthError::Missing)),
@@ -184,7 +186,10 @@ fn authorize(
     let who = principal.to_string();
     Err((
         who.clone(),
-        ApiError(StatusCode::FORBIDDEN, format!("authorization: {who}: this route {what}")),
+        ApiError(
+            StatusCode::FORBIDDEN,
+            format!("authorization: {who}: this route {what}"),
+        ),
     ))
 }
 
@@ -233,7 +238,11 @@ async fn create_token(
     checked_name("name", &req.name)?;
     let t = hub
         .auth
-        .issue(&req.name, req.role, req.ttl_secs.map(std::time::Duration::from_secs))
+        .issue(
+            &req.name,
+            req.role,
+            req.ttl_secs.map(std::time::Duration::from_secs),
+        )
         .map_err(ApiError::internal)?;
     Ok(Json(TokenIssued {
         token: t.view,
@@ -252,7 +261,10 @@ async fn delete_token(
     if hub.auth.delete(&id).map_err(ApiError::internal)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError(StatusCode::NOT_FOUND, format!("id: no token {id:?}")))
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("id: no token {id:?}"),
+        ))
     }
 }
 
@@ -332,12 +344,19 @@ async fn renew(
         ApiError(status, e)
     };
     let Principal::Node(node) = principal else {
-        return Err(refused(StatusCode::FORBIDDEN, "authorization: renew is for nodes only".into()));
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "authorization: renew is for nodes only".into(),
+        ));
     };
     let Json(req) = body.map_err(|e| refused(StatusCode::BAD_REQUEST, e.body_text()))?;
     let cert_pem = hub
         .ca
-        .sign_csr(&Identity::node(&node), &req.csr_pem, hub.security.node_cert_validity)
+        .sign_csr(
+            &Identity::node(&node),
+            &req.csr_pem,
+            hub.security.node_cert_validity,
+        )
         .map_err(|e| refused(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(Json(RenewAnswer { cert_pem }))
 }
@@ -354,7 +373,9 @@ async fn audit(
     let Query(q) = q.map_err(|e| ApiError::bad(e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::bad(format!("limit: {limit} is out of range 1..=10000")));
+        return Err(ApiError::bad(format!(
+            "limit: {limit} is out of range 1..=10000"
+        )));
     }
     Ok(Json(hub.audit.recent(limit)))
 }
@@ -472,11 +493,20 @@ async fn put_desired(
         Ok(()) => {
             // The edge may keep fetching the previous document's blobs.
             let mut grant = digests(previous.as_ref());
-            grant.extend(digests(hub.registry.get(&node).ok().flatten().and_then(|r| r.desired).as_ref()));
-            hub.auth.grant_artifacts(&node, &grant).map_err(ApiError::internal)?;
+            grant.extend(digests(
+                hub.registry
+                    .get(&node)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.desired)
+                    .as_ref(),
+            ));
+            hub.auth
+                .grant_artifacts(&node, &grant)
+                .map_err(ApiError::internal)?;
             Ok(Json(
-            serde_json::json!({"node": node, "revision": desired.revision}),
-        ))
+                serde_json::json!({"node": node, "revision": desired.revision}),
+            ))
         }
         Err(e @ SetDesiredError::Stale { .. }) => {
             Err(ApiError(StatusCode::CONFLICT, format!("revision: {e}")))

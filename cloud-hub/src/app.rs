@@ -96,7 +96,8 @@ impl App {
             None
         };
         let http_tls = tls.is_some();
-        let (tasks, drain) = spawn_tasks(&hub, &cfg, eventloop, (listener, http_addr, tls), &cancel);
+        let (tasks, drain) =
+            spawn_tasks(&hub, &cfg, eventloop, (listener, http_addr, tls), &cancel);
         info!(http = %http_addr, tls = http_tls, mqtt = ?mqtt_addr, "cloud-hub running");
         Ok(Self {
             hub,

@@ -77,11 +77,15 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let log = AuditLog::open(&db, 3).unwrap();
         for i in 0..5u16 {
-            log.record(format!("t{i}"), "PUT", "/r", "/r", 200 + i).unwrap();
+            log.record(format!("t{i}"), "PUT", "/r", "/r", 200 + i)
+                .unwrap();
         }
         let r = log.recent(10);
         assert_eq!(r.len(), 3);
-        assert_eq!(r.iter().map(|r| r.status).collect::<Vec<_>>(), [204, 203, 202]);
+        assert_eq!(
+            r.iter().map(|r| r.status).collect::<Vec<_>>(),
+            [204, 203, 202]
+        );
         assert_eq!(log.recent(1)[0].who, "t4");
     }
 }

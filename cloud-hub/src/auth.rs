@@ -181,9 +181,15 @@ impl Auth {
     /// Records the artifacts `node` may fetch besides those of its current
     /// desired state: those of the one before (the edge keeps the previous
     /// desired state's blobs to roll back to, and may still be fetching them).
-    pub fn grant_artifacts(&self, node: &str, digests: &std::collections::BTreeSet<String>) -> Result<(), AuthError> {
-        self.grants
-            .insert(node.as_bytes(), serde_json::to_vec(digests).unwrap_or_default())?;
+    pub fn grant_artifacts(
+        &self,
+        node: &str,
+        digests: &std::collections::BTreeSet<String>,
+    ) -> Result<(), AuthError> {
+        self.grants.insert(
+            node.as_bytes(),
+            serde_json::to_vec(digests).unwrap_or_default(),
+        )?;
         Ok(())
     }
 
@@ -214,7 +220,12 @@ impl Auth {
     }
 
     /// Issues an operator token (`ttl` `None`: no expiry).
-    pub fn issue(&self, name: &str, role: Role, ttl: Option<Duration>) -> Result<NewToken, AuthError> {
+    pub fn issue(
+        &self,
+        name: &str,
+        role: Role,
+        ttl: Option<Duration>,
+    ) -> Result<NewToken, AuthError> {
         let id = random_hex(8);
         let secret = random_hex(32);
         let created_ms = now_ms();
@@ -223,7 +234,9 @@ impl Auth {
             name: name.to_owned(),
             role,
             created_ms,
-            expires_ms: ttl.map(|t| created_ms.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))),
+            expires_ms: ttl.map(|t| {
+                created_ms.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX))
+            }),
         };
         let rec = TokenRecord {
             view: view.clone(),
@@ -257,7 +270,10 @@ impl Auth {
 
     /// The principal of a bearer token.
     pub fn verify(&self, bearer: &str) -> Result<Principal, AuthError> {
-        let (id, secret) = bearer.trim().split_once('.').ok_or(AuthError::UnknownToken)?;
+        let (id, secret) = bearer
+            .trim()
+            .split_once('.')
+            .ok_or(AuthError::UnknownToken)?;
         let rec: TokenRecord = self
             .tokens
             .get(id.as_bytes())?
@@ -278,17 +294,25 @@ impl Auth {
     }
 
     /// A one-time join token for `node`, pinning the CA `ca_fingerprint`.
-    pub fn bootstrap(&self, node: &str, ttl: Duration, ca_fingerprint: &str) -> Result<(String, u64), AuthError> {
+    pub fn bootstrap(
+        &self,
+        node: &str,
+        ttl: Duration,
+        ca_fingerprint: &str,
+    ) -> Result<(String, u64), AuthError> {
         self.purge_expired_joins()?;
         let secret = random_hex(32);
-        let expires_ms = now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let expires_ms =
+            now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
         let rec = JoinRecord {
             node: node.to_owned(),
             expires_ms,
             used: false,
         };
-        self.joins
-            .insert(sha_hex(&secret), serde_json::to_vec(&rec).unwrap_or_default())?;
+        self.joins.insert(
+            sha_hex(&secret),
+            serde_json::to_vec(&rec).unwrap_or_default(),
+        )?;
         self.joins.flush()?;
         Ok((format!("{secret}.{ca_fingerprint}"), expires_ms))
     }
@@ -325,7 +349,8 @@ impl Auth {
     fn purge_expired_joins(&self) -> Result<(), AuthError> {
         let now = now_ms();
         for (k, v) in self.joins.iter().filter_map(Result::ok) {
-            let expired = serde_json::from_slice::<JoinRecord>(&v).map_or(true, |r| now >= r.expires_ms);
+            let expired =
+                serde_json::from_slice::<JoinRecord>(&v).map_or(true, |r| now >= r.expires_ms);
             if expired {
                 self.joins.remove(k)?;
             }
@@ -347,11 +372,22 @@ mod tests {
     fn tokens_verify_by_secret_and_expire() {
         let a = auth();
         let t = a.issue("ci", Role::Operator, None).unwrap();
-        assert!(matches!(a.verify(&t.secret).unwrap(), Principal::Token { role: Role::Operator, .. }));
+        assert!(matches!(
+            a.verify(&t.secret).unwrap(),
+            Principal::Token {
+                role: Role::Operator,
+                ..
+            }
+        ));
         let (id, _) = t.secret.split_once('.').unwrap();
-        assert!(matches!(a.verify(&format!("{id}.{}", "0".repeat(64))), Err(AuthError::UnknownToken)));
+        assert!(matches!(
+            a.verify(&format!("{id}.{}", "0".repeat(64))),
+            Err(AuthError::UnknownToken)
+        ));
         assert!(matches!(a.verify("nodot"), Err(AuthError::UnknownToken)));
-        let short = a.issue("short", Role::Viewer, Some(Duration::ZERO)).unwrap();
+        let short = a
+            .issue("short", Role::Viewer, Some(Duration::ZERO))
+            .unwrap();
         assert!(matches!(a.verify(&short.secret), Err(AuthError::Expired(n)) if n == "short"));
         assert!(a.delete(id).unwrap());
         assert!(matches!(a.verify(&t.secret), Err(AuthError::UnknownToken)));
@@ -361,12 +397,24 @@ mod tests {
     fn a_join_token_works_once_and_not_after_its_ttl() {
         let a = auth();
         let (t, _) = a.bootstrap("n1", Duration::from_secs(60), "ca1").unwrap();
-        assert!(matches!(a.consume_join(&t, "ca2"), Err(AuthError::JoinWrongCa(_))));
+        assert!(matches!(
+            a.consume_join(&t, "ca2"),
+            Err(AuthError::JoinWrongCa(_))
+        ));
         assert_eq!(a.consume_join(&t, "ca1").unwrap(), "n1");
-        assert!(matches!(a.consume_join(&t, "ca1"), Err(AuthError::JoinReused)));
+        assert!(matches!(
+            a.consume_join(&t, "ca1"),
+            Err(AuthError::JoinReused)
+        ));
         let (old, _) = a.bootstrap("n2", Duration::ZERO, "ca1").unwrap();
-        assert!(matches!(a.consume_join(&old, "ca1"), Err(AuthError::JoinExpired)));
-        assert!(matches!(a.consume_join("x.ca1", "ca1"), Err(AuthError::UnknownJoin)));
+        assert!(matches!(
+            a.consume_join(&old, "ca1"),
+            Err(AuthError::JoinExpired)
+        ));
+        assert!(matches!(
+            a.consume_join("x.ca1", "ca1"),
+            Err(AuthError::UnknownJoin)
+        ));
     }
 
     #[test]
@@ -374,8 +422,14 @@ mod tests {
         assert_eq!(required("GET", "/healthz"), Need::Public);
         assert_eq!(required("POST", "/v1/join"), Need::Public);
         assert_eq!(required("GET", "/v1/nodes"), Need::Role(Role::Viewer));
-        assert_eq!(required("PUT", "/v1/nodes/{node}/desired"), Need::Role(Role::Operator));
-        assert_eq!(required("DELETE", "/v1/tokens/{id}"), Need::Role(Role::Admin));
+        assert_eq!(
+            required("PUT", "/v1/nodes/{node}/desired"),
+            Need::Role(Role::Operator)
+        );
+        assert_eq!(
+            required("DELETE", "/v1/tokens/{id}"),
+            Need::Role(Role::Admin)
+        );
         assert_eq!(required("GET", "/v1/audit"), Need::Role(Role::Admin));
         assert_eq!(required("POST", "/v1/renew"), Need::Node);
     }

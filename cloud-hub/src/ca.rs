@@ -22,8 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::RngCore as _;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
-    PublicKeyData, SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -204,8 +204,8 @@ impl Ca {
             path: cert_path.display().to_string(),
             detail: "not a PEM certificate".into(),
         })?;
-        let issuer =
-            Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(|e| malformed(&cert_path, e))?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
+            .map_err(|e| malformed(&cert_path, e))?;
         Ok(Self {
             issuer,
             cert_pem,
@@ -235,8 +235,12 @@ impl Ca {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(sans.to_vec())?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, "edgefleet hub");
-        params.distinguished_name.push(DnType::OrganizationalUnitName, "hub");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "edgefleet hub");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "hub");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert_pem = self.sign(params, &key, None, SERVER_CERT_VALIDITY)?;
         Ok(KeyedCert {
@@ -247,7 +251,11 @@ impl Ca {
 
     /// A fresh key and a client certificate for `identity` (for holders
     /// that cannot make a CSR themselves, and test rigs).
-    pub fn issue_keyed(&self, identity: &Identity, validity: Duration) -> Result<KeyedCert, CaError> {
+    pub fn issue_keyed(
+        &self,
+        identity: &Identity,
+        validity: Duration,
+    ) -> Result<KeyedCert, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert_pem = self.sign(client_params(identity), &key, Some(identity), validity)?;
         Ok(KeyedCert {
@@ -275,7 +283,12 @@ impl Ca {
         csr: &CertificateSigningRequestParams,
         validity: Duration,
     ) -> Result<String, CaError> {
-        self.sign(client_params(identity), &csr.public_key, Some(identity), validity)
+        self.sign(
+            client_params(identity),
+            &csr.public_key,
+            Some(identity),
+            validity,
+        )
     }
 
     fn sign(
@@ -486,7 +499,9 @@ mod tests {
         );
 
         std::fs::remove_file(dir.path().join("ca/ca.crt")).unwrap();
-        let e = Ca::open(&dir.path().join("ca"), &db).unwrap_err().to_string();
+        let e = Ca::open(&dir.path().join("ca"), &db)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only one of ca.key and ca.crt"), "{e}");
     }
 }

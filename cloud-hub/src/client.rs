@@ -113,7 +113,8 @@ pub fn tls_config(
 ) -> Result<rustls::ClientConfig, ClientError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &str, e: &dyn std::fmt::Display| ClientError::Credentials(format!("{what}: {e}"));
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| ClientError::Credentials(format!("{what}: {e}"));
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots
@@ -121,7 +122,9 @@ pub fn tls_config(
             .map_err(|e| bad("ca", &e))?;
     }
     if roots.is_empty() {
-        return Err(ClientError::Credentials("ca: no certificate in the PEM".into()));
+        return Err(ClientError::Credentials(
+            "ca: no certificate in the PEM".into(),
+        ));
     }
     let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
@@ -211,7 +214,10 @@ impl HubClient {
     }
 
     /// A client with every option.
-    pub fn with_options(base: impl Into<String>, opts: &ClientOptions) -> Result<Self, ClientError> {
+    pub fn with_options(
+        base: impl Into<String>,
+        opts: &ClientOptions,
+    ) -> Result<Self, ClientError> {
         let base = base.into().trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::BadUrl(base));
@@ -226,7 +232,10 @@ impl HubClient {
             builder = builder.default_headers(headers);
         }
         if let Some(ca) = &opts.ca_pem {
-            let identity = opts.identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str()));
+            let identity = opts
+                .identity
+                .as_ref()
+                .map(|(c, k)| (c.as_str(), k.as_str()));
             builder = builder.use_preconfigured_tls(tls_config(ca, identity)?);
         }
         let http = builder.build().map_err(|source| ClientError::Transport {

@@ -191,8 +191,8 @@ impl Stores {
         let ca = crate::ca::Ca::open(&cfg.data_dir.join("ca"), &db)?;
         let auth = crate::auth::Auth::open(&db)?;
         auth.ensure_admin(&cfg.data_dir)?;
-        let audit =
-            crate::audit::AuditLog::open(&db, cfg.security.audit_capacity).map_err(HubError::Audit)?;
+        let audit = crate::audit::AuditLog::open(&db, cfg.security.audit_capacity)
+            .map_err(HubError::Audit)?;
         Ok(Self {
             db,
             key,

@@ -29,8 +29,8 @@ pub mod keys;
 pub mod metrics;
 pub mod registry;
 pub mod session;
-pub mod tls;
 pub mod sink;
+pub mod tls;
 
 pub use app::App;
 pub use config::HubConfig;

@@ -62,12 +62,14 @@ pub fn server_config(ca: &Ca, sans: &[String]) -> Result<Arc<ServerConfig>, TlsE
         CertificateDer::from_pem_slice(keyed.cert_pem.as_bytes()).map_err(|e| rustls_err(&e))?,
         CertificateDer::from(ca.cert_der().to_vec()),
     ];
-    let key = PrivateKeyDer::from_pem_slice(keyed.key_pem.as_bytes()).map_err(|e| rustls_err(&e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(keyed.key_pem.as_bytes()).map_err(|e| rustls_err(&e))?;
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| rustls_err(&e))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| rustls_err(&e))?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| rustls_err(&e))?
@@ -179,7 +181,13 @@ impl Listener for PlainListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let (io, addr) = Listener::accept(&mut self.0).await;
-        (io, Peer { addr, identity: None })
+        (
+            io,
+            Peer {
+                addr,
+                identity: None,
+            },
+        )
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

@@ -56,7 +56,11 @@ async fn every_protected_route_needs_a_credential_and_the_right_role() {
     let sha = "ab".repeat(32);
     // Public.
     for path in ["/healthz", "/readyz"] {
-        let r = http.get(format!("{}{path}", hub.base())).send().await.unwrap();
+        let r = http
+            .get(format!("{}{path}", hub.base()))
+            .send()
+            .await
+            .unwrap();
         assert_ne!(r.status(), 401, "{path}");
     }
     // Everything else: 401 with a JSON error.
@@ -88,7 +92,10 @@ async fn every_protected_route_needs_a_credential_and_the_right_role() {
         assert_eq!(r.status(), 401, "{method} {path}");
         let body: serde_json::Value = r.json().await.unwrap();
         assert!(
-            body["error"].as_str().unwrap().starts_with("authorization:"),
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("authorization:"),
             "{method} {path}: {body}"
         );
         let bad = http
@@ -111,19 +118,41 @@ async fn every_protected_route_needs_a_credential_and_the_right_role() {
     assert!(plain.is_err() || plain.unwrap().status() != 200);
 
     let admin = &hub.client;
-    let viewer = with_token(&hub, &admin.create_token("v", Role::Viewer, None).await.unwrap().secret);
-    let operator = admin.create_token("op", Role::Operator, None).await.unwrap();
+    let viewer = with_token(
+        &hub,
+        &admin
+            .create_token("v", Role::Viewer, None)
+            .await
+            .unwrap()
+            .secret,
+    );
+    let operator = admin
+        .create_token("op", Role::Operator, None)
+        .await
+        .unwrap();
     let op = with_token(&hub, &operator.secret);
 
     // Viewer reads, cannot write.
     viewer.nodes().await.unwrap();
     let art = op.put_artifact(b"model bytes".to_vec()).await.unwrap();
-    let e = viewer.put_desired_json("n1", &desired(1, &art.sha256, art.size)).await.unwrap_err();
+    let e = viewer
+        .put_desired_json("n1", &desired(1, &art.sha256, art.size))
+        .await
+        .unwrap_err();
     assert_eq!(e.status(), Some(403), "{e}");
     assert!(e.to_string().contains("needs the operator role"), "{e}");
-    assert_eq!(viewer.put_artifact(b"x".to_vec()).await.unwrap_err().status(), Some(403));
+    assert_eq!(
+        viewer
+            .put_artifact(b"x".to_vec())
+            .await
+            .unwrap_err()
+            .status(),
+        Some(403)
+    );
     // Operator writes, is not admin.
-    op.put_desired_json("n1", &desired(1, &art.sha256, art.size)).await.unwrap();
+    op.put_desired_json("n1", &desired(1, &art.sha256, art.size))
+        .await
+        .unwrap();
     for e in [
         op.tokens().await.unwrap_err(),
         op.create_token("x", Role::Admin, None).await.unwrap_err(),
@@ -135,16 +164,26 @@ async fn every_protected_route_needs_a_credential_and_the_right_role() {
     }
     // Tokens: listed without secrets, deleted ones and expired ones refused.
     let list = admin.tokens().await.unwrap();
-    assert!(list.iter().any(|t| t.name == "op" && t.role == Role::Operator));
+    assert!(
+        list.iter()
+            .any(|t| t.name == "op" && t.role == Role::Operator)
+    );
     admin.delete_token(&operator.token.id).await.unwrap();
     assert_eq!(op.nodes().await.unwrap_err().status(), Some(401));
-    let short = admin.create_token("short", Role::Viewer, Some(Duration::ZERO)).await.unwrap();
+    let short = admin
+        .create_token("short", Role::Viewer, Some(Duration::ZERO))
+        .await
+        .unwrap();
     let e = with_token(&hub, &short.secret).nodes().await.unwrap_err();
     assert_eq!(e.status(), Some(401));
     assert!(e.to_string().contains("expired"), "{e}");
 
     // A node certificate: its own artifacts only, renew, then revoked.
-    let node_cert = hub.hub.ca.issue_keyed(&Identity::node("n1"), Duration::from_secs(600)).unwrap();
+    let node_cert = hub
+        .hub
+        .ca
+        .issue_keyed(&Identity::node("n1"), Duration::from_secs(600))
+        .unwrap();
     let node = HubClient::with_options(
         hub.base(),
         &ClientOptions {
@@ -161,38 +200,72 @@ async fn every_protected_route_needs_a_credential_and_the_right_role() {
     assert_eq!(node.nodes().await.unwrap_err().status(), Some(403));
     // The previous desired state's artifacts stay fetchable.
     let newer = admin.put_artifact(b"model v2".to_vec()).await.unwrap();
-    admin.put_desired_json("n1", &desired(2, &newer.sha256, newer.size)).await.unwrap();
+    admin
+        .put_desired_json("n1", &desired(2, &newer.sha256, newer.size))
+        .await
+        .unwrap();
     node.artifact(&art.sha256).await.unwrap();
     node.artifact(&newer.sha256).await.unwrap();
 
     let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
     let renewed = node.renew(&csr).await.unwrap();
-    assert_eq!(identity_of(&pem_der(&renewed.cert_pem).unwrap()), Some(Identity::node("n1")));
+    assert_eq!(
+        identity_of(&pem_der(&renewed.cert_pem).unwrap()),
+        Some(Identity::node("n1"))
+    );
     assert_eq!(admin.renew(&csr).await.unwrap_err().status(), Some(403));
     admin.revoke("n1").await.unwrap();
     assert!(hub.hub.ca.is_revoked(&Identity::node("n1")));
     assert_eq!(node.renew(&csr).await.unwrap_err().status(), Some(401));
-    assert_eq!(node.artifact(&art.sha256).await.unwrap_err().status(), Some(401));
+    assert_eq!(
+        node.artifact(&art.sha256).await.unwrap_err().status(),
+        Some(401)
+    );
 
     // The audit log has the changes, refused ones too, newest first.
     let audit = admin.audit(1000).await.unwrap();
     let has = |who: &str, method: &str, route: &str, status: u16| {
-        audit
-            .iter()
-            .any(|r| r.who.starts_with(who) && r.method == method && r.route == route && r.status == status)
+        audit.iter().any(|r| {
+            r.who.starts_with(who) && r.method == method && r.route == route && r.status == status
+        })
     };
-    assert!(has("token:op(", "PUT", "/v1/nodes/{node}/desired", 200), "{audit:#?}");
-    assert!(has("token:v(", "PUT", "/v1/nodes/{node}/desired", 403), "{audit:#?}");
-    assert!(has("anonymous", "PUT", "/v1/nodes/{node}/desired", 401), "{audit:#?}");
-    assert!(has("token:admin(", "POST", "/v1/nodes/{node}/revoke", 200), "{audit:#?}");
+    assert!(
+        has("token:op(", "PUT", "/v1/nodes/{node}/desired", 200),
+        "{audit:#?}"
+    );
+    assert!(
+        has("token:v(", "PUT", "/v1/nodes/{node}/desired", 403),
+        "{audit:#?}"
+    );
+    assert!(
+        has("anonymous", "PUT", "/v1/nodes/{node}/desired", 401),
+        "{audit:#?}"
+    );
+    assert!(
+        has("token:admin(", "POST", "/v1/nodes/{node}/revoke", 200),
+        "{audit:#?}"
+    );
     assert!(has("node:n1", "POST", "/v1/renew", 200), "{audit:#?}");
     assert!(audit.iter().all(|r| r.method != "GET"));
     assert!(audit.windows(2).all(|w| w[0].seq > w[1].seq));
     let metrics = admin.metrics().await.unwrap();
-    assert!(!metrics.contains("edgefleet_hub_auth_unauthenticated_total 0\n"), "{metrics}");
-    assert!(!metrics.contains("edgefleet_hub_auth_forbidden_total 0\n"), "{metrics}");
-    assert!(!metrics.contains("edgefleet_hub_artifact_denied_total 0\n"), "{metrics}");
+    assert!(
+        !metrics.contains("edgefleet_hub_auth_unauthenticated_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("edgefleet_hub_auth_forbidden_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("edgefleet_hub_artifact_denied_total 0\n"),
+        "{metrics}"
+    );
     hub.stop().await.unwrap();
 }
 
@@ -201,12 +274,18 @@ async fn a_join_token_works_once_and_expires() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = HubHarness::config(&dir.path().join("hub"));
     cfg.security.join_token_ttl = Duration::from_secs(1);
-    let hub = tokio::time::timeout(DEADLINE, HubHarness::start(cfg)).await.unwrap().unwrap();
+    let hub = tokio::time::timeout(DEADLINE, HubHarness::start(cfg))
+        .await
+        .unwrap()
+        .unwrap();
     // The admin token file is private.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let m = std::fs::metadata(dir.path().join("hub/admin.token")).unwrap().permissions().mode();
+        let m = std::fs::metadata(dir.path().join("hub/admin.token"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(m & 0o777, 0o600);
     }
     let anonymous = HubClient::with_options(
@@ -220,7 +299,8 @@ async fn a_join_token_works_once_and_expires() {
     let csr = || {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::default();
-        p.distinguished_name.push(rcgen::DnType::CommonName, "admin");
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "admin");
         p.serialize_request(&key).unwrap().pem().unwrap()
     };
     let t = hub.client.bootstrap("n7").await.unwrap();
@@ -229,7 +309,10 @@ async fn a_join_token_works_once_and_expires() {
     assert_eq!(joined.node, "n7");
     assert_eq!(joined.hub_public_key, hub.public_key);
     // The hub set the name, not the CSR.
-    assert_eq!(identity_of(&pem_der(&joined.cert_pem).unwrap()), Some(Identity::node("n7")));
+    assert_eq!(
+        identity_of(&pem_der(&joined.cert_pem).unwrap()),
+        Some(Identity::node("n7"))
+    );
     let e = anonymous.join(&t.token, &csr()).await.unwrap_err();
     assert_eq!(e.status(), Some(401), "{e}");
     assert!(e.to_string().contains("already used"), "{e}");
@@ -242,7 +325,14 @@ async fn a_join_token_works_once_and_expires() {
     assert!(e.to_string().contains("expired"), "{e}");
     // A bad CSR does not spend the token.
     let good = hub.client.bootstrap("n9").await.unwrap();
-    assert_eq!(anonymous.join(&good.token, "junk").await.unwrap_err().status(), Some(400));
+    assert_eq!(
+        anonymous
+            .join(&good.token, "junk")
+            .await
+            .unwrap_err()
+            .status(),
+        Some(400)
+    );
     anonymous.join(&good.token, &csr()).await.unwrap();
     let m = hub.client.metrics().await.unwrap();
     assert!(m.contains("edgefleet_hub_join_refused_total 4\n"), "{m}");

@@ -233,12 +233,10 @@ impl ArtifactFetcher {
         if let Some(tls) = tls {
             builder = builder.use_preconfigured_tls(tls);
         }
-        let http = builder
-            .build()
-            .map_err(|source| FetchError::Http {
-                digest: String::new(),
-                source,
-            })?;
+        let http = builder.build().map_err(|source| FetchError::Http {
+            digest: String::new(),
+            source,
+        })?;
         Ok(Self {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),

@@ -14,8 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -134,8 +134,8 @@ impl Identity {
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad("node.crt", &e))?;
-        let key =
-            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad("node.key", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| bad("node.key", &e))?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad("tls", &e))?
@@ -180,9 +180,10 @@ impl ServerCertVerifier for PinnedCa {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -235,7 +236,10 @@ struct JoinAnswer {
 /// sends the CSR, checks the CA against the token's pin, writes the
 /// identity files under `data_dir`. Returns the node name the hub set.
 pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String, IdentityError> {
-    let (_, pin) = token.trim().split_once('.').ok_or(IdentityError::BadToken)?;
+    let (_, pin) = token
+        .trim()
+        .split_once('.')
+        .ok_or(IdentityError::BadToken)?;
     if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(IdentityError::BadToken);
     }
@@ -286,8 +290,8 @@ pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String,
     }
     let answer: JoinAnswer =
         serde_json::from_str(&body).map_err(|e| join_err(format!("unexpected answer: {e}")))?;
-    let ca_der = CertificateDer::from_pem_slice(answer.ca_pem.as_bytes())
-        .map_err(|e| bad("ca_pem", &e))?;
+    let ca_der =
+        CertificateDer::from_pem_slice(answer.ca_pem.as_bytes()).map_err(|e| bad("ca_pem", &e))?;
     if sha256_hex(&ca_der) != pin {
         return Err(IdentityError::WrongCa(pin));
     }

@@ -43,14 +43,23 @@ async fn a_joined_node_runs_on_its_identity_and_applies_signed_desired_state() {
     // A token pinning another CA is refused before anything is sent.
     let t = hub.client.bootstrap("j1").await.unwrap();
     let (secret, _) = t.token.split_once('.').unwrap();
-    let wrong = join_cli(hub.base(), &format!("{secret}.{}", "00".repeat(32)), &edge_dir).await;
+    let wrong = join_cli(
+        hub.base(),
+        &format!("{secret}.{}", "00".repeat(32)),
+        &edge_dir,
+    )
+    .await;
     assert!(!wrong.status.success());
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("pin"), "{err}");
     assert!(!edge_node::identity::dir(&edge_dir).exists());
 
     let out = join_cli(hub.base(), &t.token, &edge_dir).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let id = edge_node::identity::dir(&edge_dir);
     for f in ["node.key", "node.crt", "ca.crt", "hub.pub"] {
         assert!(id.join(f).exists(), "{f}");
@@ -58,7 +67,10 @@ async fn a_joined_node_runs_on_its_identity_and_applies_signed_desired_state() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let m = std::fs::metadata(id.join("node.key")).unwrap().permissions().mode();
+        let m = std::fs::metadata(id.join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(m & 0o777, 0o600);
     }
     assert_eq!(
@@ -90,14 +102,18 @@ async fn a_joined_node_runs_on_its_identity_and_applies_signed_desired_state() {
         )
         .await
         .unwrap();
-    eventually("revision 1 applied by the joined node", DEADLINE, || async {
-        hub.client
-            .node("j1")
-            .await
-            .ok()
-            .flatten()
-            .filter(|n| n.reported.as_ref().is_some_and(|r| r.applied_revision == 1))
-    })
+    eventually(
+        "revision 1 applied by the joined node",
+        DEADLINE,
+        || async {
+            hub.client
+                .node("j1")
+                .await
+                .ok()
+                .flatten()
+                .filter(|n| n.reported.as_ref().is_some_and(|r| r.applied_revision == 1))
+        },
+    )
     .await;
     let blob = edge_dir.join("artifacts").join(&art.sha256);
     assert_eq!(std::fs::read(&blob).unwrap(), model, "{}", blob.display());

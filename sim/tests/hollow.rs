@@ -214,9 +214,9 @@ async fn hollow_external_mosquitto() {
         HubClient::DEFAULT_TIMEOUT,
     )
     .unwrap()
-        .nodes()
-        .await
-        .unwrap();
+    .nodes()
+    .await
+    .unwrap();
     let applied = views
         .iter()
         .filter(|v| v.node.starts_with("hollow-"))

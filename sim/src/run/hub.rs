@@ -211,9 +211,11 @@ impl Hub {
             proc,
         };
         let ca = data_dir.join("ca").join("ca.crt");
-        wait_until("the hub's CA and admin token", Duration::from_secs(60), || async {
-            (ca.exists() && data_dir.join("admin.token").exists()).then_some(())
-        })
+        wait_until(
+            "the hub's CA and admin token",
+            Duration::from_secs(60),
+            || async { (ca.exists() && data_dir.join("admin.token").exists()).then_some(()) },
+        )
         .await?;
         hub.client = HubClient::local_admin(base, &data_dir, Self::TIMEOUT)?;
         hub.wait_healthy(Duration::from_secs(60)).await?;

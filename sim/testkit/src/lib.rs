@@ -221,8 +221,7 @@ impl HubHarness {
                         return Ok(());
                     }
                 };
-                let started =
-                    Self::client_of(&app, &dir).map(|c| (c, app.hub(), app.mqtt_addr()));
+                let started = Self::client_of(&app, &dir).map(|c| (c, app.hub(), app.mqtt_addr()));
                 let _ = tx.send(started);
                 app.run().await
             })

@@ -61,7 +61,7 @@ impl AuditLog {
             .filter_map(Result::ok)
             .filter_map(|v| serde_json::from_slice(&v).ok())
             .collect();
-        all.sort_by(|a, b| b.seq.cmp(&a.seq));
+        all.sort_by_key(|r| std::cmp::Reverse(r.seq));
         all.truncate(limit);
         all
     }

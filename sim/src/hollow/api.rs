@@ -94,7 +94,7 @@ fn detail(e: ClientError) -> String {
         } => format!("{}: {}", status_text(status), message.trim()),
         ClientError::Transport { source, .. } => source.to_string(),
         ClientError::Decode { source, .. } => source.to_string(),
-        ClientError::BadUrl(_) => e.to_string(),
+        ClientError::BadUrl(_) | ClientError::Credentials(_) => e.to_string(),
     }
 }
 

@@ -231,6 +231,14 @@ fn parse_status(text: &str) -> Memory {
     }
 }
 
+/// Where the CA certificate of a local hub is (an empty path when unknown).
+fn cfg_ca(ep: &HubEndpoint) -> PathBuf {
+    ep.data_dir
+        .as_ref()
+        .map(|d| d.join("ca").join("ca.crt"))
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
@@ -249,12 +257,4 @@ mod tests {
         let me = memory(std::process::id()).unwrap();
         assert!(me.rss_bytes > 0 && me.hwm_bytes >= me.rss_bytes);
     }
-}
-
-/// Where the CA certificate of a local hub is (an empty path when unknown).
-fn cfg_ca(ep: &HubEndpoint) -> PathBuf {
-    ep.data_dir
-        .as_ref()
-        .map(|d| d.join("ca").join("ca.crt"))
-        .unwrap_or_default()
 }

@@ -2,9 +2,12 @@
 //!
 //! An edge deletes outbox entries only when the hub acks them, so an ack must
 //! never run ahead of durability. Every `ack_interval` the ack task ([`run`])
-//! flushes the sink and publishes, per (node, stream) whose watermark moved,
-//! one cumulative [`Ack`] `{stream, up_to_seq}` on the node's `ack` topic
-//! (QoS 1, not retained). A draining hub does one last round
+//! flushes the sink and publishes, per (node, stream) whose watermark moved
+//! (or that an edge resent after its ack was lost), one cumulative [`Ack`]
+//! `{stream, up_to_seq}` on the node's `ack` topic (QoS 1, not retained),
+//! signed for that node with the hub's desired-state key
+//! ([`protocols::SignedAck`]): an edge acts only on acks that verify with the
+//! key it trusts and that name it. A draining hub does one last round
 //! ([`publish_due`]) after the ack task ended, and the session waits until
 //! the broker has taken them (see [`crate::session::Drain`]).
 //!
@@ -18,8 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocols::codec::encode_json;
-use protocols::{Ack, TopicKind};
+use protocols::{Ack, SignedAck, TopicKind};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 
@@ -72,13 +74,11 @@ async fn due(hub: &Hub) -> Result<Vec<AckMessage>, HubError> {
         .await?
         .into_iter()
         .map(|(node, stream, up_to)| -> Result<AckMessage, HubError> {
-            let payload = encode_json(
-                "ack",
-                &Ack {
-                    stream,
-                    up_to_seq: up_to,
-                },
-            )?;
+            let ack = Ack {
+                stream,
+                up_to_seq: up_to,
+            };
+            let payload = SignedAck::sign(&node, &ack, &hub.key)?.encode()?;
             Ok(AckMessage {
                 topic: hub.topics.node(&node, TopicKind::Ack),
                 payload,

@@ -23,7 +23,8 @@ use cloud_hub::api::SamplePage;
 use cloud_hub::client::HubClient;
 use cloud_hub::sink::StreamStats;
 use protocols::codec::{decode_json, encode_batch};
-use protocols::{Ack, Quality, Sample, TelemetryBatch, TopicKind, Topics};
+use protocols::signing::VerifyingKey;
+use protocols::{Ack, Quality, Sample, SignedAck, TelemetryBatch, TopicKind, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
@@ -158,7 +159,8 @@ struct Node {
 }
 
 impl Node {
-    async fn connect(port: u16) -> Self {
+    /// `hub_key`: the hub's key; every ack must be signed with it for this node.
+    async fn connect(port: u16, hub_key: VerifyingKey) -> Self {
         let topics = Topics::default();
         let mut o = MqttOptions::new(NODE, "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(5));
@@ -180,7 +182,7 @@ impl Node {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let ack: Ack = decode_json("ack", &p.payload).unwrap();
+                        let ack = SignedAck::open(&p.payload, &hub_key, NODE).unwrap();
                         seen.lock().unwrap().push(ack);
                     }
                     Ok(_) => {}
@@ -225,7 +227,11 @@ async fn drain_then_restart(dir: &Path) {
     .unwrap();
     let started = tokio::time::Instant::now();
     let hub = HubProcess::start(dir, "1").await;
-    let node = Node::connect(hub.mqtt).await;
+    // The hub created its signing key in its data dir at start.
+    let hub_key = cloud_hub::keys::load_or_create(&dir.join("data"))
+        .unwrap()
+        .verifying_key();
+    let node = Node::connect(hub.mqtt, hub_key).await;
     for b in 0..BATCHES {
         node.publish(&batch(1 + b * PER_BATCH)).await;
     }

@@ -40,6 +40,21 @@ counters! {
     resends,
     /// Acks applied.
     acks,
+    /// Acks refused: no hub key is trusted yet, so nothing can be verified.
+    acks_refused_no_key,
+    /// Acks refused: not a signed ack envelope (e.g. a bare, unsigned ack).
+    acks_refused_unsigned,
+    /// Acks refused: the signature does not verify with the trusted hub key.
+    acks_refused_bad_signature,
+    /// Acks refused: signed for another node (replayed from its topic).
+    acks_refused_wrong_node,
+    /// Acks refused: signed, but the claim or its stream name is invalid.
+    acks_refused_invalid,
+    /// Verified acks for a stream with no outbox: ignored, no outbox created.
+    acks_unknown_stream,
+    /// Verified acks above the highest sequence number handed to the link:
+    /// clamped to it.
+    acks_beyond_published,
     /// Samples released by acks.
     samples_acked,
     /// Incoming messages that did not decode.

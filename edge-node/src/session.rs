@@ -17,7 +17,10 @@
 //!   → the document names this node → not stale (an older revision is refused
 //!   with an event; the applied revision again is a retained re-delivery and
 //!   ignored) → pin the signer's key if none was trusted → persist → apply;
-//! - an `ack` message becomes [`Output::Ack`] for the outbox of its stream;
+//! - an `ack` message becomes [`Output::Ack`] for the outbox of its stream,
+//!   but only a [`SignedAck`] that verifies with the trusted hub key and names
+//!   this node; anything else (unsigned, bad signature, another node's, no
+//!   key trusted yet) is refused and counted by reason (`acks_refused_*`);
 //! - a periodic tick re-publishes the reported state while connected, at the
 //!   applied document's `report_interval_ms`;
 //! - at start, [`Input::Restore`] re-applies the stored desired revision and
@@ -34,14 +37,15 @@
 //!   the same document: the driver writes it to disk before acting on it, so
 //!   a restart with no link re-applies the last accepted revision.
 //! - The applied revision never goes down.
+//! - No [`Output::Ack`] without a verified, hub-signed ack for this node.
 
 use std::sync::Arc;
 
-use protocols::codec::{decode_json, encode_json};
+use protocols::codec::encode_json;
 use protocols::signing::{VerifyingKey, key_from_hex, key_to_hex};
 use protocols::{
-    Ack, DesiredState, Event, EventKind, LossWindow, NodeState, NodeStatus, ReportedState,
-    SignedDesired, TopicKind, Topics,
+    AckError, DesiredState, Event, EventKind, LossWindow, NodeState, NodeStatus, ReportedState,
+    SignedAck, SignedDesired, TopicKind, Topics,
 };
 
 use crate::metrics::Counters;
@@ -352,18 +356,38 @@ impl Session {
         out
     }
 
+    /// An ack is acted on only if it is a [`SignedAck`] that verifies with
+    /// the trusted hub key and names this node; with no trusted key yet,
+    /// every ack is refused. Each refusal is counted by reason and logged at
+    /// debug level (a flood of forged acks must not flood the log).
     fn on_ack(&mut self, payload: &[u8], now_ms: u64) -> Vec<Output> {
-        let ack: Ack = match decode_json("ack", payload) {
+        let Some(key) = self.trusted else {
+            Counters::add(&self.counters.acks_refused_no_key, 1);
+            tracing::debug!(node = %self.node, "ack refused: no hub key trusted yet");
+            return Vec::new();
+        };
+        let ack = match SignedAck::open(payload, &key, &self.node) {
             Ok(a) => a,
             Err(e) => {
-                Counters::add(&self.counters.bad_messages, 1);
-                let topic = self.topic(TopicKind::Ack);
-                return vec![self.event(EventKind::BadMessage { topic }, e.to_string(), now_ms)];
+                let c = &self.counters;
+                Counters::add(
+                    match e {
+                        AckError::Unsigned(_) => &c.acks_refused_unsigned,
+                        AckError::BadSignature => &c.acks_refused_bad_signature,
+                        AckError::WrongNode { .. } => &c.acks_refused_wrong_node,
+                        AckError::Payload(_) => &c.acks_refused_invalid,
+                    },
+                    1,
+                );
+                tracing::debug!(node = %self.node, error = %e, "ack refused");
+                return Vec::new();
             }
         };
         if !protocols::validate::is_valid_name(&ack.stream) {
-            Counters::add(&self.counters.bad_messages, 1);
-            return Vec::new();
+            Counters::add(&self.counters.acks_refused_invalid, 1);
+            let topic = self.topic(TopicKind::Ack);
+            let msg = format!("signed ack names an invalid stream {:?}", ack.stream);
+            return vec![self.event(EventKind::BadMessage { topic }, msg, now_ms)];
         }
         vec![Output::Ack {
             stream: ack.stream,

@@ -297,6 +297,8 @@ async fn step(
         Counters::add(&counters.resends, 1);
     }
     for b in &round.batches {
+        // Before the hand-over: an ack for it may come back at once.
+        outbox.mark_published(b.first_seq, b.last_seq().unwrap_or(b.first_seq))?;
         publish(client, topic, b, counters).await?;
     }
     Ok(!round.batches.is_empty())

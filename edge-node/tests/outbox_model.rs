@@ -141,6 +141,8 @@ struct Model {
     dropped: u64,
     floor: u64,
     durable: u64,
+    /// What the test handed to the "link" (acks clamp to it).
+    published: u64,
     entries: BTreeMap<u64, Entry>,
 }
 
@@ -153,6 +155,7 @@ impl Model {
             dropped: 0,
             floor: 1,
             durable: 0,
+            published: 0,
             entries: BTreeMap::new(),
         }
     }
@@ -233,7 +236,10 @@ impl Model {
         if up_to <= self.acked {
             return 0;
         }
-        let up_to = up_to.min(self.next_seq - 1);
+        let up_to = up_to.min(self.published);
+        if up_to <= self.acked {
+            return 0;
+        }
         let done: Vec<u64> = self
             .entries
             .iter()
@@ -279,6 +285,7 @@ impl Model {
             next_seq: self.next_seq,
             durable: self.durable,
             floor: self.floor,
+            published: self.published,
         }
     }
 }
@@ -432,9 +439,20 @@ fn run(limits: OutboxLimits, ops: &[(Op, u64, usize)]) -> Result<(), TestCaseErr
                 m.durable = m.next_seq - 1;
             }
             Op::Ack { kind, pick } => {
+                // Acks clamp to what was published (issue 12, C3): as the
+                // uplink would, hand everything durable to the link first.
+                sut.outbox().mark_published(1, m.durable).unwrap();
+                m.published = m.published.max(m.durable);
                 let to = ack_target(*kind, *pick, &m);
-                let released = sut.outbox().ack(to).unwrap();
-                prop_assert_eq!(released, m.ack(to), "ack({}) at step {}", to, i);
+                let done = sut.outbox().ack(to).unwrap();
+                prop_assert_eq!(done.released, m.ack(to), "ack({}) at step {}", to, i);
+                prop_assert_eq!(
+                    done.clamped,
+                    to > m.published,
+                    "clamp of ack({}) at step {}",
+                    to,
+                    i
+                );
             }
             Op::Reopen => {
                 sut.reopen();

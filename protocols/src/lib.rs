@@ -11,7 +11,8 @@
 //!   devices (Modbus, OPC UA, MQTT-native, synthetic) with their points,
 //!   models, node config.
 //! - [`reported`], [`status`], [`event`]: what a node says about itself.
-//! - [`telemetry`] and [`ack`]: the data path and its cumulative acknowledgement.
+//! - [`telemetry`] and [`ack`]: the data path and its cumulative acknowledgement
+//!   (signed by the hub, bound to the node: [`ack::SignedAck`]).
 //! - [`codec`]: JSON for control-plane documents (with errors that name the
 //!   offending field), a compact columnar binary encoding for telemetry.
 //! - [`signing`]: Ed25519 signatures over desired-state documents.
@@ -44,7 +45,7 @@ pub mod telemetry;
 pub mod topic;
 pub mod validate;
 
-pub use ack::Ack;
+pub use ack::{Ack, AckError, SignedAck};
 pub use codec::CodecError;
 pub use desired::{DesiredState, FunctionLimits, FunctionSpec, ModelRef, NodeConfig};
 pub use device::{

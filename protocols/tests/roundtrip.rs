@@ -80,6 +80,32 @@ proptest! {
     }
 
     #[test]
+    fn ack_open_never_panics_and_refuses_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        prop_assert!(protocols::SignedAck::open(&bytes, &key.verifying_key(), "n").is_err());
+    }
+
+    #[test]
+    fn signed_acks_open_only_for_their_node_and_key(stream in "[a-z]{1,20}", seq in any::<u64>(), node in "[a-z0-9-]{1,20}", flip in 0usize..512) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let a = Ack { stream, up_to_seq: seq };
+        let env = protocols::SignedAck::sign(&node, &a, &key).unwrap();
+        let bytes = env.encode().unwrap();
+        prop_assert_eq!(protocols::SignedAck::open(&bytes, &key.verifying_key(), &node).unwrap(), a);
+        let other_node = format!("{node}x");
+        prop_assert!(protocols::SignedAck::open(&bytes, &key.verifying_key(), &other_node).is_err());
+        let other = SigningKey::from_bytes(&[6; 32]);
+        prop_assert!(protocols::SignedAck::open(&bytes, &other.verifying_key(), &node).is_err());
+        // Any flipped bit of the claim breaks it.
+        let mut tampered = env.clone();
+        let mut p = tampered.payload.into_bytes();
+        let i = flip % p.len();
+        p[i] ^= 0x01;
+        tampered.payload = String::from_utf8_lossy(&p).into_owned();
+        prop_assert!(protocols::SignedAck::open(&tampered.encode().unwrap(), &key.verifying_key(), &node).is_err());
+    }
+
+    #[test]
     fn tampered_signatures_are_refused(rev in 1u64..1_000_000, flip in 0usize..64) {
         let key = SigningKey::from_bytes(&[3; 32]);
         let d = DesiredState { node: "n".into(), revision: rev, functions: vec![], devices: vec![], models: vec![], config: NodeConfig::default() };

@@ -14,7 +14,7 @@ use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::devices::DeviceSet;
 use super::{AgentContext, AgentError, report};
@@ -158,9 +158,20 @@ impl Control {
                 );
             }
             Output::Ack { stream, up_to } => {
-                let released = self.ctx.store.outbox(&stream)?.ack(up_to)?;
-                Counters::add(&self.ctx.counters.acks, 1);
-                Counters::add(&self.ctx.counters.samples_acked, released);
+                let c = &self.ctx.counters;
+                // Only streams that exist: an ack never creates an outbox (H6).
+                let Some(outbox) = self.ctx.store.existing_outbox(&stream) else {
+                    Counters::add(&c.acks_unknown_stream, 1);
+                    debug!(%stream, "ack for a stream with no outbox ignored");
+                    return Ok(());
+                };
+                let done = outbox.ack(up_to)?;
+                if done.clamped {
+                    Counters::add(&c.acks_beyond_published, 1);
+                    debug!(%stream, up_to, published = outbox.published_seq(), "ack above what was published: clamped");
+                }
+                Counters::add(&c.acks, 1);
+                Counters::add(&c.samples_acked, done.released);
             }
             Output::Applied { .. } => {}
             Output::Rejected { revision, reason } => {

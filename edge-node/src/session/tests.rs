@@ -304,11 +304,23 @@ fn an_unclean_restart_records_a_loss_window_and_reports_it() {
     );
 }
 
+fn signed_ack(node: &str, stream: &str, up_to_seq: u64, key: &SigningKey) -> Vec<u8> {
+    let ack = protocols::Ack {
+        stream: stream.into(),
+        up_to_seq,
+    };
+    SignedAck::sign(node, &ack, key).unwrap().encode().unwrap()
+}
+
+/// Acks are signed by the hub for this node since issue 12 (C3): the bare
+/// JSON ack this test used to route, and garbage, are now refused and counted
+/// as unsigned without an event (a flood of forged acks must not become a
+/// flood of events); a signed ack with an invalid stream still raises one.
 #[test]
 fn acks_are_routed_to_their_stream_and_bad_ones_counted() {
     let hub = key(1);
     let mut s = session(&hub);
-    let out = deliver(&mut s, ACK, br#"{"stream":"raw","up_to_seq":42}"#, 10);
+    let out = deliver(&mut s, ACK, &signed_ack("n-1", "raw", 42, &hub), 10);
     assert_eq!(
         out,
         vec![Output::Ack {
@@ -317,21 +329,59 @@ fn acks_are_routed_to_their_stream_and_bad_ones_counted() {
         }]
     );
     let out = deliver(&mut s, ACK, b"{garbage", 11);
+    assert!(out.is_empty());
+    let out = deliver(&mut s, ACK, &signed_ack("n-1", "../x", 1, &hub), 12);
     assert_eq!(
         event(&out).kind,
         EventKind::BadMessage { topic: ACK.into() }
     );
-    let out = deliver(&mut s, ACK, br#"{"stream":"../x","up_to_seq":1}"#, 12);
-    assert!(out.is_empty());
-    // Another node's ack is not ours.
+    assert!(!out.iter().any(|o| matches!(o, Output::Ack { .. })));
+    // Another node's ack topic is not ours.
     let out = deliver(
         &mut s,
         "edgefleet/v1/nodes/n-2/ack",
-        br#"{"stream":"raw","up_to_seq":42}"#,
+        &signed_ack("n-2", "raw", 42, &hub),
         13,
     );
     assert!(out.is_empty());
-    assert_eq!(counter(&s, "bad_messages"), 3);
+    assert_eq!(counter(&s, "bad_messages"), 1);
+    assert_eq!(counter(&s, "acks_refused_unsigned"), 1);
+    assert_eq!(counter(&s, "acks_refused_invalid"), 1);
+}
+
+#[test]
+fn forged_acks_are_refused_by_reason_and_never_acted_on() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    let forged: [(&[u8], &str); 4] = [
+        (
+            br#"{"stream":"raw","up_to_seq":18446744073709551615}"#,
+            "acks_refused_unsigned",
+        ),
+        (
+            &signed_ack("n-1", "raw", u64::MAX, &key(2)),
+            "acks_refused_bad_signature",
+        ),
+        // Signed by the hub, but for n-2: replayed on n-1's topic.
+        (
+            &signed_ack("n-2", "raw", u64::MAX, &hub),
+            "acks_refused_wrong_node",
+        ),
+        (
+            br#"{"payload":"{}","signature":"AA=="}"#,
+            "acks_refused_bad_signature",
+        ),
+    ];
+    for (i, (payload, reason)) in forged.iter().enumerate() {
+        let before = counter(&s, reason);
+        let out = deliver(&mut s, ACK, payload, 20 + i as u64);
+        assert!(out.is_empty(), "{reason}: {out:?}");
+        assert_eq!(counter(&s, reason), before + 1, "{reason}");
+    }
+    // A node that trusts no key yet refuses even a correctly signed ack.
+    let mut fresh = bare();
+    assert!(deliver(&mut fresh, ACK, &signed_ack("n-1", "raw", 5, &hub), 30).is_empty());
+    assert_eq!(counter(&fresh, "acks_refused_no_key"), 1);
 }
 
 #[test]

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use protocols::SignedDesired;
 
-pub use outbox::{Outbox, OutboxLimits, OutboxStats, OverflowPolicy};
+pub use outbox::{AckOutcome, Outbox, OutboxLimits, OutboxStats, OverflowPolicy};
 pub use writer::OutboxWriter;
 
 /// Why a store operation failed.
@@ -302,6 +302,18 @@ impl Store {
         let o = Outbox::open(stream, tree, self.inner.outbox_limits.clone())?;
         map.insert(stream.to_owned(), o.clone());
         Ok(o)
+    }
+
+    /// The outbox of `stream` if it exists (open, or on disk since the
+    /// start); never creates one. Acks go through here: a forged ack for a
+    /// new name must not create a tree (H6).
+    pub fn existing_outbox(&self, stream: &str) -> Option<Outbox> {
+        self.inner
+            .outboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(stream)
+            .cloned()
     }
 
     /// Every outbox opened so far (all that have data, plus new ones).

@@ -16,6 +16,24 @@
 //!   floor travels with every batch, so the hub learns which gaps are final.
 //! - `acked`, `dropped` and `floor` are persisted in the same atomic batch as
 //!   the entry changes that move them.
+//! - An ack never deletes beyond what was handed to the link. `published` is
+//!   the highest sequence number such that every number up to it was handed
+//!   to the MQTT client by the uplink, acked, or dropped (a gap-free prefix:
+//!   live data sent ahead of a backlog does not make the backlog ackable).
+//!   [`Outbox::mark_published`] is called *before* the hand-over, so a fast
+//!   ack can never find it lower than what it acks, and [`Outbox::ack`]
+//!   clamps to it (counted as `acks_beyond_published` by the caller). It
+//!   never exceeds `durable`, and never goes down.
+//! - Across a restart: `published` is persisted (`m:published`) when it
+//!   moves and made durable by the next group commit, and reloaded at open
+//!   (at least `acked`). The persisted value is never above what was really
+//!   handed over, only possibly below it (a crash before the commit). So
+//!   after a crash the hub may ack more than the reloaded mark; that ack is
+//!   clamped (safe: nothing unsent is deleted), the uplink resends from the
+//!   clamp, which raises the mark again, and the hub re-acks a resent,
+//!   already-acked batch (`cloud-hub/src/sink.rs`), so the outbox still
+//!   drains. What was on disk but never handed to the link can never be
+//!   deleted by an ack, before or after a restart.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,12 +49,15 @@ use super::{StoreError, io};
 const ACKED: &[u8] = b"m:acked";
 const DROPPED: &[u8] = b"m:dropped";
 const FLOOR: &[u8] = b"m:floor";
+const PUBLISHED: &[u8] = b"m:published";
 const ENTRY: u8 = b'e';
 /// Samples per entry at most. With sled 0.34, values above roughly 16 KiB
 /// are kept in memory however small the page cache is set: a 48 h backlog in
 /// 50 KB entries held its whole payload resident (RSS grew 1:1 with it),
 /// while entries of ≤ 10 KB keep RSS flat (`examples/outbox_backlog.rs`).
 pub const MAX_ENTRY_SAMPLES: usize = 1024;
+/// Published runs above the gap-free published prefix remembered at most.
+pub const MAX_PUBLISHED_RUNS: usize = 64;
 /// Bytes per entry at most (header + encoded batch); a larger chunk is split.
 pub const MAX_ENTRY_BYTES: usize = 12 * 1024;
 
@@ -81,6 +102,17 @@ pub struct OutboxStats {
     pub durable: u64,
     /// Lowest sequence number that may still be sent.
     pub floor: u64,
+    /// Highest sequence number handed to the link (acks clamp to it).
+    pub published: u64,
+}
+
+/// What one [`Outbox::ack`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Samples released (deleted).
+    pub released: u64,
+    /// Whether the ack was above the published mark and was clamped to it.
+    pub clamped: bool,
 }
 
 /// Result of an append.
@@ -109,6 +141,8 @@ struct State {
     bytes: u64,
     samples: u64,
     entries: BTreeMap<u64, EntryInfo>,
+    /// Runs handed to the link above the published prefix: first → last.
+    published_above: BTreeMap<u64, u64>,
 }
 
 /// One stream's outbox. Cheap to clone; all clones share state.
@@ -124,6 +158,7 @@ struct Inner {
     limits: OutboxLimits,
     state: Mutex<State>,
     durable: AtomicU64,
+    published: AtomicU64,
     notify: Notify,
 }
 
@@ -150,6 +185,7 @@ impl Outbox {
         let acked = read_u64(&tree, ACKED)?;
         let dropped = read_u64(&tree, DROPPED)?;
         let floor = read_u64(&tree, FLOOR)?.max(1);
+        let published = read_u64(&tree, PUBLISHED)?.max(acked);
         let mut entries = BTreeMap::new();
         let (mut bytes, mut samples) = (0, 0);
         let mut next_seq = acked.max(floor.saturating_sub(1)) + 1;
@@ -171,6 +207,7 @@ impl Outbox {
             entries.insert(seq, info);
         }
         let durable = next_seq - 1;
+        let published = published.min(durable);
         Ok(Self {
             inner: Arc::new(Inner {
                 stream: stream.to_owned(),
@@ -184,8 +221,10 @@ impl Outbox {
                     bytes,
                     samples,
                     entries,
+                    published_above: BTreeMap::new(),
                 }),
                 durable: AtomicU64::new(durable),
+                published: AtomicU64::new(published),
                 notify: Notify::new(),
             }),
         })
@@ -378,14 +417,63 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Applies a cumulative ack: deletes every entry wholly at or below `up_to`.
-    /// Returns how many samples were released.
-    pub fn ack(&self, up_to: u64) -> Result<u64, StoreError> {
-        let mut st = self.state();
-        if up_to <= st.acked {
-            return Ok(0);
+    /// Records that the run `[first, last]` is being handed to the link (call
+    /// it before the hand-over). The mark is a gap-free prefix: it moves only
+    /// over runs that touch it (or the floor), so a live cursor sending newest
+    /// data first does not make the unsent backlog below it ackable; runs
+    /// above the prefix are remembered (at most [`MAX_PUBLISHED_RUNS`]) and
+    /// joined when the drain reaches them. Capped at `durable`; persisted
+    /// when it moves (made durable by the next group commit).
+    pub fn mark_published(&self, first: u64, last: u64) -> Result<(), StoreError> {
+        let durable = self.durable_seq();
+        let last = last.min(durable);
+        if first > last {
+            return Ok(());
         }
-        let up_to = up_to.min(st.next_seq - 1);
+        let mut st = self.state();
+        let before = self.published_seq();
+        let mut mark = before.max(st.acked).max(st.floor.saturating_sub(1));
+        st.published_above.insert(first, last);
+        while let Some((&a, &b)) = st.published_above.first_key_value() {
+            if a > mark.saturating_add(1) {
+                break;
+            }
+            st.published_above.remove(&a);
+            mark = mark.max(b);
+        }
+        while st.published_above.len() > MAX_PUBLISHED_RUNS {
+            // Forgetting a run only lowers what an ack may delete: safe.
+            st.published_above.pop_last();
+        }
+        let mark = mark.min(durable);
+        if mark > before {
+            self.inner.published.store(mark, Ordering::Release);
+            self.inner
+                .tree
+                .insert(PUBLISHED, &mark.to_be_bytes())
+                .map_err(io("outbox mark published"))?;
+        }
+        Ok(())
+    }
+
+    /// Highest sequence number handed to the link.
+    pub fn published_seq(&self) -> u64 {
+        self.inner.published.load(Ordering::Acquire)
+    }
+
+    /// Applies a cumulative ack: deletes every entry wholly at or below `up_to`,
+    /// clamped to the published mark (see `# Invariants`).
+    pub fn ack(&self, up_to: u64) -> Result<AckOutcome, StoreError> {
+        let mut st = self.state();
+        let published = self.published_seq().min(st.next_seq - 1);
+        let clamped = up_to > published;
+        let up_to = up_to.min(published);
+        if up_to <= st.acked {
+            return Ok(AckOutcome {
+                released: 0,
+                clamped,
+            });
+        }
         let done: Vec<(u64, EntryInfo)> = st
             .entries
             .range(..=up_to)
@@ -409,7 +497,7 @@ impl Outbox {
             released += info.n;
         }
         st.acked = up_to;
-        Ok(released)
+        Ok(AckOutcome { released, clamped })
     }
 
     /// Highest sequence number assigned so far.
@@ -446,6 +534,7 @@ impl Outbox {
             next_seq: st.next_seq,
             durable: self.durable_seq(),
             floor: st.floor,
+            published: self.published_seq(),
         }
     }
 }

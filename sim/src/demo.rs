@@ -43,6 +43,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         desired_text,
         desired,
     } = Configs::load(&opts)?;
+    let hub_data = hub_cfg.data_dir.clone();
     let hub = HubHarness::start(hub_cfg)
         .await
         .context("starting cloud-hub")?;
@@ -58,6 +59,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         hub.base(),
         edge.mqtt.host,
         edge.mqtt.port
+    );
+    println!(
+        "operator   admin token in {} (mode 0600), hub CA {}; e.g. curl --cacert {} -H \"Authorization: Bearer $(cat {})\" {}/v1/nodes",
+        hub_data.join("admin.token").display(),
+        hub_data.join("ca/ca.crt").display(),
+        hub_data.join("ca/ca.crt").display(),
+        hub_data.join("admin.token").display(),
+        hub.base()
     );
     let agent = EdgeHarness::start(edge.clone(), Clock::system())
         .await

@@ -24,12 +24,15 @@ use crate::scenario::{HubMode, Scenario};
 
 /// The hub as the runner drives it.
 pub(super) struct Hub {
-    /// Typed client of its REST API (base `http://127.0.0.1:PORT`).
+    /// Typed client of its REST API (base `https://127.0.0.1:PORT`), as
+    /// the admin whose token the hub wrote at first start.
     pub(super) client: HubClient,
     /// The broker the agents' proxies forward to.
     pub(super) mqtt: SocketAddr,
     /// The hub's signing key (hex), pinned in every edge config.
     pub(super) public_key: String,
+    /// Its data directory (admin token, CA certificate).
+    data_dir: PathBuf,
     proc: HubProc,
 }
 
@@ -208,6 +211,7 @@ impl Hub {
             client: unauthenticated,
             mqtt,
             public_key: String::new(),
+            data_dir: data_dir.clone(),
             proc,
         };
         let ca = data_dir.join("ca").join("ca.crt");
@@ -226,6 +230,15 @@ impl Hub {
             .context("asking the hub for its public key")?
             .public_key;
         Ok(hub)
+    }
+
+    /// Another admin client of the hub, with its own per-request timeout.
+    pub(super) fn admin_client(&self, timeout: Duration) -> anyhow::Result<HubClient> {
+        Ok(HubClient::local_admin(
+            self.base(),
+            &self.data_dir,
+            timeout,
+        )?)
     }
 
     async fn wait_healthy(&self, limit: Duration) -> anyhow::Result<()> {
@@ -390,7 +403,7 @@ mod tests {
         let mut hub = Hub::start(&s, dir.path(), None, &cancel).await.unwrap();
         assert_eq!(hub.public_key.len(), 64, "{}", hub.public_key);
         assert!(
-            hub.base().starts_with("http://127.0.0.1:"),
+            hub.base().starts_with("https://127.0.0.1:"),
             "{}",
             hub.base()
         );

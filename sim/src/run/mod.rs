@@ -53,7 +53,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cloud_hub::client::HubClient;
 use edge_node::Clock;
 use tokio_util::sync::CancellationToken;
 
@@ -181,7 +180,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Report> {
     let monitor = Arc::new(Mutex::new(Monitor::default()));
     let mon_cancel = cancel.child_token();
     let mon_task = tokio::spawn(monitor_loop(
-        HubClient::with_timeout(hub.base(), MONITOR_TIMEOUT)?,
+        hub.admin_client(MONITOR_TIMEOUT)?,
         hub_pid.clone(),
         monitor.clone(),
         mon_cancel.clone(),

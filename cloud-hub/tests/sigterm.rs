@@ -22,7 +22,7 @@ use std::time::Duration;
 use cloud_hub::api::SamplePage;
 use cloud_hub::client::HubClient;
 use cloud_hub::sink::StreamStats;
-use protocols::codec::{decode_json, encode_batch};
+use protocols::codec::encode_batch;
 use protocols::signing::VerifyingKey;
 use protocols::{Ack, Quality, Sample, SignedAck, TelemetryBatch, TopicKind, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};

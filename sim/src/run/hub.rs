@@ -390,7 +390,7 @@ mod tests {
         let mut hub = Hub::start(&s, dir.path(), None, &cancel).await.unwrap();
         assert_eq!(hub.public_key.len(), 64, "{}", hub.public_key);
         assert!(
-            hub.base().starts_with("http://127.0.0.1:"),
+            hub.base().starts_with("https://127.0.0.1:"),
             "{}",
             hub.base()
         );

@@ -469,14 +469,39 @@ async fn get_node(
     }
 }
 
+/// Decodes a `PUT …/desired` body whose `revision` may be 0 or missing (the
+/// hub assigns it); everything else is validated as desired state.
+fn decode_put_desired(body: &[u8]) -> Result<protocols::DesiredState, String> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("desired state: not JSON: {e}"))?;
+    let requested = match v.get("revision") {
+        None | Some(serde_json::Value::Null) => 0,
+        Some(r) => r
+            .as_u64()
+            .ok_or_else(|| format!("revision: {r} is not a revision number"))?,
+    };
+    if let Some(o) = v.as_object_mut() {
+        // Validated as the document the hub will sign (revision >= 1).
+        o.insert("revision".into(), requested.max(1).into());
+    }
+    let bytes = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
+    let mut d = protocols::codec::decode_desired(&bytes).map_err(|e| e.to_string())?;
+    d.revision = requested;
+    Ok(d)
+}
+
 async fn put_desired(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let desired = protocols::codec::decode_desired(&body).map_err(|e| {
+    // The hub assigns revisions: 0 (or the field left out) means "the next
+    // one"; any other value must be exactly the next one, so a client that
+    // read revision N and sends N+1 learns (409) that someone else changed
+    // the node meanwhile, and no client can jump a node to 2^64-1.
+    let desired = decode_put_desired(&body).map_err(|e| {
         crate::metrics::Metrics::inc(&hub.metrics.bad_documents);
-        ApiError::bad(e.to_string())
+        ApiError::bad(e)
     })?;
     if desired.node != node {
         return Err(ApiError::bad(format!(
@@ -490,7 +515,7 @@ async fn put_desired(
         .map_err(ApiError::internal)?
         .and_then(|r| r.desired);
     match hub.set_desired(&desired).await {
-        Ok(()) => {
+        Ok(revision) => {
             // The edge may keep fetching the previous document's blobs.
             let mut grant = digests(previous.as_ref());
             grant.extend(digests(
@@ -505,7 +530,7 @@ async fn put_desired(
                 .grant_artifacts(&node, &grant)
                 .map_err(ApiError::internal)?;
             Ok(Json(
-                serde_json::json!({"node": node, "revision": desired.revision}),
+                serde_json::json!({"node": node, "revision": revision}),
             ))
         }
         Err(e @ SetDesiredError::Stale { .. }) => {

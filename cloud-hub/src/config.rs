@@ -45,6 +45,54 @@ pub struct HubConfig {
     pub http: HttpConfig,
     /// Certificates, join tokens, audit log (`[security]`).
     pub security: SecurityConfig,
+    /// Bounds on what nodes and clients may make the hub hold (`[limits]`).
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: bounds on what nodes (or anyone who reaches the broker) can
+/// make the hub hold. Past a bound the message is refused whole, counted in
+/// `edgefleet_hub_refused_total{reason}` and logged; nothing stored is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Nodes the registry holds (a message or API call for one more is refused).
+    pub max_nodes: usize,
+    /// Telemetry streams of one node.
+    pub max_streams_per_node: usize,
+    /// Telemetry streams in all.
+    pub max_streams: usize,
+    /// Separate stored runs above one stream's watermark (gaps waiting for a
+    /// resend; a real edge has a handful).
+    pub max_runs_per_stream: usize,
+    /// Largest reported-state document, bytes.
+    pub max_reported_bytes: usize,
+    /// Largest event document, bytes.
+    pub max_event_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let sink = crate::sink::SinkLimits::default();
+        Self {
+            max_nodes: 100_000,
+            max_streams_per_node: sink.max_streams_per_node,
+            max_streams: sink.max_streams,
+            max_runs_per_stream: sink.max_runs_per_stream,
+            max_reported_bytes: 256 * 1024,
+            max_event_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The sink's part.
+    pub fn sink(&self) -> crate::sink::SinkLimits {
+        crate::sink::SinkLimits {
+            max_streams_per_node: self.max_streams_per_node,
+            max_streams: self.max_streams,
+            max_runs_per_stream: self.max_runs_per_stream,
+        }
+    }
 }
 
 /// `[http]`: how the REST API is served.
@@ -110,6 +158,7 @@ impl Default for HubConfig {
             cache_capacity_bytes: 128 * 1024 * 1024,
             http: HttpConfig::default(),
             security: SecurityConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -276,6 +325,28 @@ impl HubConfig {
         }
         if self.security.audit_capacity == 0 {
             c.push(&sec.field("audit_capacity"), "must be greater than 0");
+        }
+        let lim = root.field("limits");
+        for (name, v) in [
+            ("max_nodes", self.limits.max_nodes),
+            ("max_streams_per_node", self.limits.max_streams_per_node),
+            ("max_streams", self.limits.max_streams),
+            ("max_runs_per_stream", self.limits.max_runs_per_stream),
+            ("max_reported_bytes", self.limits.max_reported_bytes),
+            ("max_event_bytes", self.limits.max_event_bytes),
+        ] {
+            if v == 0 {
+                c.push(&lim.field(name), "must be greater than 0");
+            }
+        }
+        if self.limits.max_reported_bytes > protocols::limits::MAX_SYNC_PACKET_BYTES {
+            c.push(
+                &lim.field("max_reported_bytes"),
+                format!(
+                    "must be at most the MQTT packet limit of {} bytes",
+                    protocols::limits::MAX_SYNC_PACKET_BYTES
+                ),
+            );
         }
         config::check_cache_capacity(
             &mut c,

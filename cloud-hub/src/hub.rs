@@ -87,8 +87,10 @@ pub enum HubError {
 /// Why [`Hub::set_desired`] refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SetDesiredError {
-    /// The revision is not newer than the one the registry holds.
-    #[error("revision {got} is not greater than the current revision {current} of node {node}")]
+    /// The revision is not the next one (revisions are assigned by the hub).
+    #[error(
+        "revision {got} is not the next revision of node {node} (current {current}); send revision 0 to let the hub assign it"
+    )]
     Stale {
         /// The node.
         node: String,
@@ -138,6 +140,8 @@ pub struct Hub {
     pub audit: crate::audit::AuditLog,
     /// Certificate validity, join-token ttl.
     pub security: crate::config::SecurityConfig,
+    /// Bounds on what nodes can make the hub hold.
+    pub limits: crate::config::LimitsConfig,
     /// Whether the MQTT session is subscribed and desired state republished
     /// (owned by [`crate::session`]).
     pub(crate) readiness: Readiness,
@@ -158,6 +162,7 @@ pub(crate) struct Stores {
     pub(crate) auth: crate::auth::Auth,
     pub(crate) audit: crate::audit::AuditLog,
     pub(crate) security: crate::config::SecurityConfig,
+    pub(crate) limits: crate::config::LimitsConfig,
 }
 
 impl Stores {
@@ -186,8 +191,17 @@ impl Stores {
                 .await
                 .map_err(|e| HubError::Task(e.to_string()))??
         };
-        let registry = Registry::open(&db)?;
-        let sink = Sink::open(&db)?;
+        let registry = Registry::open_with(&db, cfg.limits.max_nodes)?;
+        let sink = Sink::open_with(&db, cfg.limits.sink())?;
+        // Floors the nodes confirmed before the restart (the sink keeps them
+        // in memory only).
+        for (node, rec) in registry.all()? {
+            for (stream, floor) in rec.reported.map(|r| r.backlog.floors).unwrap_or_default() {
+                if let Err(e) = sink.confirm_floor(&node, &stream, floor) {
+                    tracing::warn!(node = %node, stream = %stream, error = %e, "confirmed floor not restored");
+                }
+            }
+        }
         let ca = crate::ca::Ca::open(&cfg.data_dir.join("ca"), &db)?;
         let auth = crate::auth::Auth::open(&db)?;
         auth.ensure_admin(&cfg.data_dir)?;
@@ -203,6 +217,7 @@ impl Stores {
             auth,
             audit,
             security: cfg.security.clone(),
+            limits: cfg.limits,
         })
     }
 }
@@ -220,6 +235,7 @@ impl Hub {
             auth,
             audit,
             security,
+            limits,
         } = stores;
         Self {
             key,
@@ -228,11 +244,12 @@ impl Hub {
             sink,
             metrics: Metrics::default(),
             artifacts: Arc::new(artifacts),
-            events: EventLog::default(),
+            events: EventLog::new(limits.max_nodes),
             ca,
             auth,
             audit,
             security,
+            limits,
             readiness: Readiness::default(),
             client,
             commit: GroupCommit::new(db.clone()),
@@ -250,13 +267,22 @@ impl Hub {
         self.readiness.ready()
     }
 
-    /// Signs, stores (durably) and publishes a node's new desired state.
-    pub async fn set_desired(&self, desired: &DesiredState) -> Result<(), SetDesiredError> {
-        let doc = SignedDesired::sign(desired, &self.key).map_err(HubError::from)?;
-        self.registry
-            .set_desired(&desired.node, desired.revision, doc.clone())?;
+    /// Signs, stores (durably) and publishes a node's new desired state at
+    /// the revision the hub assigns (the next one; `desired.revision` is 0
+    /// or must name exactly that one). Returns the revision.
+    pub async fn set_desired(&self, desired: &DesiredState) -> Result<u64, SetDesiredError> {
+        let (revision, doc) =
+            self.registry
+                .set_desired(&desired.node, desired.revision, |revision| {
+                    let d = DesiredState {
+                        revision,
+                        ..desired.clone()
+                    };
+                    SignedDesired::sign(&d, &self.key).map_err(|e| e.to_string())
+                })?;
         self.commit.commit().await.map_err(HubError::from)?;
-        Ok(self.publish_desired(&desired.node, &doc).await?)
+        self.publish_desired(&desired.node, &doc).await?;
+        Ok(revision)
     }
 
     /// Publishes `doc` as the retained desired state of `node`.
@@ -282,24 +308,46 @@ impl Hub {
 
 /// The most recent events of each node, in memory (an operator's view, not
 /// an audit log: the hub keeps [`EventLog::PER_NODE`] per node and forgets
-/// them on restart).
-#[derive(Debug, Default)]
+/// them on restart). Bounded: [`EventLog::PER_NODE`] events per node, each
+/// at most `limits.max_event_bytes` (checked at ingest), for at most
+/// `max_nodes` nodes.
+#[derive(Debug)]
 pub struct EventLog {
     nodes: Mutex<HashMap<String, VecDeque<Event>>>,
+    max_nodes: usize,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        Self::new(crate::config::LimitsConfig::default().max_nodes)
+    }
 }
 
 impl EventLog {
     /// Events kept per node.
     pub const PER_NODE: usize = 256;
 
-    /// Records an event of `node`, forgetting the oldest beyond the bound.
-    pub fn push(&self, node: &str, ev: Event) {
+    /// An empty log for at most `max_nodes` nodes.
+    pub fn new(max_nodes: usize) -> Self {
+        Self {
+            nodes: Mutex::default(),
+            max_nodes,
+        }
+    }
+
+    /// Records an event of `node`, forgetting the oldest beyond the bound;
+    /// returns false (and keeps nothing) for a new node past `max_nodes`.
+    pub fn push(&self, node: &str, ev: Event) -> bool {
         let mut m = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        if !m.contains_key(node) && m.len() >= self.max_nodes {
+            return false;
+        }
         let q = m.entry(node.to_owned()).or_default();
         if q.len() >= Self::PER_NODE {
             q.pop_front();
         }
         q.push_back(ev);
+        true
     }
 
     /// Recent events of `node`, oldest first.
@@ -330,7 +378,7 @@ mod tests {
         );
         assert_eq!(
             stale.to_string(),
-            "revision 3 is not greater than the current revision 5 of node n"
+            "revision 3 is not the next revision of node n (current 5); send revision 0 to let the hub assign it"
         );
         let corrupt = SetDesiredError::from(RegistryError::Corrupt {
             node: "n".into(),

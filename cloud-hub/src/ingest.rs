@@ -5,36 +5,57 @@
 //! [`crate::acks`]' business.
 //!
 //! # Invariants
-//! - A bad payload is counted and logged, never fatal; only a failing sink
-//!   or registry ends the task (and with it the hub).
+//! - A bad or hostile payload is counted and logged, never fatal: node
+//!   names from topics must be valid names, documents are size-capped
+//!   (`[limits]`), a document must name the node of its topic, and the sink
+//!   refuses batches past its bounds (`edgefleet_hub_refused_total{reason}`).
+//! - A storage failure is counted (`edgefleet_hub_storage_errors_total`)
+//!   and logged; the message is not acked, so the edge keeps it, and the
+//!   hub stays up (a full disk degrades the hub, it does not stop it).
 //! - Messages are applied in the order the session received them, so a
 //!   node's last will (published after its last report) lands after it.
 
 use std::sync::Arc;
 
 use protocols::codec::{decode_batch, decode_json};
+use protocols::validate::is_valid_name;
 use protocols::{Event, NodeState, NodeStatus, ReportedState, TopicKind};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::hub::{Hub, HubError};
 use crate::metrics::Metrics;
+use crate::registry::RegistryError;
 use crate::session::{Delivery, Message};
+use crate::sink::SinkError;
 
 /// The ingest task: applies each forwarded message until the session closes
 /// the channel (when intake stops, after which the messages already handed
-/// over are still applied).
+/// over are still applied). Nothing a message carries, and no storage
+/// failure, ends it: a message the hub cannot store is counted, logged and
+/// not acked, so the edge keeps it.
 pub(crate) async fn run(
     hub: Arc<Hub>,
     mut messages: mpsc::Receiver<Message>,
 ) -> Result<(), HubError> {
     while let Some(m) = messages.recv().await {
-        handle_message(&hub, &m.topic, &m.payload, m.delivery)?;
+        if let Err(e) = handle_message(&hub, &m.topic, &m.payload, m.delivery) {
+            Metrics::inc(&hub.metrics.storage_errors);
+            error!(topic = %m.topic.escape_debug(), error = %e, "message not applied (storage failed); not acked, the edge keeps it");
+        }
     }
     Ok(())
 }
 
-/// Handles one incoming message; bad payloads are counted and logged, never fatal.
+/// Counts and logs a refused message.
+fn refuse(hub: &Hub, node: &str, reason: &'static str, detail: &dyn std::fmt::Display) {
+    hub.metrics.refuse(reason);
+    warn!(node = %node.escape_debug(), reason, %detail, "message refused");
+}
+
+/// Handles one incoming message; bad or hostile payloads are counted and
+/// logged, never fatal. Only a storage failure is an error (the caller
+/// counts it and goes on).
 ///
 /// A node's `status` is published only when it connects (online) and as its
 /// last will (offline). A hub that subscribes while nodes are connected
@@ -55,65 +76,161 @@ fn handle_message(
         Metrics::inc(&hub.metrics.unexpected_messages);
         return Ok(());
     };
+    if !is_valid_name(node) {
+        refuse(
+            hub,
+            node,
+            "node_name",
+            &"the topic's node name is not a valid name",
+        );
+        return Ok(());
+    }
     match kind {
-        TopicKind::Telemetry => match decode_batch(payload) {
-            Ok(batch) => {
-                let r = hub.sink.ingest(node, &batch)?;
+        TopicKind::Telemetry => on_telemetry(hub, node, payload),
+        TopicKind::Reported => on_reported(hub, node, payload, delivery),
+        TopicKind::Status => match decode_json::<NodeStatus>("status", payload) {
+            Ok(s) if s.node == node => update(hub, node, |rec| rec.status = Some(s)),
+            Ok(_) | Err(_) => {
+                Metrics::inc(&hub.metrics.bad_documents);
+                Ok(())
+            }
+        },
+        TopicKind::Events => {
+            on_event(hub, node, payload);
+            Ok(())
+        }
+        TopicKind::Desired | TopicKind::Ack => {
+            Metrics::inc(&hub.metrics.unexpected_messages);
+            Ok(())
+        }
+    }
+}
+
+/// Read-modify-write of `node`'s registry record; a new node past
+/// `limits.max_nodes` is refused (counted), not an error.
+fn update(
+    hub: &Hub,
+    node: &str,
+    f: impl FnOnce(&mut crate::registry::NodeRecord),
+) -> Result<(), HubError> {
+    match hub.registry.update(node, |rec| {
+        f(rec);
+        Ok(())
+    }) {
+        Err(e @ RegistryError::TooManyNodes { .. }) => {
+            refuse(hub, node, "nodes", &e);
+            Ok(())
+        }
+        r => r.map_err(HubError::from),
+    }
+}
+
+fn on_telemetry(hub: &Hub, node: &str, payload: &[u8]) -> Result<(), HubError> {
+    match decode_batch(payload) {
+        Ok(batch) => match hub.sink.ingest(node, &batch) {
+            Ok(r) => {
+                if r.floor_held {
+                    Metrics::inc(&hub.metrics.floor_held);
+                }
                 hub.metrics.node(node, |t| {
                     t.batches += 1;
                     t.samples += r.stored;
                     t.duplicates += r.duplicates;
                 });
             }
-            Err(e) => {
-                warn!(%node, error = %e, "bad telemetry payload");
-                hub.metrics.node(node, |t| t.bad_payloads += 1);
+            Err(SinkError::Refused(r)) => {
+                refuse(hub, node, r.reason(), &r);
+                hub.metrics.node(node, |t| t.refused += 1);
             }
+            Err(e) => return Err(e.into()),
         },
-        TopicKind::Reported => match decode_json::<ReportedState>("reported state", payload) {
-            Ok(r) if r.node == node => hub.registry.update(node, |rec| {
-                let online = rec
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.state == NodeState::Online);
-                if delivery == Delivery::Live && !online {
-                    rec.status = Some(NodeStatus {
-                        node: node.to_owned(),
-                        state: NodeState::Online,
-                        at_ms: r.at_ms,
-                    });
-                    Metrics::inc(&hub.metrics.status_inferred_online);
-                }
-                rec.reported = Some(r);
-                Ok(())
-            })?,
-            Ok(r) => {
-                warn!(%node, claimed = %r.node, "reported state names another node; ignored");
-                Metrics::inc(&hub.metrics.bad_documents);
-            }
-            Err(e) => {
-                warn!(%node, error = %e, "bad reported state");
-                Metrics::inc(&hub.metrics.bad_documents);
-            }
-        },
-        TopicKind::Status => match decode_json::<NodeStatus>("status", payload) {
-            Ok(s) if s.node == node => hub.registry.update(node, |rec| {
-                rec.status = Some(s);
-                Ok(())
-            })?,
-            Ok(_) | Err(_) => Metrics::inc(&hub.metrics.bad_documents),
-        },
-        TopicKind::Events => match decode_json::<Event>("event", payload) {
-            Ok(ev) => {
-                Metrics::inc(&hub.metrics.events);
-                info!(%node, kind = ?ev.kind, message = %ev.message, "edge event");
-                hub.events.push(node, ev);
-            }
-            Err(_) => Metrics::inc(&hub.metrics.bad_documents),
-        },
-        TopicKind::Desired | TopicKind::Ack => Metrics::inc(&hub.metrics.unexpected_messages),
+        Err(e) => {
+            warn!(node = %node, error = %e, "bad telemetry payload");
+            hub.metrics.node(node, |t| t.bad_payloads += 1);
+        }
     }
     Ok(())
+}
+
+fn on_reported(hub: &Hub, node: &str, payload: &[u8], delivery: Delivery) -> Result<(), HubError> {
+    if payload.len() > hub.limits.max_reported_bytes {
+        let detail = format!(
+            "{} bytes, more than limits.max_reported_bytes = {}",
+            payload.len(),
+            hub.limits.max_reported_bytes
+        );
+        refuse(hub, node, "reported_too_large", &detail);
+        return Ok(());
+    }
+    let r = match decode_json::<ReportedState>("reported state", payload) {
+        Ok(r) if r.node == node => r,
+        Ok(r) => {
+            warn!(node = %node, claimed = %r.node.escape_debug(), "reported state names another node; ignored");
+            Metrics::inc(&hub.metrics.bad_documents);
+            return Ok(());
+        }
+        Err(e) => {
+            warn!(node = %node, error = %e, "bad reported state");
+            Metrics::inc(&hub.metrics.bad_documents);
+            return Ok(());
+        }
+    };
+    let floors = r.backlog.floors.clone();
+    update(hub, node, |rec| {
+        let online = rec
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == NodeState::Online);
+        if delivery == Delivery::Live && !online {
+            rec.status = Some(NodeStatus {
+                node: node.to_owned(),
+                state: NodeState::Online,
+                at_ms: r.at_ms,
+            });
+            Metrics::inc(&hub.metrics.status_inferred_online);
+        }
+        rec.reported = Some(r);
+    })?;
+    // The node confirms its outbox floors: declared drops up to them are final.
+    for (stream, floor) in floors {
+        match hub.sink.confirm_floor(node, &stream, floor) {
+            Ok(_) => {}
+            Err(SinkError::Refused(r)) => refuse(hub, node, r.reason(), &r),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn on_event(hub: &Hub, node: &str, payload: &[u8]) {
+    if payload.len() > hub.limits.max_event_bytes {
+        let detail = format!(
+            "{} bytes, more than limits.max_event_bytes = {}",
+            payload.len(),
+            hub.limits.max_event_bytes
+        );
+        refuse(hub, node, "event_too_large", &detail);
+        return;
+    }
+    match decode_json::<Event>("event", payload) {
+        Ok(ev) if ev.node == node => {
+            Metrics::inc(&hub.metrics.events);
+            info!(node = %node, kind = ?ev.kind, message = %ev.message.escape_debug(), "edge event");
+            if !hub.events.push(node, ev) {
+                refuse(
+                    hub,
+                    node,
+                    "nodes",
+                    &"the event log holds limits.max_nodes nodes",
+                );
+            }
+        }
+        Ok(ev) => {
+            warn!(node = %node, claimed = %ev.node.escape_debug(), "event names another node; ignored");
+            Metrics::inc(&hub.metrics.bad_documents);
+        }
+        Err(_) => Metrics::inc(&hub.metrics.bad_documents),
+    }
 }
 
 #[cfg(test)]

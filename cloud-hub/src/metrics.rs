@@ -17,6 +17,8 @@ pub struct NodeTelemetry {
     pub duplicates: u64,
     /// Payloads that did not decode.
     pub bad_payloads: u64,
+    /// Batches the sink refused (past a bound).
+    pub refused: u64,
 }
 
 /// Hub-wide counters.
@@ -49,13 +51,55 @@ pub struct Metrics {
     pub artifact_denied: AtomicU64,
     /// Audit records that could not be written.
     pub audit_failures: AtomicU64,
+    /// Messages the hub could not apply because its storage failed (the
+    /// message is not acked, so the edge keeps it; the hub keeps running).
+    pub storage_errors: AtomicU64,
+    /// Telemetry batches whose declared floor waits for the node to
+    /// confirm it in its reported state.
+    pub floor_held: AtomicU64,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
     nodes: Mutex<BTreeMap<String, NodeTelemetry>>,
+}
+
+/// A Prometheus label value with `\`, `"` and newlines escaped (node names
+/// are checked at the door; this keeps the exposition well-formed even so).
+pub fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for ch in v.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl Metrics {
     /// Increments a hub-wide counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refused message by reason (`edgefleet_hub_refused_total{reason}`).
+    pub fn refuse(&self, reason: &'static str) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// How many messages were refused for `reason`.
+    pub fn refused(&self, reason: &str) -> u64 {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Updates one node's telemetry counters.
@@ -104,12 +148,23 @@ impl Metrics {
             ("edgefleet_hub_renew_refused_total", &self.renew_refused),
             ("edgefleet_hub_artifact_denied_total", &self.artifact_denied),
             ("edgefleet_hub_audit_failures_total", &self.audit_failures),
+            ("edgefleet_hub_storage_errors_total", &self.storage_errors),
+            ("edgefleet_hub_floor_held_total", &self.floor_held),
         ] {
             let _ = writeln!(
                 s,
                 "# TYPE {name} counter\n{name} {}",
                 c.load(Ordering::Relaxed)
             );
+        }
+        let _ = writeln!(s, "# TYPE edgefleet_hub_refused_total counter");
+        for (reason, n) in self
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(s, "edgefleet_hub_refused_total{{reason=\"{reason}\"}} {n}");
         }
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         for (metric, get) in [
@@ -122,12 +177,30 @@ impl Metrics {
             ("edgefleet_hub_telemetry_bad_payloads_total", |t| {
                 t.bad_payloads
             }),
+            ("edgefleet_hub_telemetry_refused_total", |t| t.refused),
         ] {
             let _ = writeln!(s, "# TYPE {metric} counter");
             for (node, t) in nodes.iter() {
-                let _ = writeln!(s, "{metric}{{node=\"{node}\"}} {}", get(t));
+                let _ = writeln!(s, "{metric}{{node=\"{}\"}} {}", label_value(node), get(t));
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_break_out_of_their_quotes() {
+        assert_eq!(label_value(r#"a"}\x"#), r#"a\"}\\x"#);
+        assert_eq!(label_value("a\nfake_total 1"), "a\\nfake_total 1");
+        let m = Metrics::default();
+        m.node("x\"} 9\nevil", |t| t.batches = 1);
+        m.refuse("node_name");
+        let text = m.render();
+        assert!(!text.lines().any(|l| l.starts_with("evil")), "{text}");
+        assert!(text.contains("edgefleet_hub_refused_total{reason=\"node_name\"} 1"));
     }
 }

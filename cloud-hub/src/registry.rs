@@ -27,8 +27,22 @@ pub enum RegistryError {
         /// What is wrong.
         detail: String,
     },
-    /// The new revision is not greater than the stored one.
-    #[error("revision {got} is not greater than the current revision {current} of node {node}")]
+    /// The registry holds `limit` nodes; a record for one more is refused.
+    #[error("the registry holds {limit} nodes (limits.max_nodes); node {node} refused")]
+    TooManyNodes {
+        /// The refused node.
+        node: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The document could not be signed.
+    #[error("desired state cannot be signed: {0}")]
+    Sign(String),
+    /// The requested revision is not the next one (the hub assigns
+    /// revisions; a client may name the next one to detect a concurrent change).
+    #[error(
+        "revision {got} is not the next revision of node {node} (current {current}); send revision 0 to let the hub assign it"
+    )]
     StaleRevision {
         /// The node.
         node: String,
@@ -56,18 +70,36 @@ pub struct NodeRecord {
 #[derive(Debug)]
 pub struct Registry {
     nodes: sled::Tree,
-    lock: Mutex<()>,
+    /// Guards read-modify-write; holds the node count.
+    lock: Mutex<usize>,
+    max_nodes: usize,
 }
 
 impl Registry {
-    /// Opens the `nodes` tree of `db`.
+    /// Opens the `nodes` tree of `db` with no node cap.
     pub fn open(db: &sled::Db) -> Result<Self, RegistryError> {
+        Self::open_with(db, usize::MAX)
+    }
+
+    /// Opens the `nodes` tree of `db`, refusing records for more than
+    /// `max_nodes` nodes (nodes already stored are kept).
+    pub fn open_with(db: &sled::Db, max_nodes: usize) -> Result<Self, RegistryError> {
+        let nodes = db
+            .open_tree("nodes")
+            .map_err(|source| RegistryError::Db { op: "open", source })?;
+        let count = nodes.len();
         Ok(Self {
-            nodes: db
-                .open_tree("nodes")
-                .map_err(|source| RegistryError::Db { op: "open", source })?,
-            lock: Mutex::new(()),
+            nodes,
+            lock: Mutex::new(count),
+            max_nodes,
         })
+    }
+
+    /// Whether `node` has a record.
+    pub fn contains(&self, node: &str) -> Result<bool, RegistryError> {
+        self.nodes
+            .contains_key(node)
+            .map_err(|source| RegistryError::Db { op: "get", source })
     }
 
     /// One node's record.
@@ -108,8 +140,16 @@ impl Registry {
         node: &str,
         f: impl FnOnce(&mut NodeRecord) -> Result<T, RegistryError>,
     ) -> Result<T, RegistryError> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut rec = self.get(node)?.unwrap_or_default();
+        let mut count = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let existing = self.get(node)?;
+        let is_new = existing.is_none();
+        if is_new && *count >= self.max_nodes {
+            return Err(RegistryError::TooManyNodes {
+                node: node.into(),
+                limit: self.max_nodes,
+            });
+        }
+        let mut rec = existing.unwrap_or_default();
         let out = f(&mut rec)?;
         let bytes = serde_json::to_vec(&rec).map_err(|e| RegistryError::Corrupt {
             node: node.into(),
@@ -121,27 +161,41 @@ impl Registry {
                 op: "insert",
                 source,
             })?;
+        if is_new {
+            *count += 1;
+        }
         Ok(out)
     }
 
-    /// Stores a new desired document; refuses a revision that is not newer.
+    /// Stores a new desired document at the next revision of `node`, which
+    /// the hub assigns: `requested` is 0 (assign) or must be exactly the
+    /// next revision (optimistic concurrency: the client saw the current
+    /// one). `sign` makes the document for the assigned revision. Returns
+    /// the revision and the document.
     pub fn set_desired(
         &self,
         node: &str,
-        revision: u64,
-        doc: SignedDesired,
-    ) -> Result<(), RegistryError> {
+        requested: u64,
+        sign: impl FnOnce(u64) -> Result<SignedDesired, String>,
+    ) -> Result<(u64, SignedDesired), RegistryError> {
         self.update(node, |rec| {
-            if revision <= rec.desired_revision {
+            let current = rec.desired_revision;
+            let Some(next) = current.checked_add(1) else {
+                return Err(RegistryError::Sign(format!(
+                    "node {node} is at the last revision {current}"
+                )));
+            };
+            if requested != 0 && requested != next {
                 return Err(RegistryError::StaleRevision {
                     node: node.into(),
-                    got: revision,
-                    current: rec.desired_revision,
+                    got: requested,
+                    current,
                 });
             }
-            rec.desired = Some(doc);
-            rec.desired_revision = revision;
-            Ok(())
+            let doc = sign(next).map_err(RegistryError::Sign)?;
+            rec.desired = Some(doc.clone());
+            rec.desired_revision = next;
+            Ok((next, doc))
         })
     }
 }

@@ -21,11 +21,16 @@ fn temp_db() -> sled::Db {
 }
 
 fn entry(db: &sled::Db) -> StreamEntry {
-    StreamEntry {
-        tree: db.open_tree("t").unwrap(),
-        stats: StreamStats::default(),
-        above: BTreeMap::new(),
-    }
+    StreamEntry::new(db.open_tree("t").unwrap())
+}
+
+/// Ingests `b` as a node whose reported state already confirmed the batch's
+/// floor (the normal order: the edge reports its outbox floor every few
+/// seconds, and the tests of the floor rules below are about the rules, not
+/// the wait).
+fn ingest(sink: &Sink, b: &TelemetryBatch) -> Ingested {
+    sink.confirm_floor("n", &b.stream, b.floor_seq).unwrap();
+    sink.ingest("n", b).unwrap()
 }
 
 fn runs(e: &StreamEntry) -> Vec<(u64, u64)> {
@@ -42,7 +47,7 @@ fn batch(first_seq: u64, floor_seq: u64, n: u64) -> TelemetryBatch {
         samples: (first_seq..first_seq + n)
             .map(|seq| Sample {
                 point: (seq % 5) as u32,
-                ts_ms: 2_000 + seq,
+                ts_ms: seq.wrapping_add(2_000),
                 value: seq as f64,
                 quality: Quality::GOOD,
             })
@@ -93,9 +98,9 @@ fn a_run_swallowing_several_runs_keeps_the_highest_end() {
     }
     e.add_run(4, 20);
     assert_eq!(runs(&e), [(4, 40), (50, 51)]);
-    assert_eq!(e.stored_in(1, 100), 37 + 2);
-    assert_eq!(e.stored_in(39, 50), 3);
-    assert_eq!(e.stored_in(41, 49), 0);
+    assert_eq!(e.stored_above, 37 + 2);
+    e.raise_watermark(45);
+    assert_eq!((runs(&e), e.stored_above), (vec![(50, 51)], 2));
 }
 
 #[test]
@@ -161,16 +166,16 @@ fn missing_counts_only_unstored_numbers_above_the_watermark() {
 fn duplicates_inside_and_around_runs_are_cut_off() {
     let db = temp_db();
     let sink = Sink::open(&db).unwrap();
-    sink.ingest("n", &batch(10, 1, 5)).unwrap(); // 10..=14 above a gap
-    sink.ingest("n", &batch(20, 1, 3)).unwrap(); // 20..=22
+    ingest(&sink, &batch(10, 1, 5)); // 10..=14 above a gap
+    ingest(&sink, &batch(20, 1, 3)); // 20..=22
     // 8..=23: new are 8, 9, 15..=19, 23; 10..=14 and 20..=22 are duplicates.
-    let r = sink.ingest("n", &batch(8, 1, 16)).unwrap();
+    let r = ingest(&sink, &batch(8, 1, 16));
     assert_eq!((r.stored, r.duplicates), (8, 8));
     let st = stats(&sink);
     assert_eq!((st.contiguous, st.missing_now, st.stored), (0, 7, 16));
     assert_eq!(stored_seqs(&sink), (8..=23).collect::<Vec<_>>());
     // The same batch twice: all duplicates, nothing written.
-    let r = sink.ingest("n", &batch(8, 1, 16)).unwrap();
+    let r = ingest(&sink, &batch(8, 1, 16));
     assert_eq!((r.stored, r.duplicates), (0, 16));
     assert_eq!(stats(&sink).duplicates, 24);
 }
@@ -179,12 +184,12 @@ fn duplicates_inside_and_around_runs_are_cut_off() {
 fn gaps_are_counted_once_per_batch_that_opens_one() {
     let db = temp_db();
     let sink = Sink::open(&db).unwrap();
-    sink.ingest("n", &batch(1, 1, 3)).unwrap();
-    sink.ingest("n", &batch(10, 1, 2)).unwrap(); // gap 4..=9
-    sink.ingest("n", &batch(11, 1, 2)).unwrap(); // overlaps, no new gap
-    sink.ingest("n", &batch(30, 1, 1)).unwrap(); // gap 13..=29
+    ingest(&sink, &batch(1, 1, 3));
+    ingest(&sink, &batch(10, 1, 2)); // gap 4..=9
+    ingest(&sink, &batch(11, 1, 2)); // overlaps, no new gap
+    ingest(&sink, &batch(30, 1, 1)); // gap 13..=29
     // A batch whose floor declares the gap dropped does not count as a gap.
-    sink.ingest("n", &batch(40, 40, 1)).unwrap();
+    ingest(&sink, &batch(40, 40, 1));
     let st = stats(&sink);
     assert_eq!(st.gaps_seen, 2);
     assert_eq!(st.contiguous, 40);
@@ -198,23 +203,23 @@ fn gaps_are_counted_once_per_batch_that_opens_one() {
 fn a_floor_that_jumps_past_stored_runs_counts_only_unstored_numbers() {
     let db = temp_db();
     let sink = Sink::open(&db).unwrap();
-    sink.ingest("n", &batch(1, 1, 5)).unwrap();
-    sink.ingest("n", &batch(8, 1, 2)).unwrap(); // 8, 9
-    sink.ingest("n", &batch(12, 1, 3)).unwrap(); // 12..=14
-    sink.ingest("n", &batch(30, 1, 2)).unwrap(); // 30, 31: above the coming floor
+    ingest(&sink, &batch(1, 1, 5));
+    ingest(&sink, &batch(8, 1, 2)); // 8, 9
+    ingest(&sink, &batch(12, 1, 3)); // 12..=14
+    ingest(&sink, &batch(30, 1, 2)); // 30, 31: above the coming floor
     // Floor 20 with a batch starting at 20: 6..=19 is final.
-    sink.ingest("n", &batch(20, 20, 2)).unwrap();
+    ingest(&sink, &batch(20, 20, 2));
     let st = stats(&sink);
     // 6, 7, 10, 11, 15..=19 dropped; 20, 21 stored; 22..=29 still missing.
     assert_eq!(st.dropped_by_edge, 9);
     assert_eq!((st.contiguous, st.missing_now), (21, 8));
     // The floor passes the run at 30 as well: contiguous moves over it.
-    sink.ingest("n", &batch(35, 35, 1)).unwrap();
+    ingest(&sink, &batch(35, 35, 1));
     let st = stats(&sink);
     assert_eq!(st.dropped_by_edge, 9 + 8 + 3);
     assert_eq!((st.contiguous, st.missing_now, st.stored), (35, 0, 15));
     // A late copy of a declared drop is a duplicate, not stored.
-    let r = sink.ingest("n", &batch(16, 16, 2)).unwrap();
+    let r = ingest(&sink, &batch(16, 16, 2));
     assert_eq!((r.stored, r.duplicates), (0, 2));
 }
 
@@ -222,13 +227,13 @@ fn a_floor_that_jumps_past_stored_runs_counts_only_unstored_numbers() {
 async fn acks_follow_contiguous_only_and_survive_reopen() {
     let db = temp_db();
     let sink = Sink::open(&db).unwrap();
-    sink.ingest("n", &batch(5, 1, 5)).unwrap();
+    ingest(&sink, &batch(5, 1, 5));
     assert!(sink.flush_and_collect_acks().await.unwrap().is_empty());
-    sink.ingest("n", &batch(1, 1, 4)).unwrap();
+    ingest(&sink, &batch(1, 1, 4));
     let acks = sink.flush_and_collect_acks().await.unwrap();
     assert_eq!(acks, [("n".to_owned(), "raw".to_owned(), 9)]);
     assert!(sink.flush_and_collect_acks().await.unwrap().is_empty());
-    sink.ingest("n", &batch(12, 1, 2)).unwrap();
+    ingest(&sink, &batch(12, 1, 2));
     drop(sink);
     let sink = Sink::open(&db).unwrap();
     let st = stats(&sink);
@@ -237,7 +242,7 @@ async fn acks_follow_contiguous_only_and_survive_reopen() {
         (9, 9, 11, 13)
     );
     assert_eq!(st.missing_now, 2);
-    sink.ingest("n", &batch(10, 1, 2)).unwrap();
+    ingest(&sink, &batch(10, 1, 2));
     let acks = sink.flush_and_collect_acks().await.unwrap();
     assert_eq!(acks, [("n".to_owned(), "raw".to_owned(), 13)]);
 }
@@ -340,7 +345,7 @@ fn random_traffic(seed: u64, steps: usize) {
                 let n = rng.random_range(0..12);
                 let b = batch(first, floor, n);
                 hi = hi.max(first + n);
-                let got = sink.ingest("n", &b).unwrap();
+                let got = ingest(&sink, &b);
                 assert_eq!(got, model.ingest(&b), "seed {seed} step {step}: {b:?}");
             }
         }
@@ -360,5 +365,238 @@ fn random_traffic(seed: u64, steps: usize) {
 fn random_traffic_matches_a_set_model() {
     for seed in 0..48 {
         random_traffic(seed, 150);
+    }
+}
+
+// ---- hostile input ----------------------------------------------------
+
+#[test]
+fn a_declared_floor_waits_until_the_node_confirms_it() {
+    let db = temp_db();
+    let sink = Sink::open(&db).unwrap();
+    ingest(&sink, &batch(1, 1, 5));
+    // A forged batch declaring everything below 1,000,000 dropped: stored as
+    // a run above the watermark, but the watermark (and so the acks) stays.
+    let r = sink.ingest("n", &batch(1_000_000, 1_000_000, 1)).unwrap();
+    assert!(r.floor_held);
+    let st = stats(&sink);
+    assert_eq!((st.contiguous, st.dropped_by_edge), (5, 0));
+    // The real edge keeps sending; its data is stored, not taken as duplicates.
+    assert_eq!(sink.ingest("n", &batch(6, 1, 4)).unwrap().stored, 4);
+    assert_eq!(stats(&sink).contiguous, 9);
+    // The node confirms a floor of 20 only: drops up to 19 are final.
+    assert!(sink.confirm_floor("n", "raw", 20).unwrap());
+    let st = stats(&sink);
+    assert_eq!((st.contiguous, st.dropped_by_edge), (19, 10));
+    // A confirmation never moves the watermark past what a batch declared:
+    // up to the declared floor, then over the stored run at 1,000,000.
+    assert!(sink.confirm_floor("n", "raw", 5_000_000).unwrap());
+    let st = stats(&sink);
+    assert_eq!(
+        (st.contiguous, st.dropped_by_edge),
+        (1_000_000, 10 + 999_980)
+    );
+}
+
+#[test]
+fn sequence_numbers_past_max_seq_are_refused_whole() {
+    let db = temp_db();
+    let sink = Sink::open(&db).unwrap();
+    let max = protocols::limits::MAX_SEQ;
+    for b in [
+        batch(max, 1, 2),
+        batch(u64::MAX - 1, 1, 1),
+        batch(5, max + 2, 0),
+    ] {
+        let err = sink.ingest("n", &b).unwrap_err();
+        assert!(
+            matches!(&err, SinkError::Refused(r) if r.reason() == "seq_out_of_range"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("limits::MAX_SEQ"), "{err}");
+    }
+    // The last number itself is fine, and the arithmetic above it holds.
+    sink.confirm_floor("n", "raw", max).unwrap();
+    let r = sink.ingest("n", &batch(max, max, 1)).unwrap();
+    assert_eq!(r.stored, 1);
+    assert_eq!(stats(&sink).contiguous, max);
+    assert_eq!(sink.ingest("n", &batch(max, max, 1)).unwrap().duplicates, 1);
+    let q = sink.query("n", "raw", max, None, None, 10).unwrap();
+    assert_eq!(q.iter().map(|s| s.seq).collect::<Vec<_>>(), [max]);
+}
+
+#[test]
+fn streams_past_the_caps_are_refused_and_existing_ones_keep_working() {
+    let db = temp_db();
+    let limits = SinkLimits {
+        max_streams_per_node: 2,
+        max_streams: 3,
+        max_runs_per_stream: 8,
+    };
+    let sink = Sink::open_with(&db, limits).unwrap();
+    let named = |stream: &str| TelemetryBatch {
+        stream: stream.into(),
+        ..batch(1, 1, 1)
+    };
+    sink.ingest("a", &named("s1")).unwrap();
+    sink.ingest("a", &named("s2")).unwrap();
+    let err = sink.ingest("a", &named("s3")).unwrap_err();
+    assert!(matches!(&err, SinkError::Refused(r) if r.reason() == "streams_per_node"));
+    assert!(
+        err.to_string().contains("limits.max_streams_per_node"),
+        "{err}"
+    );
+    sink.ingest("b", &named("s1")).unwrap();
+    let err = sink.ingest("c", &named("s1")).unwrap_err();
+    assert!(matches!(&err, SinkError::Refused(r) if r.reason() == "streams"));
+    // A confirmation cannot open a stream past the caps either.
+    assert!(sink.confirm_floor("c", "s1", 5).is_err());
+    // Known streams still take data, also after a reopen.
+    assert_eq!(
+        sink.ingest(
+            "a",
+            &TelemetryBatch {
+                first_seq: 2,
+                floor_seq: 1,
+                ..named("s2")
+            }
+        )
+        .unwrap()
+        .stored,
+        1
+    );
+    drop(sink);
+    let sink = Sink::open_with(&db, limits).unwrap();
+    assert_eq!(sink.streams("a").len(), 2);
+    assert!(sink.ingest("a", &named("s9")).is_err());
+}
+
+#[test]
+fn sparse_batches_past_the_run_cap_are_refused_and_gap_fillers_are_not() {
+    let db = temp_db();
+    let limits = SinkLimits {
+        max_runs_per_stream: 4,
+        ..SinkLimits::default()
+    };
+    let sink = Sink::open_with(&db, limits).unwrap();
+    // 1-sample batches at 10, 20, 30, 40: four separate runs.
+    for first in [10, 20, 30, 40] {
+        sink.ingest("n", &batch(first, 1, 1)).unwrap();
+    }
+    let err = sink.ingest("n", &batch(50, 1, 1)).unwrap_err();
+    assert!(
+        matches!(&err, SinkError::Refused(r) if r.reason() == "runs_per_stream"),
+        "{err}"
+    );
+    // Extending a run, filling a gap and the watermark's own edge still work.
+    assert_eq!(sink.ingest("n", &batch(41, 1, 2)).unwrap().stored, 2);
+    assert_eq!(sink.ingest("n", &batch(11, 1, 9)).unwrap().stored, 9);
+    assert_eq!(sink.ingest("n", &batch(1, 1, 9)).unwrap().stored, 9);
+    let st = stats(&sink);
+    assert_eq!((st.contiguous, st.missing_now), (20, 9 + 9));
+    // Room again: a new run is accepted.
+    sink.ingest("n", &batch(50, 1, 1)).unwrap();
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Sequence numbers an attacker would pick: tiny, near the bound, past
+    /// it, at the top of u64.
+    fn seq() -> impl Strategy<Value = u64> {
+        let max = protocols::limits::MAX_SEQ;
+        prop_oneof![
+            0..64u64,
+            (max - 64)..=max,
+            (max + 1)..(max + 64),
+            (u64::MAX - 64)..=u64::MAX,
+            any::<u64>(),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Batch {
+            first: u64,
+            floor_back: u64,
+            n: u64,
+            forged_floor: Option<u64>,
+        },
+        Confirm(u64),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (seq(), 0..8u64, 0..6u64, proptest::option::of(seq())).prop_map(
+                |(first, floor_back, n, forged_floor)| Step::Batch { first, floor_back, n, forged_floor }
+            ),
+            1 => seq().prop_map(Step::Confirm),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever arrives, the sink never panics, refuses only with a
+        /// reason, never stores a number twice, keeps every number at or
+        /// below MAX_SEQ, and its watermark never falls and never passes a
+        /// floor the node did not confirm (unless the numbers are stored).
+        #[test]
+        fn extreme_sequence_numbers_never_break_the_sink(steps in proptest::collection::vec(step(), 1..40)) {
+            let db = temp_db();
+            let limits = SinkLimits { max_runs_per_stream: 16, ..SinkLimits::default() };
+            let sink = Sink::open_with(&db, limits).unwrap();
+            let mut stored = BTreeSet::new();
+            let (mut confirmed, mut last_contiguous) = (0u64, 0u64);
+            for s in steps {
+                match s {
+                    Step::Confirm(f) => {
+                        if sink.confirm_floor("n", "raw", f).is_ok() {
+                            confirmed = confirmed.max(f.min(protocols::limits::MAX_SEQ + 1));
+                        }
+                    }
+                    Step::Batch { first, floor_back, n, forged_floor } => {
+                        let n = n.min(u64::MAX - first);
+                        let mut b = TelemetryBatch {
+                            stream: "raw".into(),
+                            first_seq: first,
+                            floor_seq: first.saturating_sub(floor_back),
+                            samples: (0..n).map(|i| Sample {
+                                point: 0, ts_ms: i, value: 0.0, quality: Quality::GOOD,
+                            }).collect(),
+                        };
+                        if let Some(f) = forged_floor {
+                            b.floor_seq = f;
+                        }
+                        match sink.ingest("n", &b) {
+                            Ok(r) => {
+                                let fresh = b.iter_seq().filter(|&(q, _)| q > last_contiguous && stored.insert(q)).count() as u64;
+                                prop_assert_eq!(r.stored, fresh);
+                            }
+                            Err(SinkError::Refused(r)) => { prop_assert!(!r.reason().is_empty()); }
+                            Err(e) => prop_assert!(false, "not a refusal: {e}"),
+                        }
+                    }
+                }
+                let st = stats(&sink);
+                prop_assert!(st.contiguous >= last_contiguous);
+                prop_assert!(st.contiguous <= protocols::limits::MAX_SEQ);
+                prop_assert!(st.max_seen <= protocols::limits::MAX_SEQ);
+                // Past the confirmed floor only over stored numbers.
+                if st.contiguous >= confirmed.max(1) {
+                    let over = (confirmed.max(1)..=st.contiguous).take(1_000);
+                    for q in over {
+                        prop_assert!(stored.contains(&q) || q <= last_contiguous, "contiguous {} passed unconfirmed, unstored {q}", st.contiguous);
+                    }
+                }
+                last_contiguous = st.contiguous;
+            }
+            let q = sink.query("n", "raw", 0, None, None, 100_000).unwrap();
+            let mut seen = BTreeSet::new();
+            for s in &q {
+                prop_assert!(seen.insert(s.seq), "seq {} stored twice", s.seq);
+            }
+        }
     }
 }

@@ -36,6 +36,9 @@ pub struct EdgeConfig {
     pub uplink: UplinkConfig,
     /// sled page cache in bytes.
     pub cache_capacity_bytes: u64,
+    /// What desired state may make this gateway touch (`[policy]`): the
+    /// cloud cannot override it ([`crate::policy`]).
+    pub policy: crate::policy::PolicyConfig,
 }
 
 impl Default for EdgeConfig {
@@ -48,6 +51,7 @@ impl Default for EdgeConfig {
             outbox: OutboxConfig::default(),
             uplink: UplinkConfig::default(),
             cache_capacity_bytes: 64 * 1024 * 1024,
+            policy: crate::policy::PolicyConfig::default(),
         }
     }
 }
@@ -244,6 +248,11 @@ impl EdgeConfig {
         let mut c = Collector::new();
         let root = Path::Root;
         check_name(&mut c, &root.field("node"), &self.node);
+        if let Err(errors) = crate::policy::Policy::parse(&self.policy) {
+            for (field, message) in errors {
+                c.push(&root.field("policy").field(&field), message);
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             c.push(&root.field("data_dir"), "must not be empty");
         }

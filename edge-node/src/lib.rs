@@ -27,6 +27,7 @@ pub mod identity;
 pub mod link;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod session;
 pub mod store;
 pub mod uplink;

@@ -59,8 +59,10 @@ counters! {
     samples_acked,
     /// Incoming messages that did not decode.
     bad_messages,
-    /// Desired documents refused (stale, unsigned, invalid).
+    /// Desired documents refused (stale, unsigned, invalid, outside the policy).
     desired_rejected,
+    /// Of those, refused by the gateway's own `[policy]`.
+    desired_refused_policy,
     /// Desired revisions applied.
     desired_applied,
     /// Events that could not be queued for publishing.

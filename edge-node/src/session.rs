@@ -173,6 +173,7 @@ pub struct Session {
     up: bool,
     offline_since_ms: Option<u64>,
     loss_windows: Vec<LossWindow>,
+    policy: Arc<crate::policy::Policy>,
 }
 
 impl Session {
@@ -194,6 +195,7 @@ impl Session {
             up: false,
             offline_since_ms: Some(now_ms),
             loss_windows: Vec::new(),
+            policy: Arc::default(),
         }
     }
 
@@ -201,6 +203,14 @@ impl Session {
     #[must_use]
     pub fn trusting(mut self, key: VerifyingKey) -> Self {
         self.trusted = Some(key);
+        self
+    }
+
+    /// Refuses desired state outside this gateway's own `policy` (default:
+    /// [`crate::policy::Policy::default`], loopback devices only).
+    #[must_use]
+    pub fn with_policy(mut self, policy: Arc<crate::policy::Policy>) -> Self {
+        self.policy = policy;
         self
     }
 
@@ -317,8 +327,16 @@ impl Session {
         if let (Some(doc), Some(key)) = (&r.current, self.trusted) {
             match doc.verify(&key) {
                 Ok(desired) => {
-                    tracing::info!(node = %self.node, revision = desired.revision, "re-applying desired state from disk");
-                    out.push(self.apply(desired));
+                    if let Err(reason) = self.policy.check(&desired) {
+                        // The gateway's policy was tightened since: the
+                        // stored document stays unapplied until the hub
+                        // sends one inside it.
+                        tracing::warn!(node = %self.node, %reason, "stored desired state is outside the policy; waiting for the hub");
+                        out.extend(self.reject(Some(desired.revision), reason, now_ms));
+                    } else {
+                        tracing::info!(node = %self.node, revision = desired.revision, "re-applying desired state from disk");
+                        out.push(self.apply(desired));
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "stored desired state does not verify; waiting for the hub");
@@ -426,6 +444,12 @@ impl Session {
         }
         if desired.revision < applied {
             let reason = format!("stale revision {} (applied {applied})", desired.revision);
+            return self.reject(Some(desired.revision), reason, now_ms);
+        }
+        // The site's own limits: checked before anything is pinned,
+        // persisted or applied.
+        if let Err(reason) = self.policy.check(&desired) {
+            Counters::add(&self.counters.desired_refused_policy, 1);
             return self.reject(Some(desired.revision), reason, now_ms);
         }
         let mut out = Vec::new();

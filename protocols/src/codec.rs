@@ -178,10 +178,14 @@ pub fn decode_batch(bytes: &[u8]) -> Result<TelemetryBatch, CodecError> {
             wire.values.len()
         )));
     }
-    if n > 0 && wire.first_seq.checked_add(n as u64 - 1).is_none() {
+    // Sequence numbers stay at or below MAX_SEQ, so every `+ 1` on them, at
+    // either end, is safe.
+    let last_seq = wire.first_seq.checked_add((n as u64).saturating_sub(1));
+    if last_seq.is_none_or(|last| last > crate::limits::MAX_SEQ) {
         return Err(CodecError::TelemetryShape(format!(
-            "first_seq {} + {n} samples overflows u64",
-            wire.first_seq
+            "first_seq {} + {n} samples passes the largest sequence number {} (limits::MAX_SEQ)",
+            wire.first_seq,
+            crate::limits::MAX_SEQ
         )));
     }
     if !crate::validate::is_valid_name(wire.stream) {

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::device::Device;
+use crate::limits;
 use crate::validate::{Collector, Path, ValidationErrors, check_name};
 
 /// Everything an edge node should run, at one revision.
@@ -136,6 +137,45 @@ impl DesiredState {
         if self.revision == 0 {
             c.push(&root.field("revision"), "revisions start at 1");
         }
+        for (field, n, max, name) in [
+            (
+                "devices",
+                self.devices.len(),
+                limits::MAX_DESIRED_DEVICES,
+                "MAX_DESIRED_DEVICES",
+            ),
+            (
+                "functions",
+                self.functions.len(),
+                limits::MAX_DESIRED_FUNCTIONS,
+                "MAX_DESIRED_FUNCTIONS",
+            ),
+            (
+                "models",
+                self.models.len(),
+                limits::MAX_DESIRED_MODELS,
+                "MAX_DESIRED_MODELS",
+            ),
+        ] {
+            if n > max {
+                c.push(
+                    &root.field(field),
+                    format!("{n} entries, more than the limit of {max} (limits::{name})"),
+                );
+            }
+        }
+        let points: usize = self
+            .devices
+            .iter()
+            .flat_map(|d| &d.groups)
+            .map(|g| g.points.len())
+            .sum();
+        if points > limits::MAX_DESIRED_POINTS {
+            c.push(
+                &root.field("devices"),
+                format!("{points} points in all, more than the limit of {} (limits::MAX_DESIRED_POINTS)", limits::MAX_DESIRED_POINTS),
+            );
+        }
 
         let devices = root.field("devices");
         let mut device_ids = BTreeSet::new();
@@ -177,6 +217,16 @@ impl DesiredState {
                 );
             }
             check_sha256(&mut c, &mp.field("sha256"), &m.sha256);
+            if m.size > limits::MAX_ARTIFACT_BYTES {
+                c.push(
+                    &mp.field("size"),
+                    format!(
+                        "{} is more than {} (limits::MAX_ARTIFACT_BYTES)",
+                        m.size,
+                        limits::MAX_ARTIFACT_BYTES
+                    ),
+                );
+            }
         }
 
         let functions = root.field("functions");
@@ -191,8 +241,15 @@ impl DesiredState {
                 );
             }
             check_sha256(&mut c, &fp.field("module_sha256"), &f.module_sha256);
-            if f.module_size == 0 {
-                c.push(&fp.field("module_size"), "must be greater than 0");
+            if f.module_size == 0 || f.module_size > limits::MAX_ARTIFACT_BYTES {
+                c.push(
+                    &fp.field("module_size"),
+                    format!(
+                        "{} is out of range 1..={} (limits::MAX_ARTIFACT_BYTES)",
+                        f.module_size,
+                        limits::MAX_ARTIFACT_BYTES
+                    ),
+                );
             }
             let inputs = fp.field("inputs");
             for (ii, i) in f.inputs.iter().enumerate() {
@@ -219,21 +276,39 @@ impl DesiredState {
             if f.outputs.is_empty() {
                 c.push(&outs, "a function needs at least one output stream");
             }
+            if f.outputs.len() > limits::MAX_FUNCTION_OUTPUTS {
+                c.push(
+                    &outs,
+                    format!(
+                        "{} streams, more than the limit of {} (limits::MAX_FUNCTION_OUTPUTS)",
+                        f.outputs.len(),
+                        limits::MAX_FUNCTION_OUTPUTS
+                    ),
+                );
+            }
             for (oi, o) in f.outputs.iter().enumerate() {
                 check_name(&mut c, &outs.index(oi), o);
             }
             let lp = fp.field("limits");
-            if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&f.limits.memory_bytes) {
+            if !(64 * 1024..=limits::MAX_FUNCTION_MEMORY_BYTES).contains(&f.limits.memory_bytes) {
                 c.push(
                     &lp.field("memory_bytes"),
                     format!(
-                        "{} is out of range 65536..=4294967296",
-                        f.limits.memory_bytes
+                        "{} is out of range 65536..={} (limits::MAX_FUNCTION_MEMORY_BYTES, the edge's instance pool)",
+                        f.limits.memory_bytes,
+                        limits::MAX_FUNCTION_MEMORY_BYTES
                     ),
                 );
             }
-            if f.limits.fuel_per_call == 0 {
-                c.push(&lp.field("fuel_per_call"), "must be greater than 0");
+            if !(1..=limits::MAX_FUEL_PER_CALL).contains(&f.limits.fuel_per_call) {
+                c.push(
+                    &lp.field("fuel_per_call"),
+                    format!(
+                        "{} is out of range 1..={} (limits::MAX_FUEL_PER_CALL)",
+                        f.limits.fuel_per_call,
+                        limits::MAX_FUEL_PER_CALL
+                    ),
+                );
             }
             if !(1..=60_000).contains(&f.limits.deadline_ms) {
                 c.push(

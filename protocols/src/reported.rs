@@ -121,6 +121,13 @@ pub struct Backlog {
     pub oldest_age_ms: u64,
     /// Samples dropped by the overflow policy, ever.
     pub dropped: u64,
+    /// Per stream, the outbox floor: the lowest sequence number the node may
+    /// still send (everything below was acked or dropped by the overflow
+    /// policy). Streams whose floor is still 1 are left out. The hub moves a
+    /// stream's watermark over the drops a batch declares only as far as
+    /// this confirms.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub floors: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

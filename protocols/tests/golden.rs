@@ -263,6 +263,7 @@ fn reported_state() {
             bytes: 140,
             oldest_age_ms: 900,
             dropped: 0,
+            floors: BTreeMap::new(),
         },
         offline_since_ms: Some(1_764_300_000_000),
         loss_windows: vec![LossWindow {

@@ -26,7 +26,7 @@ fn arb_sample() -> impl Strategy<Value = Sample> {
 fn arb_batch() -> impl Strategy<Value = TelemetryBatch> {
     (
         "[a-z0-9._-]{1,64}",
-        0..u64::MAX / 2,
+        0..protocols::limits::MAX_SEQ - 300,
         any::<u64>(),
         prop::collection::vec(arb_sample(), 0..300),
     )
@@ -57,6 +57,15 @@ proptest! {
         let bytes = encode_batch(&b);
         let back = decode_batch(&bytes).unwrap();
         prop_assert!(same_bits(&b, &back));
+    }
+
+    #[test]
+    fn sequence_numbers_past_max_seq_never_decode(b in arb_batch(), over in 1u64..u64::MAX / 4) {
+        let mut b = b;
+        b.first_seq = (protocols::limits::MAX_SEQ + 1).saturating_add(over).min(u64::MAX - b.samples.len() as u64);
+        b.floor_seq = b.first_seq;
+        let e = decode_batch(&encode_batch(&b)).unwrap_err();
+        prop_assert!(e.to_string().contains("MAX_SEQ"), "{}", e);
     }
 
     #[test]

@@ -90,13 +90,13 @@ fn functions_must_reference_defined_things() {
     for want in [
         "revision: revisions start at 1",
         "functions[0].module_sha256: \"XYZ\" is not a lower-case hex sha256",
-        "functions[0].module_size: must be greater than 0",
+        "functions[0].module_size: 0 is out of range 1..=1073741824",
         "functions[0].inputs[0]: point index 9 is not defined by any device",
         "functions[0].granted_devices[0]: device \"nope\" is not defined",
         "functions[0].granted_models[0]: model \"m\" is not defined",
         "functions[0].outputs: a function needs at least one output stream",
         "functions[0].limits.memory_bytes: 1 is out of range",
-        "functions[0].limits.fuel_per_call: must be greater than 0",
+        "functions[0].limits.fuel_per_call: 0 is out of range 1..=",
         "functions[0].limits.deadline_ms: 0 is out of range",
         "config.batch_max_samples: 0 is out of range 1..=100000",
     ] {
@@ -163,5 +163,33 @@ fn mqtt_device_payload_format() {
             serde_json::from_str::<MqttDevicePayload>(bad).is_err(),
             "{bad}"
         );
+    }
+}
+
+#[test]
+fn desired_documents_are_bounded_and_the_bound_is_named() {
+    let points: Vec<_> = (0..3)
+        .map(|i| serde_json::json!({"index": i, "name": format!("p{i}"),
+            "address": {"kind": "synthetic", "signal": {"shape": "sine", "amplitude": 1.0, "period_s": 1.0}}}))
+        .collect();
+    let devices: Vec<_> = (0..=protocols::limits::MAX_DESIRED_DEVICES)
+        .map(|i| serde_json::json!({"id": format!("d{i}"), "protocol": {"kind": "synthetic"},
+            "groups": [{"name": "g", "interval_ms": 1000, "points": if i == 0 { points.clone() } else { Vec::new() }}]}))
+        .collect();
+    let doc = serde_json::json!({"node": "n", "revision": 1, "devices": devices,
+        "models": [{"name": "m", "sha256": "a".repeat(64), "size": protocols::limits::MAX_ARTIFACT_BYTES + 1}],
+        "functions": [{"name": "f", "module_sha256": "b".repeat(64), "module_size": 10, "inputs": [0], "outputs": (0..17).map(|i| format!("s{i}")).collect::<Vec<_>>(),
+            "limits": {"memory_bytes": 128 << 20, "fuel_per_call": u64::MAX, "deadline_ms": 100}}]});
+    let e = decode_desired(&serde_json::to_vec(&doc).unwrap())
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "devices: 4097 entries, more than the limit of 4096 (limits::MAX_DESIRED_DEVICES)",
+        "models[0].size: 1073741825 is more than 1073741824 (limits::MAX_ARTIFACT_BYTES)",
+        "functions[0].outputs: 17 streams, more than the limit of 16 (limits::MAX_FUNCTION_OUTPUTS)",
+        "functions[0].limits.memory_bytes: 134217728 is out of range 65536..=67108864",
+        "functions[0].limits.fuel_per_call: 18446744073709551615 is out of range",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }
 }

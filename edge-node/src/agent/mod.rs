@@ -74,6 +74,9 @@ pub enum AgentError {
     /// A task (or a blocking start-up step) panicked or was aborted.
     #[error("agent task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// `[policy]` does not parse (the config was not validated).
+    #[error("policy.{0}")]
+    Policy(String),
 }
 
 /// Optional extras of [`Agent::start_with`]; the default is what
@@ -143,6 +146,14 @@ impl Agent {
             .await??;
             Arc::new(f)
         };
+        let policy = Arc::new(crate::policy::Policy::parse(&cfg.policy).map_err(|e| {
+            AgentError::Policy(
+                e.iter()
+                    .map(|(f, m)| format!("{f}: {m}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?);
         let functions = FunctionsView::default();
         let mut tasks = JoinSet::new();
         let (desired_tx, _) = watch::channel(DesiredPair::default());
@@ -168,7 +179,8 @@ impl Agent {
                 ctx.topics.clone(),
                 ctx.counters.clone(),
                 clock.now_ms(),
-            ),
+            )
+            .with_policy(policy),
             ctx,
             client,
             conn: uplink.conn,

@@ -13,6 +13,9 @@ pub(super) fn backlog(store: &Store, now_ms: u64) -> Backlog {
         backlog.samples += s.samples;
         backlog.bytes += s.bytes;
         backlog.dropped += s.dropped;
+        if s.floor > 1 {
+            backlog.floors.insert(o.stream().to_owned(), s.floor);
+        }
         if let Some(ts) = s.oldest_ts_ms {
             backlog.oldest_age_ms = backlog.oldest_age_ms.max(now_ms.saturating_sub(ts));
         }

@@ -68,11 +68,23 @@ pub struct LimitsConfig {
     pub max_reported_bytes: usize,
     /// Largest event document, bytes.
     pub max_event_bytes: usize,
+    /// Largest artifact upload, bytes (at most protocols' MAX_ARTIFACT_BYTES).
+    pub max_artifact_bytes: u64,
+    /// Bytes the artifact store holds in all.
+    pub max_artifact_store_bytes: u64,
+    /// Bytes of the artifacts one uploader (token) first uploaded.
+    pub max_artifact_bytes_per_uploader: u64,
+    /// Artifact uploads in progress at once (more are answered 429).
+    pub max_concurrent_uploads: usize,
+    /// Unreferenced artifacts younger than this survive `POST /v1/artifacts/gc`.
+    #[serde(with = "humantime_serde")]
+    pub artifact_gc_grace: Duration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         let sink = crate::sink::SinkLimits::default();
+        let art = crate::artifacts::ArtifactLimits::default();
         Self {
             max_nodes: 100_000,
             max_streams_per_node: sink.max_streams_per_node,
@@ -80,11 +92,26 @@ impl Default for LimitsConfig {
             max_runs_per_stream: sink.max_runs_per_stream,
             max_reported_bytes: 256 * 1024,
             max_event_bytes: 16 * 1024,
+            max_artifact_bytes: art.max_artifact_bytes,
+            max_artifact_store_bytes: art.max_store_bytes,
+            max_artifact_bytes_per_uploader: art.max_bytes_per_uploader,
+            max_concurrent_uploads: art.max_concurrent_uploads,
+            artifact_gc_grace: Duration::from_secs(3600),
         }
     }
 }
 
 impl LimitsConfig {
+    /// The artifact store's part.
+    pub fn artifacts(&self) -> crate::artifacts::ArtifactLimits {
+        crate::artifacts::ArtifactLimits {
+            max_artifact_bytes: self.max_artifact_bytes,
+            max_store_bytes: self.max_artifact_store_bytes,
+            max_bytes_per_uploader: self.max_artifact_bytes_per_uploader,
+            max_concurrent_uploads: self.max_concurrent_uploads,
+        }
+    }
+
     /// The sink's part.
     pub fn sink(&self) -> crate::sink::SinkLimits {
         crate::sink::SinkLimits {
@@ -334,10 +361,28 @@ impl HubConfig {
             ("max_runs_per_stream", self.limits.max_runs_per_stream),
             ("max_reported_bytes", self.limits.max_reported_bytes),
             ("max_event_bytes", self.limits.max_event_bytes),
+            ("max_concurrent_uploads", self.limits.max_concurrent_uploads),
         ] {
             if v == 0 {
                 c.push(&lim.field(name), "must be greater than 0");
             }
+        }
+        if !(1..=protocols::limits::MAX_ARTIFACT_BYTES).contains(&self.limits.max_artifact_bytes) {
+            c.push(
+                &lim.field("max_artifact_bytes"),
+                format!(
+                    "must be between 1 and {} (what desired state may name)",
+                    protocols::limits::MAX_ARTIFACT_BYTES
+                ),
+            );
+        }
+        if self.limits.max_artifact_store_bytes == 0
+            || self.limits.max_artifact_bytes_per_uploader == 0
+        {
+            c.push(
+                &lim.field("max_artifact_store_bytes"),
+                "the artifact quotas must be greater than 0",
+            );
         }
         if self.limits.max_reported_bytes > protocols::limits::MAX_SYNC_PACKET_BYTES {
             c.push(

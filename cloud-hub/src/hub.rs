@@ -187,9 +187,12 @@ impl Stores {
         let key = keys::load_or_create(&cfg.data_dir)?;
         let artifacts = {
             let dir = cfg.data_dir.join("artifacts");
-            tokio::task::spawn_blocking(move || crate::artifacts::ArtifactStore::open(&dir))
-                .await
-                .map_err(|e| HubError::Task(e.to_string()))??
+            let limits = cfg.limits.artifacts();
+            tokio::task::spawn_blocking(move || {
+                crate::artifacts::ArtifactStore::open_with(&dir, limits)
+            })
+            .await
+            .map_err(|e| HubError::Task(e.to_string()))??
         };
         let registry = Registry::open_with(&db, cfg.limits.max_nodes)?;
         let sink = Sink::open_with(&db, cfg.limits.sink())?;

@@ -58,6 +58,7 @@ impl Control {
             current: self.ctx.store.desired_current()?,
             clean_stop: self.ctx.store.take_clean_stop()?,
             last_commit_ms: self.ctx.store.last_commit_time()?,
+            last_commit_lag_ms: self.ctx.store.last_commit_lag()?,
             loss_windows: self.ctx.store.loss_windows()?,
         };
         self.handle(Input::Restore(&restored)).await

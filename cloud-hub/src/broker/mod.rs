@@ -142,13 +142,53 @@ pub async fn start(cfg: &EmbeddedBroker) -> Result<Internal, BrokerError> {
             }
         })
         .map_err(BrokerError::Thread)?;
-    // rumqttd reports bind failures only in its log: check that it listens.
+    // rumqttd reports bind failures only in its log: log in once (a bare
+    // TCP probe would make it log an error).
     let deadline = tokio::time::Instant::now() + INTERNAL_READY_TIMEOUT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
+    while !logs_in(&internal).await {
         if tokio::time::Instant::now() >= deadline {
             return Err(BrokerError::NotListening(addr));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(internal)
+}
+
+/// Whether rumqttd answers a CONNECT with the internal credentials with a
+/// successful CONNACK (then disconnects cleanly).
+async fn logs_in(internal: &Internal) -> bool {
+    use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Disconnect, Packet};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let attempt = async {
+        let mut tcp = tokio::net::TcpStream::connect(internal.addr).await.ok()?;
+        let mut connect = Connect::new(format!("{}-probe", internal.username));
+        connect.keep_alive = 10;
+        connect.set_login(internal.username.clone(), internal.password.clone());
+        let mut out = bytes::BytesMut::new();
+        connect.write(&mut out).ok()?;
+        tcp.write_all(&out).await.ok()?;
+        let mut buf = bytes::BytesMut::with_capacity(64);
+        loop {
+            match Packet::read(&mut buf, 64) {
+                Ok(Packet::ConnAck(ConnAck {
+                    code: ConnectReturnCode::Success,
+                    ..
+                })) => break,
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                _ => return None,
+            }
+            if tcp.read_buf(&mut buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+        let mut out = bytes::BytesMut::new();
+        Disconnect.write(&mut out).ok()?;
+        tcp.write_all(&out).await.ok()?;
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
 }

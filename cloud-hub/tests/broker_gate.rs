@@ -474,3 +474,35 @@ fn every_refusal_reason_is_rendered() {
         assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn an_external_broker_link_names_the_file_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HubHarness::config(&dir.path().join("hub"));
+    cfg.embedded_broker = None;
+    cfg.mqtt.tls = Some(cloud_hub::config::MqttTls {
+        ca_file: dir.path().join("missing-ca.crt"),
+        cert_file: None,
+        key_file: None,
+    });
+    let e = cloud_hub::App::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("mqtt.tls.ca_file "), "{e}");
+    std::fs::write(dir.path().join("ca.crt"), "not a certificate").unwrap();
+    cfg.mqtt.tls.as_mut().unwrap().ca_file = dir.path().join("ca.crt");
+    let e = cloud_hub::App::start(cfg.clone(), tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("mqtt.tls.ca_file "), "{e}");
+    cfg.mqtt.tls = None;
+    cfg.mqtt.username = Some("hub".into());
+    cfg.mqtt.password_file = Some(dir.path().join("no-password"));
+    let e = cloud_hub::App::start(cfg, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("mqtt.password_file "), "{e}");
+}

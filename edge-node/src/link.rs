@@ -300,3 +300,95 @@ pub async fn run_event_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    fn identity() -> crate::identity::Identity {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let cert = rcgen::CertificateParams::new(vec!["n1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        crate::identity::Identity {
+            key_pem: key.serialize_pem(),
+            cert_pem: cert.pem(),
+            ca_pem: ca.pem(),
+            hub_public_key: "11".repeat(32),
+        }
+    }
+
+    fn is_tls(o: &MqttOptions) -> bool {
+        matches!(o.transport(), Transport::Tls(_))
+    }
+
+    #[test]
+    fn a_joined_node_uses_tls_with_its_identity_unless_told_otherwise() {
+        let topics = Topics::default();
+        let mut cfg = EdgeConfig::default();
+        let id = identity();
+        // Not joined: plain TCP.
+        let (o, s) = options(&cfg, &topics, 0, None).unwrap();
+        assert_eq!(s, LinkSecurity::Plain);
+        assert!(!is_tls(&o));
+        // Joined: TLS with the identity, by default.
+        let (o, s) = options(&cfg, &topics, 0, Some(&id)).unwrap();
+        assert_eq!(s, LinkSecurity::Identity);
+        assert!(is_tls(&o));
+        // The explicit lab opt-out.
+        cfg.mqtt.plaintext = true;
+        let (o, s) = options(&cfg, &topics, 0, Some(&id)).unwrap();
+        assert_eq!(s, LinkSecurity::Plain);
+        assert!(!is_tls(&o));
+        // Explicit [mqtt.tls] wins over the identity.
+        cfg.mqtt.plaintext = false;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &id.ca_pem).unwrap();
+        cfg.mqtt.tls = Some(TlsConfig {
+            ca_file: ca,
+            cert_file: None,
+            key_file: None,
+        });
+        let (o, s) = options(&cfg, &topics, 0, Some(&id)).unwrap();
+        assert_eq!(s, LinkSecurity::Configured);
+        assert!(is_tls(&o));
+        // A bad identity is an error that names it.
+        let bad = crate::identity::Identity {
+            cert_pem: "junk".into(),
+            ..id
+        };
+        cfg.mqtt.tls = None;
+        let e = options(&cfg, &topics, 0, Some(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("mqtt.tls: identity"), "{e}");
+    }
+
+    #[test]
+    fn username_and_password_file_become_credentials() {
+        let topics = Topics::default();
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\nignored\n").unwrap();
+        let mut cfg = EdgeConfig::default();
+        cfg.mqtt.username = Some("line-1".into());
+        cfg.mqtt.password_file = Some(pw);
+        let (o, _) = options(&cfg, &topics, 0, None).unwrap();
+        let login = o.credentials().unwrap();
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("line-1", "s3cret")
+        );
+        cfg.mqtt.password_file = Some(dir.path().join("missing"));
+        let e = options(&cfg, &topics, 0, None).unwrap_err().to_string();
+        assert!(e.starts_with("mqtt.password_file"), "{e}");
+    }
+}

@@ -208,15 +208,32 @@ async fn only_certificates_from_the_hub_ca_that_name_the_client_get_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_node_is_refused_at_its_next_connect() {
+async fn a_revoked_node_is_cut_off_and_refused_at_its_next_connect() {
     let dir = tempfile::tempdir().unwrap();
     let h = hub(&dir.path().join("hub")).await;
+    let watcher = Watcher::start(
+        h.mqtt_options("watcher", &Identity::hub("hub:watcher"))
+            .unwrap(),
+    )
+    .await;
+    let telemetry = Topics::default().node("r1", TopicKind::Telemetry);
     let (client, mut el) = connect(node(&h, "r1")).await.unwrap();
     h.client.revoke("r1").await.unwrap();
-    client.disconnect().await.unwrap();
+    // Connected when revoked: what it sends next is not forwarded, and the
+    // connection is cut.
+    client
+        .publish(&telemetry, QoS::AtLeastOnce, false, b"x".to_vec())
+        .await
+        .unwrap();
     assert!(closed(&mut el, WAIT).await);
-    let e = refused(connect(node(&h, "r1")).await);
     counted(&h, BrokerRefusal::Revoked, 1).await;
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !watcher.saw(&telemetry),
+        "a revoked node's publish got through"
+    );
+    let e = refused(connect(node(&h, "r1")).await);
+    counted(&h, BrokerRefusal::Revoked, 2).await;
     assert!(e.contains("NotAuthorized") || e.contains("refused"), "{e}");
     // Another node is not affected.
     connect(node(&h, "r2")).await.unwrap();

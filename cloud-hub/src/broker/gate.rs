@@ -18,6 +18,10 @@
 //!    events}` and subscribe only to `…/nodes/X/{desired,ack}`. A hub
 //!    identity may do everything (its bytes are not parsed).
 //!
+//! A node revoked while connected is cut off at the next bytes it sends
+//! (at the latest its next keep-alive ping); nothing it sends after the
+//! revocation is forwarded.
+//!
 //! Any violation closes the connection before the offending packet reaches
 //! rumqttd, is counted by reason ([`BrokerRefusal`], hub metrics
 //! `edgefleet_hub_broker_refused_total{reason=…}`) and logged with the
@@ -304,7 +308,11 @@ async fn session<S>(
             }
             Ok(())
         }
-        Acl::Node(ref node) => forward_checked(client, upstream, buf, node).await,
+        Acl::Node(ref node) => {
+            let identity = Identity::node(&node.name);
+            let revoked = || shared.hub.ca.is_revoked(&identity);
+            forward_checked(client, upstream, buf, node, revoked).await
+        }
     };
     if let Err(why) = outcome {
         refuse(m, why, Some(acl.name()), addr);
@@ -428,6 +436,7 @@ async fn forward_checked<S>(
     upstream: TcpStream,
     mut buf: BytesMut,
     acl: &NodeAcl,
+    revoked: impl Fn() -> bool,
 ) -> Result<(), BrokerRefusal>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -437,6 +446,12 @@ where
     let mut up_tx = BufWriter::with_capacity(READ_CHUNK, up_tx);
     let up = async {
         loop {
+            // A node revoked while connected: nothing more of it goes
+            // through (checked per read, so at the latest at its next
+            // keep-alive ping).
+            if !buf.is_empty() && revoked() {
+                return Err(BrokerRefusal::Revoked);
+            }
             // Forward every whole packet buffered, checked, then read more.
             let mut violation = None;
             loop {

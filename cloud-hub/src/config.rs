@@ -190,14 +190,25 @@ impl Default for HubConfig {
     }
 }
 
-/// The embedded rumqttd broker.
+/// The embedded broker: rumqttd behind the identity gate
+/// ([`crate::broker`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbeddedBroker {
-    /// MQTT listen address.
+    /// MQTT listen address (the gate's; rumqttd itself listens on an
+    /// internal loopback port).
     pub listen: SocketAddr,
-    /// Most simultaneous connections.
+    /// Most simultaneous client connections through the gate (the hub's own
+    /// session does not count).
     pub max_connections: usize,
+    /// MQTT over TLS with client certificates from the hub CA (default).
+    /// `false` is a lab mode: plain MQTT, and a client's identity is its
+    /// client id, unauthenticated: anyone on the network can impersonate
+    /// any node (the same topic rules still apply). The hub logs a WARN.
+    pub tls: bool,
+    /// DNS names and IP addresses in the gate's server certificate (what
+    /// nodes connect to).
+    pub subject_alt_names: Vec<String>,
 }
 
 impl Default for EmbeddedBroker {
@@ -205,6 +216,8 @@ impl Default for EmbeddedBroker {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 20_000,
+            tls: true,
+            subject_alt_names: vec!["localhost".into(), "127.0.0.1".into()],
         }
     }
 }
@@ -265,6 +278,12 @@ pub struct MqttConfig {
     pub port: u16,
     /// Client id; fixed so the session persists.
     pub client_id: String,
+    /// TLS to the broker (`[mqtt.tls]`); plain TCP when absent.
+    pub tls: Option<MqttTls>,
+    /// Username for brokers that want one (with `password_file`).
+    pub username: Option<String>,
+    /// File whose first line is the password (keep it 0600).
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -273,8 +292,24 @@ impl Default for MqttConfig {
             host: "127.0.0.1".into(),
             port: 1883,
             client_id: "cloud-hub".into(),
+            tls: None,
+            username: None,
+            password_file: None,
         }
     }
+}
+
+/// `[mqtt.tls]`: PEM files for TLS to an external broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificate(s) that sign the broker's certificate.
+    pub ca_file: PathBuf,
+    /// Client certificate (mTLS; e.g. a hub certificate from the hub CA,
+    /// `OU=hub`).
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (mTLS).
+    pub key_file: Option<PathBuf>,
 }
 
 impl HubConfig {
@@ -329,13 +364,34 @@ impl HubConfig {
         if self.embedded_broker.is_none() && self.mqtt.port == 0 {
             c.push(&m.field("port"), "0 is not a usable port");
         }
-        if let Some(b) = &self.embedded_broker
-            && b.max_connections == 0
+        if let Some(tls) = &self.mqtt.tls {
+            let t = m.field("tls");
+            if tls.ca_file.as_os_str().is_empty() {
+                c.push(&t.field("ca_file"), "must not be empty");
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                c.push(&t.field("key_file"), "cert_file and key_file go together");
+            }
+        }
+        if let Some(u) = &self.mqtt.username
+            && u.is_empty()
         {
-            c.push(
-                &root.field("embedded_broker").field("max_connections"),
-                "must be greater than 0",
-            );
+            c.push(&m.field("username"), "must not be empty");
+        }
+        if self.mqtt.password_file.is_some() && self.mqtt.username.is_none() {
+            c.push(&m.field("password_file"), "needs mqtt.username");
+        }
+        if let Some(b) = &self.embedded_broker {
+            let e = root.field("embedded_broker");
+            if b.max_connections == 0 {
+                c.push(&e.field("max_connections"), "must be greater than 0");
+            }
+            if b.tls && b.subject_alt_names.is_empty() {
+                c.push(
+                    &e.field("subject_alt_names"),
+                    "must name at least one host when embedded_broker.tls is on",
+                );
+            }
         }
         if self.http.tls && self.http.subject_alt_names.is_empty() {
             c.push(
@@ -460,5 +516,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `listn`"), "{e}");
+    }
+
+    #[test]
+    fn broker_security_settings_are_secure_by_default_and_checked_by_name() {
+        let d = HubConfig::default();
+        let b = d.embedded_broker.as_ref().unwrap();
+        assert!(b.tls, "the embedded broker is mTLS by default");
+        assert!(!b.subject_alt_names.is_empty());
+        let cfg: HubConfig = toml::from_str(
+            "embedded_broker = false\n[mqtt]\nusername = \"hub\"\npassword_file = \"/run/pw\"\n\
+             [mqtt.tls]\nca_file = \"ca.crt\"\ncert_file = \"hub.crt\"\nkey_file = \"hub.key\"\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.mqtt.tls.as_ref().unwrap().cert_file.as_deref(),
+            Some(std::path::Path::new("hub.crt"))
+        );
+        let back: HubConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+
+        let mut bad = cfg.clone();
+        bad.mqtt.tls.as_mut().unwrap().key_file = None;
+        bad.mqtt.username = None;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.tls.key_file: cert_file and key_file go together"),
+            "{e}"
+        );
+        assert!(e.contains("mqtt.password_file: needs mqtt.username"), "{e}");
+        let mut bad = HubConfig::default();
+        bad.embedded_broker
+            .as_mut()
+            .unwrap()
+            .subject_alt_names
+            .clear();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("embedded_broker.subject_alt_names"), "{e}");
+        bad.embedded_broker.as_mut().unwrap().tls = false;
+        bad.validate().unwrap();
+        let e = toml::from_str::<HubConfig>("[mqtt.tls]\ncafile = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `cafile`"), "{e}");
     }
 }

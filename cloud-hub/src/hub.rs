@@ -82,6 +82,17 @@ pub enum HubError {
     /// HTTPS could not be set up.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A file of the external broker link (`[mqtt]`) could not be read or
+    /// used.
+    #[error("{field} {path}: {detail}")]
+    MqttLink {
+        /// The config field (`mqtt.tls.ca_file`, `mqtt.password_file`, …).
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 /// Why [`Hub::set_desired`] refused or failed.

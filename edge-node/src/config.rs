@@ -69,8 +69,18 @@ pub struct MqttConfig {
     /// Keep-alive interval.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// TLS; plain TCP when absent.
+    /// TLS files. When absent, a joined node (one with
+    /// `{data_dir}/identity`, from `edge-node join`) uses TLS with its
+    /// identity: `node.crt`/`node.key` as client certificate, trusting only
+    /// `ca.crt` (the hub CA). A node with neither connects over plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Connect over plain TCP even when joined (a lab broker without TLS);
+    /// `[mqtt.tls]` must then be unset.
+    pub plaintext: bool,
+    /// Username for external brokers that want one (with `password_file`).
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password (keep it 0600).
+    pub password_file: Option<PathBuf>,
     /// Shortest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -87,6 +97,9 @@ impl Default for MqttConfig {
             client_id: None,
             keep_alive: Duration::from_secs(15),
             tls: None,
+            plaintext: false,
+            username: None,
+            password_file: None,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
         }
@@ -283,6 +296,17 @@ impl EdgeConfig {
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 c.push(&t.field("key_file"), "cert_file and key_file go together");
             }
+            if self.mqtt.plaintext {
+                c.push(&m.field("plaintext"), "contradicts [mqtt.tls]");
+            }
+        }
+        if let Some(u) = &self.mqtt.username
+            && u.is_empty()
+        {
+            c.push(&m.field("username"), "must not be empty");
+        }
+        if self.mqtt.password_file.is_some() && self.mqtt.username.is_none() {
+            c.push(&m.field("password_file"), "needs mqtt.username");
         }
         let h = root.field("hub");
         config::check_topic_root(&mut c, &h.field("topic_root"), &self.hub.topic_root);
@@ -438,6 +462,32 @@ mod tests {
         ] {
             assert!(e.contains(want), "{want} not in {e}");
         }
+    }
+
+    #[test]
+    fn mqtt_credentials_and_plaintext_are_checked_by_name() {
+        let c = EdgeConfig::from_toml(
+            "[mqtt]\nusername = \"n\"\npassword_file = \"/run/pw\"\n[hub]\npublic_key = \"\
+             1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(
+            !c.mqtt.plaintext,
+            "TLS with the joined identity is the default"
+        );
+        let mut bad = c.clone();
+        bad.mqtt.username = None;
+        bad.mqtt.plaintext = true;
+        bad.mqtt.tls = Some(TlsConfig {
+            ca_file: "ca.pem".into(),
+            cert_file: None,
+            key_file: None,
+        });
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt.password_file: needs mqtt.username"), "{e}");
+        assert!(e.contains("mqtt.plaintext: contradicts [mqtt.tls]"), "{e}");
     }
 
     #[test]

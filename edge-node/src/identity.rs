@@ -118,9 +118,17 @@ impl Identity {
         Ok(())
     }
 
-    /// A rustls client config trusting only the hub CA and presenting the
-    /// node certificate.
+    /// A rustls client config for HTTPS to the hub: trusting only the hub
+    /// CA, presenting the node certificate, ALPN `http/1.1`.
     pub fn tls_config(&self) -> Result<rustls::ClientConfig, IdentityError> {
+        let mut cfg = self.mqtt_tls_config()?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
+    /// The same for MQTT (no ALPN): what the agent's link uses by default
+    /// once the node has joined.
+    pub fn mqtt_tls_config(&self) -> Result<rustls::ClientConfig, IdentityError> {
         let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
             what,
             detail: e.to_string(),
@@ -136,14 +144,12 @@ impl Identity {
             .map_err(|e| bad("node.crt", &e))?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|e| bad("node.key", &e))?;
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad("tls", &e))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| bad("node.crt", &e))?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(cfg)
+            .map_err(|e| bad("node.crt", &e))
     }
 }
 

@@ -67,6 +67,14 @@ pub enum LinkError {
         /// What went wrong.
         detail: String,
     },
+    /// `mqtt.password_file` could not be read.
+    #[error("mqtt.password_file {path}: {detail}")]
+    Password {
+        /// Its path.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 /// In-flight window of the agent's link (QoS 1 publishes awaiting PUBACK).
@@ -90,6 +98,11 @@ pub struct LinkSettings {
     pub inflight: u16,
     /// Last will: topic and payload (the node's offline status, retained).
     pub last_will: (String, Vec<u8>),
+    /// TLS (with the node's client certificate inside); plain TCP when
+    /// `None`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Username and password, for brokers that want them.
+    pub login: Option<(String, String)>,
 }
 
 impl LinkSettings {
@@ -111,6 +124,8 @@ impl LinkSettings {
                 topics.node(&cfg.node, TopicKind::Status),
                 encode_json("status", &will).unwrap_or_default(),
             ),
+            tls: None,
+            login: None,
         }
     }
 
@@ -124,21 +139,75 @@ impl LinkSettings {
         o.set_inflight(self.inflight);
         let (topic, payload) = self.last_will.clone();
         o.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, true));
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
+        if let Some((user, password)) = &self.login {
+            o.set_credentials(user.clone(), password.clone());
+        }
         o
     }
 }
 
-/// Builds the agent's MQTT options: [`LinkSettings::from_config`], plus TLS
-/// when `[mqtt.tls]` is set.
-pub fn options(cfg: &EdgeConfig, topics: &Topics, now_ms: u64) -> Result<MqttOptions, LinkError> {
-    let mut o = LinkSettings::from_config(cfg, topics, now_ms).options();
-    if let Some(tls) = &cfg.mqtt.tls {
-        o.set_transport(Transport::tls_with_config(tls_config(tls)?));
-    }
-    Ok(o)
+/// How the agent's link is secured, as [`options`] chose it (for the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkSecurity {
+    /// `[mqtt.tls]` as configured.
+    Configured,
+    /// TLS with the joined identity (`{data_dir}/identity`).
+    Identity,
+    /// Plain TCP (no identity, or `mqtt.plaintext = true`).
+    Plain,
 }
 
-fn tls_config(tls: &TlsConfig) -> Result<rumqttc::TlsConfiguration, LinkError> {
+/// Builds the agent's MQTT options: [`LinkSettings::from_config`], plus TLS
+/// from `[mqtt.tls]` when set (explicit config wins), else from the node's
+/// joined `identity` (unless `mqtt.plaintext`), plus the username and the
+/// password from `mqtt.password_file`.
+pub fn options(
+    cfg: &EdgeConfig,
+    topics: &Topics,
+    now_ms: u64,
+    identity: Option<&crate::identity::Identity>,
+) -> Result<(MqttOptions, LinkSecurity), LinkError> {
+    let mut settings = LinkSettings::from_config(cfg, topics, now_ms);
+    let security = match (&cfg.mqtt.tls, identity) {
+        (Some(tls), _) => {
+            settings.tls = Some(Arc::new(tls_config(tls)?));
+            LinkSecurity::Configured
+        }
+        (None, Some(id)) if !cfg.mqtt.plaintext => {
+            let tls = id.mqtt_tls_config().map_err(|e| LinkError::Tls {
+                what: "identity",
+                path: crate::identity::dir(&cfg.data_dir).display().to_string(),
+                detail: e.to_string(),
+            })?;
+            settings.tls = Some(Arc::new(tls));
+            LinkSecurity::Identity
+        }
+        _ => LinkSecurity::Plain,
+    };
+    if let Some(user) = &cfg.mqtt.username {
+        let password = match &cfg.mqtt.password_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| LinkError::Password {
+                    path: p.display().to_string(),
+                    detail: e.to_string(),
+                })?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            None => String::new(),
+        };
+        settings.login = Some((user.clone(), password));
+    }
+    Ok((settings.options(), security))
+}
+
+fn tls_config(tls: &TlsConfig) -> Result<rustls::ClientConfig, LinkError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let err = |what: &'static str, path: &std::path::Path, detail: String| LinkError::Tls {
@@ -155,7 +224,12 @@ fn tls_config(tls: &TlsConfig) -> Result<rumqttc::TlsConfiguration, LinkError> {
             .add(ca)
             .map_err(|e| err("ca_file", &tls.ca_file, e.to_string()))?;
     }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err("ca_file", &tls.ca_file, e.to_string()))?
+    .with_root_certificates(roots);
     let config = match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {
             let certs = CertificateDer::pem_file_iter(cert)
@@ -170,7 +244,7 @@ fn tls_config(tls: &TlsConfig) -> Result<rumqttc::TlsConfiguration, LinkError> {
         }
         _ => builder.with_no_client_auth(),
     };
-    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+    Ok(config)
 }
 
 /// Creates the client and spawns nothing: call [`run_event_loop`] in a task.
@@ -224,5 +298,97 @@ pub async fn run_event_loop(
         if events.send(event).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    fn identity() -> crate::identity::Identity {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let cert = rcgen::CertificateParams::new(vec!["n1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        crate::identity::Identity {
+            key_pem: key.serialize_pem(),
+            cert_pem: cert.pem(),
+            ca_pem: ca.pem(),
+            hub_public_key: "11".repeat(32),
+        }
+    }
+
+    fn is_tls(o: &MqttOptions) -> bool {
+        matches!(o.transport(), Transport::Tls(_))
+    }
+
+    #[test]
+    fn a_joined_node_uses_tls_with_its_identity_unless_told_otherwise() {
+        let topics = Topics::default();
+        let mut cfg = EdgeConfig::default();
+        let id = identity();
+        // Not joined: plain TCP.
+        let (o, s) = options(&cfg, &topics, 0, None).unwrap();
+        assert_eq!(s, LinkSecurity::Plain);
+        assert!(!is_tls(&o));
+        // Joined: TLS with the identity, by default.
+        let (o, s) = options(&cfg, &topics, 0, Some(&id)).unwrap();
+        assert_eq!(s, LinkSecurity::Identity);
+        assert!(is_tls(&o));
+        // The explicit lab opt-out.
+        cfg.mqtt.plaintext = true;
+        let (o, s) = options(&cfg, &topics, 0, Some(&id)).unwrap();
+        assert_eq!(s, LinkSecurity::Plain);
+        assert!(!is_tls(&o));
+        // Explicit [mqtt.tls] wins over the identity.
+        cfg.mqtt.plaintext = false;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &id.ca_pem).unwrap();
+        cfg.mqtt.tls = Some(TlsConfig {
+            ca_file: ca,
+            cert_file: None,
+            key_file: None,
+        });
+        let (o, s) = options(&cfg, &topics, 0, Some(&id)).unwrap();
+        assert_eq!(s, LinkSecurity::Configured);
+        assert!(is_tls(&o));
+        // A bad identity is an error that names it.
+        let bad = crate::identity::Identity {
+            cert_pem: "junk".into(),
+            ..id
+        };
+        cfg.mqtt.tls = None;
+        let e = options(&cfg, &topics, 0, Some(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("mqtt.tls: identity"), "{e}");
+    }
+
+    #[test]
+    fn username_and_password_file_become_credentials() {
+        let topics = Topics::default();
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\nignored\n").unwrap();
+        let mut cfg = EdgeConfig::default();
+        cfg.mqtt.username = Some("line-1".into());
+        cfg.mqtt.password_file = Some(pw);
+        let (o, _) = options(&cfg, &topics, 0, None).unwrap();
+        let login = o.credentials().unwrap();
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("line-1", "s3cret")
+        );
+        cfg.mqtt.password_file = Some(dir.path().join("missing"));
+        let e = options(&cfg, &topics, 0, None).unwrap_err().to_string();
+        assert!(e.starts_with("mqtt.password_file"), "{e}");
     }
 }

@@ -3,10 +3,12 @@
 //! counted, with the ground truth checked at the end: every sample the edge
 //! durably appended reaches the hub exactly once, and nothing else below it.
 //!
-//! The attacker here publishes on the victim's own topics, which is what a
-//! misconfigured broker (no ACL, or the lab-mode broker where a client id is
-//! an unchecked claim) allows. These are the defence-in-depth layers that
-//! must hold even then: signed acks, the published clamp, the confirmed
+//! The broker's gate refuses a node that publishes on another node's topics
+//! (`cloud-hub/tests/broker_gate.rs`). The attacker here holds a hub-role
+//! certificate, which the gate lets publish anything: the powers anyone has
+//! on a misconfigured broker (an external broker without the shipped ACL, or
+//! a leaked hub credential). These are the defence-in-depth layers that must
+//! hold even then: signed acks, the published clamp, the confirmed
 //! floor, sequence bounds, document bounds, name checks, signed desired
 //! state without trust on first use, hub-assigned revisions and the
 //! gateway's own policy.
@@ -27,7 +29,7 @@ use edgefleet_testkit::{EdgeHarness, HubHarness, eventually};
 use protocols::codec::{encode_batch, encode_json};
 use protocols::signing::SigningKey;
 use protocols::{Ack, Quality, Sample, SignedAck, SignedDesired, TelemetryBatch, TopicKind};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -48,10 +50,13 @@ fn synthetic() -> serde_json::Value {
                  "signal": {"shape": "sine", "amplitude": 10.0, "period_s": 5.0}}}]}]}])
 }
 
-/// An MQTT client of the attacker, connected to the hub's broker; its event
-/// loop runs on its own task (never publish from the polling task).
+/// An MQTT client of the attacker with a hub-role certificate (the broker
+/// lets it publish anywhere); its event loop runs on its own task (never
+/// publish from the polling task).
 fn attacker(hub: &HubHarness, id: &str) -> AsyncClient {
-    let mut opts = MqttOptions::new(id, hub.mqtt.0.clone(), hub.mqtt.1);
+    let mut opts = hub
+        .mqtt_options(id, &cloud_hub::ca::Identity::hub(id))
+        .unwrap();
     opts.set_max_packet_size(
         protocols::limits::MAX_SYNC_PACKET_BYTES,
         protocols::limits::MAX_SYNC_PACKET_BYTES,

@@ -166,7 +166,8 @@ impl Agent {
             tasks
                 .spawn(async move { Ok(fetcher.run(desired, ready, events, node, cancel).await?) });
         }
-        let (client, link_rx, uplink, link) = spawn_link(&mut tasks, &ctx, &cfg)?;
+        let (client, link_rx, uplink, link) =
+            spawn_link(&mut tasks, &ctx, &cfg, identity.as_ref())?;
         let devices = DeviceSet::new(
             agent_options.device_transports,
             samples_tx,
@@ -322,6 +323,7 @@ fn spawn_link(
     tasks: &mut Tasks,
     ctx: &AgentContext,
     cfg: &EdgeConfig,
+    identity: Option<&crate::identity::Identity>,
 ) -> Result<
     (
         AsyncClient,
@@ -331,7 +333,9 @@ fn spawn_link(
     ),
     AgentError,
 > {
-    let (client, eventloop) = link::client(link::options(cfg, &ctx.topics, ctx.clock.now_ms())?);
+    let (options, security) = link::options(cfg, &ctx.topics, ctx.clock.now_ms(), identity)?;
+    tracing::info!(node = %cfg.node, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), ?security, "MQTT link");
+    let (client, eventloop) = link::client(options);
     let (link_tx, link_rx) = mpsc::unbounded_channel();
     let (min, max) = (cfg.mqtt.reconnect_min, cfg.mqtt.reconnect_max);
     let link = Stage::spawn(tasks, |stop| async move {

@@ -102,6 +102,47 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
+    /// Every problem of `[limits]`, each naming its field under `lim`.
+    fn validate_at(&self, c: &mut Collector, lim: &Path<'_>) {
+        for (name, v) in [
+            ("max_nodes", self.max_nodes),
+            ("max_streams_per_node", self.max_streams_per_node),
+            ("max_streams", self.max_streams),
+            ("max_runs_per_stream", self.max_runs_per_stream),
+            ("max_reported_bytes", self.max_reported_bytes),
+            ("max_event_bytes", self.max_event_bytes),
+            ("max_concurrent_uploads", self.max_concurrent_uploads),
+        ] {
+            if v == 0 {
+                c.push(&lim.field(name), "must be greater than 0");
+            }
+        }
+        if !(1..=protocols::limits::MAX_ARTIFACT_BYTES).contains(&self.max_artifact_bytes) {
+            c.push(
+                &lim.field("max_artifact_bytes"),
+                format!(
+                    "must be between 1 and {} (what desired state may name)",
+                    protocols::limits::MAX_ARTIFACT_BYTES
+                ),
+            );
+        }
+        if self.max_artifact_store_bytes == 0 || self.max_artifact_bytes_per_uploader == 0 {
+            c.push(
+                &lim.field("max_artifact_store_bytes"),
+                "the artifact quotas must be greater than 0",
+            );
+        }
+        if self.max_reported_bytes > protocols::limits::MAX_SYNC_PACKET_BYTES {
+            c.push(
+                &lim.field("max_reported_bytes"),
+                format!(
+                    "must be at most the MQTT packet limit of {} bytes",
+                    protocols::limits::MAX_SYNC_PACKET_BYTES
+                ),
+            );
+        }
+    }
+
     /// The artifact store's part.
     pub fn artifacts(&self) -> crate::artifacts::ArtifactLimits {
         crate::artifacts::ArtifactLimits {
@@ -409,46 +450,7 @@ impl HubConfig {
         if self.security.audit_capacity == 0 {
             c.push(&sec.field("audit_capacity"), "must be greater than 0");
         }
-        let lim = root.field("limits");
-        for (name, v) in [
-            ("max_nodes", self.limits.max_nodes),
-            ("max_streams_per_node", self.limits.max_streams_per_node),
-            ("max_streams", self.limits.max_streams),
-            ("max_runs_per_stream", self.limits.max_runs_per_stream),
-            ("max_reported_bytes", self.limits.max_reported_bytes),
-            ("max_event_bytes", self.limits.max_event_bytes),
-            ("max_concurrent_uploads", self.limits.max_concurrent_uploads),
-        ] {
-            if v == 0 {
-                c.push(&lim.field(name), "must be greater than 0");
-            }
-        }
-        if !(1..=protocols::limits::MAX_ARTIFACT_BYTES).contains(&self.limits.max_artifact_bytes) {
-            c.push(
-                &lim.field("max_artifact_bytes"),
-                format!(
-                    "must be between 1 and {} (what desired state may name)",
-                    protocols::limits::MAX_ARTIFACT_BYTES
-                ),
-            );
-        }
-        if self.limits.max_artifact_store_bytes == 0
-            || self.limits.max_artifact_bytes_per_uploader == 0
-        {
-            c.push(
-                &lim.field("max_artifact_store_bytes"),
-                "the artifact quotas must be greater than 0",
-            );
-        }
-        if self.limits.max_reported_bytes > protocols::limits::MAX_SYNC_PACKET_BYTES {
-            c.push(
-                &lim.field("max_reported_bytes"),
-                format!(
-                    "must be at most the MQTT packet limit of {} bytes",
-                    protocols::limits::MAX_SYNC_PACKET_BYTES
-                ),
-            );
-        }
+        self.limits.validate_at(&mut c, &root.field("limits"));
         config::check_cache_capacity(
             &mut c,
             &root.field("cache_capacity_bytes"),

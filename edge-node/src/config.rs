@@ -261,11 +261,7 @@ impl EdgeConfig {
         let mut c = Collector::new();
         let root = Path::Root;
         check_name(&mut c, &root.field("node"), &self.node);
-        if let Err(errors) = crate::policy::Policy::parse(&self.policy) {
-            for (field, message) in errors {
-                c.push(&root.field("policy").field(&field), message);
-            }
-        }
+        crate::policy::Policy::validate_at(&self.policy, &mut c, &root.field("policy"));
         if self.data_dir.as_os_str().is_empty() {
             c.push(&root.field("data_dir"), "must not be empty");
         }

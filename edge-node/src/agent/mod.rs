@@ -75,7 +75,7 @@ pub enum AgentError {
     #[error("agent task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     /// `[policy]` does not parse (the config was not validated).
-    #[error("policy.{0}")]
+    #[error("{0}")]
     Policy(String),
 }
 
@@ -146,14 +146,8 @@ impl Agent {
             .await??;
             Arc::new(f)
         };
-        let policy = Arc::new(crate::policy::Policy::parse(&cfg.policy).map_err(|e| {
-            AgentError::Policy(
-                e.iter()
-                    .map(|(f, m)| format!("{f}: {m}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?);
+        let policy =
+            Arc::new(crate::policy::Policy::from_config(&cfg.policy).map_err(AgentError::Policy)?);
         let functions = FunctionsView::default();
         let mut tasks = JoinSet::new();
         let (desired_tx, _) = watch::channel(DesiredPair::default());

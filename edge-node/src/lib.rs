@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod artifacts;
+pub mod burst;
 pub mod clock;
 pub mod config;
 pub mod context;

@@ -71,6 +71,9 @@ counters! {
     connects,
     /// Broker connections lost or refused.
     disconnects,
+    /// Samples device functions emitted with a point index outside their
+    /// declared inputs: dropped (per function: `samples_bad_point`).
+    function_samples_bad_point,
 }
 
 impl Counters {

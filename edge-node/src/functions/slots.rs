@@ -31,6 +31,10 @@ pub(super) struct Slot {
     pub(super) samples_failed: u64,
     pub(super) input_dropped: u64,
     pub(super) time_us: u64,
+    /// Emitted samples dropped: point index outside the inputs (L3).
+    pub(super) samples_bad_point: u64,
+    /// When to log those.
+    pub(super) bad_points: crate::burst::Burst,
 }
 
 impl Slot {

@@ -102,6 +102,7 @@ fn counters(
         ("samples_failed".to_owned(), slot.samples_failed),
         ("input_dropped".to_owned(), slot.input_dropped),
         ("input_buffered".to_owned(), slot.buffer.len() as u64),
+        ("samples_bad_point".to_owned(), slot.samples_bad_point),
     ]);
     if let Some(rs) = runtime {
         counters.insert("denied".to_owned(), rs.denied);

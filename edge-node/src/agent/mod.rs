@@ -287,6 +287,7 @@ fn spawn_data_path(
         writer: ctx.writer(),
         view: functions.clone(),
         cache_dir: cfg.data_dir.join("wasm-cache"),
+        limits: cfg.functions.clone(),
     };
     let desired_rx = desired.subscribe();
     // The host stops by itself when the pipeline has stopped (its input

@@ -89,7 +89,7 @@ impl FunctionHost {
 
     fn create_runtime(&self, st: &mut HostState) {
         let caps = Arc::new(EdgeCaps {
-            store: self.ctx.store.clone(),
+            kv: st.kv.clone(),
             artifacts_dir: self.fetcher.dir().to_owned(),
             state: st.caps.clone(),
         });

@@ -53,6 +53,8 @@ pub(super) struct HostState {
     pub(super) slots: BTreeMap<String, Slot>,
     pub(super) point_fns: HashMap<u32, Vec<String>>,
     pub(super) caps: Arc<Mutex<CapState>>,
+    /// Guest key-value state with its quota (shared with the capabilities).
+    pub(super) kv: Arc<super::kv::GuestKv>,
     pub(super) raw_stream: Option<String>,
     pub(super) batch_max_samples: usize,
     pub(super) batch_max_age_ms: u64,

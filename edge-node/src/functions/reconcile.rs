@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
-use device_runtime::{ApplyReport, Capabilities, DeviceRuntime, RuntimeConfig};
+use device_runtime::{ApplyReport, Capabilities, DeviceRuntime, LogLimits, RuntimeConfig};
 use protocols::{Event, EventKind};
 use tracing::{info, warn};
 
@@ -95,6 +95,10 @@ impl FunctionHost {
         });
         let config = RuntimeConfig {
             cache_dir: Some(self.cache_dir.clone()),
+            log: LogLimits {
+                lines_per_second: self.limits.log_lines_per_second,
+                burst: self.limits.log_burst,
+            },
             ..RuntimeConfig::default()
         };
         match DeviceRuntime::new(

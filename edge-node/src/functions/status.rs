@@ -90,7 +90,7 @@ fn reported_state(
 
 /// The host's counters of a function, its kv usage and refusals
 /// (`kv_keys`, `kv_bytes`, `kv_refused`) once it used its store, plus the
-/// runtime's (`denied`, `guest.*`) when it has a status for it.
+/// runtime's (`denied`, `log_dropped`, `guest.*`) when it has a status for it.
 fn counters(
     slot: &Slot,
     runtime: Option<&device_runtime::FunctionStatus>,
@@ -114,6 +114,7 @@ fn counters(
     }
     if let Some(rs) = runtime {
         counters.insert("denied".to_owned(), rs.denied);
+        counters.insert("log_dropped".to_owned(), rs.log_dropped);
         for (k, v) in &rs.counters {
             counters.insert(format!("guest.{k}"), *v);
         }

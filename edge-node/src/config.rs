@@ -348,6 +348,15 @@ impl EdgeConfig {
         self.mqtt.client_id.as_deref().unwrap_or(&self.node)
     }
 
+    /// Driver settings derived from this config: the OPC UA client PKI in
+    /// `{data_dir}/opcua-pki` (created 0700 by [`crate::datadir::prepare`]),
+    /// never in a shared temporary directory (L4).
+    pub fn driver_options(&self) -> crate::drivers::DriverOptions {
+        let mut o = crate::drivers::DriverOptions::default();
+        o.opcua.pki_dir = self.data_dir.join(crate::datadir::OPCUA_PKI);
+        o
+    }
+
     /// Store settings derived from this config.
     pub fn store_config(&self) -> StoreConfig {
         StoreConfig {
@@ -574,6 +583,20 @@ mod tests {
         ] {
             assert!(e.contains(want), "{want} not in {e}");
         }
+    }
+
+    #[test]
+    fn drivers_keep_their_opcua_pki_in_the_data_dir() {
+        let c = EdgeConfig {
+            data_dir: "/var/lib/edgefleet".into(),
+            ..EdgeConfig::default()
+        };
+        let o = c.driver_options();
+        assert_eq!(
+            o.opcua.pki_dir,
+            std::path::Path::new("/var/lib/edgefleet/opcua-pki")
+        );
+        assert!(!o.opcua.pki_dir.starts_with(std::env::temp_dir()));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod burst;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod datadir;
 pub mod drivers;
 pub mod functions;
 pub mod identity;

@@ -13,6 +13,7 @@ use wasmtime::{
 
 use crate::backoff::BackoffConfig;
 use crate::error::{RuntimeError, boxed};
+use crate::throttle::LogLimits;
 
 /// Instance pool sizing. The pool reserves virtual address space up front
 /// and makes instantiation a matter of handing out a slot.
@@ -58,6 +59,8 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Restart policy for crashed functions.
     pub backoff: BackoffConfig,
+    /// Guest log rate limit, per function.
+    pub log: LogLimits,
 }
 
 impl Default for RuntimeConfig {
@@ -67,6 +70,7 @@ impl Default for RuntimeConfig {
             epoch_tick: Duration::from_millis(10),
             cache_dir: None,
             backoff: BackoffConfig::default(),
+            log: LogLimits::default(),
         }
     }
 }

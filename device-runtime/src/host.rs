@@ -12,6 +12,7 @@ use crate::bindings::edgefleet::device::{
 };
 use crate::capability::{Capabilities, CapabilityError, RegisterKind};
 use crate::spec::FunctionSpec;
+use crate::throttle::{LogLimits, LogThrottle, Verdict};
 
 /// Longest log message kept; longer ones are truncated.
 const MAX_LOG_BYTES: usize = 4096;
@@ -70,6 +71,11 @@ pub(crate) struct HostState {
     pub(crate) fault: Option<Fault>,
     pub(crate) counters: BTreeMap<String, u64>,
     pub(crate) denials: Vec<Denial>,
+    /// The embedder's time of the current call (for the log rate limit).
+    pub(crate) now_ms: u64,
+    log: LogThrottle,
+    /// Log lines dropped by the rate limit since last taken.
+    pub(crate) log_dropped: u64,
 }
 
 impl std::fmt::Debug for HostState {
@@ -83,7 +89,12 @@ impl std::fmt::Debug for HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(spec: Arc<FunctionSpec>, caps: Capabilities) -> Self {
+    pub(crate) fn new(
+        spec: Arc<FunctionSpec>,
+        caps: Capabilities,
+        log: LogLimits,
+        now_ms: u64,
+    ) -> Self {
         let emitted = vec![Batch::new(); spec.outputs.len()];
         Self {
             spec,
@@ -93,6 +104,9 @@ impl HostState {
             fault: None,
             counters: BTreeMap::new(),
             denials: Vec::new(),
+            now_ms,
+            log: LogThrottle::new(log, now_ms),
+            log_dropped: 0,
         }
     }
 
@@ -269,6 +283,20 @@ impl log::Host for HostState {
             message.truncate(end);
         }
         let function = self.spec.name.as_str();
+        match self.log.admit(self.now_ms) {
+            Verdict::Drop => {
+                self.log_dropped += 1;
+                return Ok(());
+            }
+            Verdict::Pass { dropped_before } if dropped_before > 0 => {
+                tracing::warn!(
+                    function,
+                    dropped = dropped_before,
+                    "{dropped_before} log lines dropped (guest log rate limit)"
+                );
+            }
+            Verdict::Pass { .. } => {}
+        }
         match level {
             log::Level::Trace => tracing::trace!(function, "{message}"),
             log::Level::Debug => tracing::debug!(function, "{message}"),

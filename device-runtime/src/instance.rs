@@ -11,6 +11,7 @@ use crate::capability::Capabilities;
 use crate::error::{CallError, LoadError, boxed};
 use crate::host::{Denial, Fault, HostState};
 use crate::spec::FunctionSpec;
+use crate::throttle::LogLimits;
 
 /// Samples one call emitted, per declared output stream (empty streams
 /// included, in stream-index order).
@@ -36,15 +37,19 @@ impl std::fmt::Debug for Instance {
 }
 
 impl Instance {
-    /// Instantiates from `pre` in a fresh store and runs `init(config)`.
+    /// Instantiates from `pre` in a fresh store and runs `init(config)` at
+    /// `now_ms`.
     pub(crate) fn start(
         pre: &DeviceFunctionPre<HostState>,
         spec: &Arc<FunctionSpec>,
         caps: &Capabilities,
         epoch_tick: std::time::Duration,
+        log: LogLimits,
+        now_ms: u64,
     ) -> Result<Self, LoadError> {
         let engine = pre.engine();
-        let mut store = Store::new(engine, HostState::new(spec.clone(), caps.clone()));
+        let state = HostState::new(spec.clone(), caps.clone(), log, now_ms);
+        let mut store = Store::new(engine, state);
         store.limiter(|state| state);
         let tick_ms = epoch_tick.as_millis().max(1);
         let epoch_ticks = u64::try_from(spec.limits.epoch_deadline.as_millis().div_ceil(tick_ms))
@@ -95,6 +100,16 @@ impl Instance {
     /// Counter increments since the last call to this method.
     pub(crate) fn take_counters(&mut self) -> std::collections::BTreeMap<String, u64> {
         std::mem::take(&mut self.store.data_mut().counters)
+    }
+
+    /// Sets the embedder's time for the next calls (the log rate limit).
+    pub(crate) fn set_now(&mut self, now_ms: u64) {
+        self.store.data_mut().now_ms = now_ms;
+    }
+
+    /// Log lines dropped by the rate limit since the last call to this method.
+    pub(crate) fn take_log_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.store.data_mut().log_dropped)
     }
 
     /// Refused capability requests since the last call to this method.

@@ -24,6 +24,7 @@ mod instance;
 pub mod memory;
 mod runtime;
 mod spec;
+mod throttle;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use bindings::edgefleet::device::types::Batch;
@@ -38,6 +39,7 @@ pub use runtime::{
     RuntimeEvent, StreamOutput,
 };
 pub use spec::{FunctionSpec, Limits, PointRef, digest_hex};
+pub use throttle::LogLimits;
 
 impl Batch {
     /// An empty batch.

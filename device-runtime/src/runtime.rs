@@ -206,6 +206,8 @@ pub struct FunctionStatus {
     pub samples_out: u64,
     /// Capability requests refused.
     pub denied: u64,
+    /// Guest log lines dropped by the rate limit ([`RuntimeConfig::log`](crate::RuntimeConfig)).
+    pub log_dropped: u64,
     /// Guest counters (`metrics.counter-add`).
     pub counters: BTreeMap<String, u64>,
 }
@@ -238,6 +240,7 @@ struct Slot {
     samples_in: u64,
     samples_out: u64,
     denied: u64,
+    log_dropped: u64,
     counters: BTreeMap<String, u64>,
 }
 
@@ -502,6 +505,7 @@ impl DeviceRuntime {
                 samples_in: slot.samples_in,
                 samples_out: slot.samples_out,
                 denied: slot.denied,
+                log_dropped: slot.log_dropped,
                 counters: slot.counters.clone(),
             })
             .collect()
@@ -527,7 +531,14 @@ impl DeviceRuntime {
         let component = self.compile(&spec.module_digest, bytes)?;
         let pre = self.link(&spec, &component)?;
         let spec = Arc::new(spec);
-        let instance = Instance::start(&pre, &spec, &self.caps, self.config.epoch_tick)?;
+        let instance = Instance::start(
+            &pre,
+            &spec,
+            &self.caps,
+            self.config.epoch_tick,
+            self.config.log,
+            now_ms,
+        )?;
         let mut backoff = Backoff::default();
         backoff.on_start(now_ms);
         Ok(Slot {
@@ -539,6 +550,7 @@ impl DeviceRuntime {
             samples_in: 0,
             samples_out: 0,
             denied: 0,
+            log_dropped: 0,
             counters: BTreeMap::new(),
         })
     }
@@ -612,7 +624,14 @@ impl DeviceRuntime {
                 attempt: slot.backoff.failures(),
             });
         }
-        match Instance::start(&slot.pre, &slot.spec, &self.caps, self.config.epoch_tick) {
+        match Instance::start(
+            &slot.pre,
+            &slot.spec,
+            &self.caps,
+            self.config.epoch_tick,
+            self.config.log,
+            now_ms,
+        ) {
             Ok(instance) => {
                 slot.state = SlotState::Running(Box::new(instance));
                 slot.restarts += 1;
@@ -663,7 +682,9 @@ impl DeviceRuntime {
                 attempt: slot.backoff.failures(),
             });
         };
+        instance.set_now(now_ms);
         let result = f(instance);
+        slot.log_dropped = slot.log_dropped.saturating_add(instance.take_log_dropped());
         for (counter, delta) in instance.take_counters() {
             let value = slot.counters.entry(counter).or_default();
             *value = value.saturating_add(delta);

@@ -334,3 +334,35 @@ fn device_not_granted_gets_an_error_not_access() {
         }]
     );
 }
+
+#[test]
+fn log_flood_is_rate_limited_and_counted() {
+    let caps = MemoryCapabilities::default();
+    let mut rt = runtime(&caps);
+    load_bystander(&mut rt);
+    let bytes = fixture("log_flood");
+    rt.load(spec("flood", &bytes, ""), &bytes, 0).unwrap();
+    let dropped = |rt: &DeviceRuntime| {
+        rt.status()
+            .into_iter()
+            .find(|s| s.name == "flood")
+            .unwrap()
+            .log_dropped
+    };
+    // 1000 lines in one call: the burst (100) is logged, 900 are dropped.
+    rt.process("flood", &series(1, 1, |_| 0.0), 0).unwrap();
+    assert_eq!(dropped(&rt), 900);
+    // One second later the bucket has refilled 20 lines.
+    rt.process("flood", &series(1, 1, |_| 0.0), 1_000).unwrap();
+    assert_eq!(dropped(&rt), 900 + 980);
+    // Dropping lines is not a failure: the function and its neighbour run.
+    assert!(matches!(
+        rt.status()
+            .iter()
+            .find(|s| s.name == "flood")
+            .unwrap()
+            .state,
+        FunctionState::Running
+    ));
+    assert_bystander_runs(&mut rt, 1_000);
+}

@@ -39,6 +39,8 @@ pub struct EdgeConfig {
     /// What desired state may make this gateway touch (`[policy]`): the
     /// cloud cannot override it ([`crate::policy`]).
     pub policy: crate::policy::PolicyConfig,
+    /// Bounds on device functions (`[functions]`): kv quota, log rate.
+    pub functions: FunctionsConfig,
 }
 
 impl Default for EdgeConfig {
@@ -52,6 +54,7 @@ impl Default for EdgeConfig {
             uplink: UplinkConfig::default(),
             cache_capacity_bytes: 64 * 1024 * 1024,
             policy: crate::policy::PolicyConfig::default(),
+            functions: FunctionsConfig::default(),
         }
     }
 }
@@ -356,12 +359,22 @@ impl EdgeConfig {
             &root.field("cache_capacity_bytes"),
             self.cache_capacity_bytes,
         );
+        self.functions.validate_at(&mut c, &root.field("functions"));
         c.finish()
     }
 
     /// The MQTT client id.
     pub fn client_id(&self) -> &str {
         self.mqtt.client_id.as_deref().unwrap_or(&self.node)
+    }
+
+    /// Driver settings derived from this config: the OPC UA client PKI in
+    /// `{data_dir}/opcua-pki` (created 0700 by [`crate::datadir::prepare`]),
+    /// never in a shared temporary directory (L4).
+    pub fn driver_options(&self) -> crate::drivers::DriverOptions {
+        let mut o = crate::drivers::DriverOptions::default();
+        o.opcua.pki_dir = self.data_dir.join(crate::datadir::OPCUA_PKI);
+        o
     }
 
     /// Store settings derived from this config.
@@ -374,6 +387,75 @@ impl EdgeConfig {
                 max_age: self.outbox.max_age,
                 policy: self.outbox.policy,
             },
+        }
+    }
+}
+
+/// Bounds the gateway puts on every device function (`[functions]`),
+/// whatever desired state asks for.
+///
+/// ```toml
+/// [functions]
+/// kv_max_keys = 10000          # keys per function
+/// kv_max_bytes = 67108864      # keys + values per function (64 MiB)
+/// log_lines_per_second = 20    # sustained guest log rate per function
+/// log_burst = 100              # guest log lines allowed at once
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionsConfig {
+    /// Keys one function may keep in its kv store. Default 10 000.
+    pub kv_max_keys: u64,
+    /// Bytes (keys plus values) one function may keep in its kv store.
+    /// Default 64 MiB.
+    pub kv_max_bytes: u64,
+    /// Guest log lines per second one function may write, sustained
+    /// (token bucket refill). Default 20.
+    pub log_lines_per_second: u32,
+    /// Guest log lines one function may write at once (bucket size).
+    /// Default 100.
+    pub log_burst: u32,
+}
+
+impl Default for FunctionsConfig {
+    fn default() -> Self {
+        Self {
+            kv_max_keys: 10_000,
+            kv_max_bytes: 64 * 1024 * 1024,
+            log_lines_per_second: 20,
+            log_burst: 100,
+        }
+    }
+}
+
+impl FunctionsConfig {
+    /// Smallest accepted `kv_max_bytes`.
+    pub const MIN_KV_BYTES: u64 = 4096;
+
+    fn validate_at(&self, c: &mut Collector, f: &Path<'_>) {
+        if !(1..=10_000_000).contains(&self.kv_max_keys) {
+            c.push(
+                &f.field("kv_max_keys"),
+                format!("{} is out of range 1..=10000000", self.kv_max_keys),
+            );
+        }
+        if self.kv_max_bytes < Self::MIN_KV_BYTES {
+            c.push(
+                &f.field("kv_max_bytes"),
+                format!("{} is less than {}", self.kv_max_bytes, Self::MIN_KV_BYTES),
+            );
+        }
+        if !(1..=100_000).contains(&self.log_lines_per_second) {
+            c.push(
+                &f.field("log_lines_per_second"),
+                format!("{} is out of range 1..=100000", self.log_lines_per_second),
+            );
+        }
+        if !(1..=100_000).contains(&self.log_burst) {
+            c.push(
+                &f.field("log_burst"),
+                format!("{} is out of range 1..=100000", self.log_burst),
+            );
         }
     }
 }
@@ -509,6 +591,68 @@ mod tests {
         ] {
             assert!(!valid_http_url(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn functions_bounds_have_defaults_and_name_bad_fields() {
+        let c = EdgeConfig::from_toml(
+            "[functions]\nkv_max_keys = 5\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.functions.kv_max_keys, 5);
+        assert_eq!(c.functions.kv_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(
+            (c.functions.log_lines_per_second, c.functions.log_burst),
+            (20, 100)
+        );
+        let mut c = EdgeConfig {
+            hub: HubConfig {
+                insecure_trust_first_use: true,
+                ..HubConfig::default()
+            },
+            ..EdgeConfig::default()
+        };
+        c.validate().unwrap();
+        c.functions = FunctionsConfig {
+            kv_max_keys: 0,
+            kv_max_bytes: 10,
+            log_lines_per_second: 0,
+            log_burst: 0,
+        };
+        let e = c.validate().unwrap_err().to_string();
+        for want in [
+            "functions.kv_max_keys: 0",
+            "functions.kv_max_bytes: 10",
+            "functions.log_lines_per_second: 0",
+            "functions.log_burst: 0",
+        ] {
+            assert!(e.contains(want), "{want} not in {e}");
+        }
+    }
+
+    #[test]
+    fn drivers_keep_their_opcua_pki_in_the_data_dir() {
+        let c = EdgeConfig {
+            data_dir: "/var/lib/edgefleet".into(),
+            ..EdgeConfig::default()
+        };
+        let o = c.driver_options();
+        assert_eq!(
+            o.opcua.pki_dir,
+            std::path::Path::new("/var/lib/edgefleet/opcua-pki")
+        );
+        assert!(!o.opcua.pki_dir.starts_with(std::env::temp_dir()));
+    }
+
+    #[test]
+    fn the_example_config_parses_with_the_documented_defaults() {
+        let c = EdgeConfig::from_toml(
+            include_str!("../../examples/edge.toml"),
+            std::path::Path::new("examples/edge.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.functions, FunctionsConfig::default());
     }
 
     #[test]

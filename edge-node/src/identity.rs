@@ -72,7 +72,7 @@ pub struct Identity {
 
 /// `{data_dir}/identity`.
 pub fn dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("identity")
+    data_dir.join(crate::datadir::IDENTITY)
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
@@ -102,10 +102,11 @@ impl Identity {
         }))
     }
 
-    /// Writes the files (key 0600; each through tmp + fsync + rename).
+    /// Writes the files (key 0600; each through tmp + fsync + rename) into
+    /// a directory created owner-only (0700, [`crate::datadir`]).
     pub fn write(&self, data_dir: &Path) -> Result<(), IdentityError> {
         let d = dir(data_dir);
-        std::fs::create_dir_all(&d).map_err(io(&d))?;
+        crate::datadir::create_private(&d).map_err(io(&d))?;
         for (name, text, private) in [
             ("node.key", self.key_pem.as_str(), true),
             ("node.crt", self.cert_pem.as_str(), false),

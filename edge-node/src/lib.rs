@@ -18,9 +18,11 @@
 
 pub mod agent;
 pub mod artifacts;
+pub mod burst;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod datadir;
 pub mod drivers;
 pub mod functions;
 pub mod identity;

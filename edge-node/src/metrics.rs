@@ -71,6 +71,12 @@ counters! {
     connects,
     /// Broker connections lost or refused.
     disconnects,
+    /// Samples device functions emitted with a point index outside their
+    /// declared inputs: dropped (per function: `samples_bad_point`).
+    function_samples_bad_point,
+    /// Guest kv puts refused: the function's quota (`[functions]
+    /// kv_max_keys`, `kv_max_bytes`) is full (per function: `kv_refused`).
+    function_kv_refused,
 }
 
 impl Counters {

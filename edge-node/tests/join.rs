@@ -72,6 +72,11 @@ async fn a_joined_node_runs_on_its_identity_and_applies_signed_desired_state() {
             .permissions()
             .mode();
         assert_eq!(m & 0o777, 0o600);
+        // The data and identity directories are owner-only (L6).
+        for d in [&edge_dir, &id] {
+            let m = std::fs::metadata(d).unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o700, "{}", d.display());
+        }
     }
     assert_eq!(
         std::fs::read_to_string(id.join("hub.pub")).unwrap(),
@@ -88,6 +93,17 @@ async fn a_joined_node_runs_on_its_identity_and_applies_signed_desired_state() {
     cfg.mqtt.host.clone_from(&hub.mqtt.0);
     hub.base().clone_into(&mut cfg.hub.http_url);
     let edge = EdgeHarness::start(cfg, Clock::system()).await.unwrap();
+    // The agent made its compiled-code cache and OPC UA PKI owner-only
+    // (L6, L4: no more shared /tmp PKI).
+    #[cfg(unix)]
+    for d in ["wasm-cache", "opcua-pki"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let m = std::fs::metadata(edge_dir.join(d))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o777, 0o700, "{d}");
+    }
     let model = b"a model only j1 may fetch".to_vec();
     let art = hub.client.put_artifact(model.clone()).await.unwrap();
     hub.client

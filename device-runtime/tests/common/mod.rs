@@ -110,6 +110,7 @@ pub fn config() -> RuntimeConfig {
             max: Duration::from_millis(1600),
             reset_after: Duration::from_mins(1),
         },
+        ..RuntimeConfig::default()
     }
 }
 

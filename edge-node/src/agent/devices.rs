@@ -13,15 +13,18 @@ use crate::drivers::{self, DeviceHandle};
 pub(super) struct DeviceSet {
     running: BTreeMap<String, (Device, DeviceHandle)>,
     transports: drivers::transport::DeviceTransports,
+    options: drivers::DriverOptions,
     samples: mpsc::Sender<Vec<Sample>>,
     clock: Clock,
     cancel: CancellationToken,
 }
 
 impl DeviceSet {
-    /// No drivers yet; new ones send to `samples` and stop with `cancel`.
+    /// No drivers yet; new ones run with `options`, send to `samples` and
+    /// stop with `cancel`.
     pub(super) fn new(
         transports: drivers::transport::DeviceTransports,
+        options: drivers::DriverOptions,
         samples: mpsc::Sender<Vec<Sample>>,
         clock: Clock,
         cancel: CancellationToken,
@@ -29,6 +32,7 @@ impl DeviceSet {
         Self {
             running: BTreeMap::new(),
             transports,
+            options,
             samples,
             clock,
             cancel,
@@ -54,7 +58,7 @@ impl DeviceSet {
             if !self.running.contains_key(&d.id) {
                 let h = drivers::spawn_routed(
                     d.clone(),
-                    drivers::DriverOptions::default(),
+                    self.options.clone(),
                     &self.transports,
                     self.samples.clone(),
                     self.clock,

@@ -77,6 +77,10 @@ pub enum AgentError {
     /// `[policy]` does not parse (the config was not validated).
     #[error("{0}")]
     Policy(String),
+    /// The data directory or one of its private subdirectories could not
+    /// be created or restricted.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
 }
 
 /// Optional extras of [`Agent::start_with`]; the default is what
@@ -118,8 +122,7 @@ impl Agent {
         cancel: CancellationToken,
         agent_options: AgentOptions,
     ) -> Result<Self, AgentError> {
-        let store_cfg = cfg.store_config();
-        let store = tokio::task::spawn_blocking(move || Store::open(&store_cfg)).await??;
+        let store = open_store(&cfg).await?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let ctx = AgentContext {
             node: cfg.node.clone(),
@@ -164,6 +167,7 @@ impl Agent {
             spawn_link(&mut tasks, &ctx, &cfg, identity.as_ref())?;
         let devices = DeviceSet::new(
             agent_options.device_transports,
+            cfg.driver_options(),
             samples_tx,
             clock,
             cancel.child_token(),
@@ -249,6 +253,17 @@ impl Agent {
     }
 }
 
+/// Makes the data directory safe to use ([`crate::datadir::prepare`],
+/// logging what was not) and opens the store in it.
+async fn open_store(cfg: &EdgeConfig) -> Result<Store, AgentError> {
+    let data_dir = cfg.data_dir.clone();
+    for w in tokio::task::spawn_blocking(move || crate::datadir::prepare(&data_dir)).await?? {
+        warn!(node = %cfg.node, "{w}");
+    }
+    let store_cfg = cfg.store_config();
+    Ok(tokio::task::spawn_blocking(move || Store::open(&store_cfg)).await??)
+}
+
 /// The local half of the data path, as started by [`spawn_data_path`].
 struct DataPath {
     routing: watch::Sender<Routing>,
@@ -281,7 +296,8 @@ fn spawn_data_path(
         fetcher: fetcher.clone(),
         writer: ctx.writer(),
         view: functions.clone(),
-        cache_dir: cfg.data_dir.join("wasm-cache"),
+        cache_dir: cfg.data_dir.join(crate::datadir::WASM_CACHE),
+        limits: cfg.functions.clone(),
     };
     let desired_rx = desired.subscribe();
     // The host stops by itself when the pipeline has stopped (its input

@@ -105,8 +105,11 @@ pub struct OpcUaOptions {
     /// Subscribe (default) or poll.
     pub mode: OpcUaMode,
     /// PKI directory (own certificate and key, trusted and rejected peers).
-    /// A key pair is created there on first use. Point it at persistent
-    /// storage in production.
+    /// A key pair is created there on first use. The agent uses
+    /// `{data_dir}/opcua-pki`, created 0700
+    /// ([`EdgeConfig::driver_options`](crate::config::EdgeConfig::driver_options));
+    /// the default, under the system temporary directory, is for tests and
+    /// tools only: anyone who can write there can plant trusted servers.
     pub pki_dir: PathBuf,
     /// Trust any server certificate (otherwise it must be in `pki_dir/trusted`).
     pub trust_server_certs: bool,

@@ -1,4 +1,4 @@
-//! The capabilities a guest gets: its key-value store, OTA models, reads of
+//! The capabilities a guest gets: its key-value store ([`super::kv`]), OTA models, reads of
 //! the latest value of a point; and the component bytes for the runtime.
 
 use std::collections::HashMap;
@@ -11,8 +11,8 @@ use device_runtime::{
 };
 use protocols::{Quality, Sample};
 
+use super::kv::GuestKv;
 use crate::artifacts::read_blob;
-use crate::store::{Store, StoreError};
 
 /// Shared, swappable state behind the capability traits.
 #[derive(Debug, Default)]
@@ -26,7 +26,8 @@ pub(super) struct CapState {
 }
 
 pub(super) struct EdgeCaps {
-    pub(super) store: Store,
+    /// Guest key-value state with its quota.
+    pub(super) kv: Arc<GuestKv>,
     pub(super) artifacts_dir: PathBuf,
     pub(super) state: Arc<Mutex<CapState>>,
 }
@@ -37,25 +38,15 @@ impl EdgeCaps {
     }
 }
 
-fn unavailable(e: &StoreError) -> CapabilityError {
-    CapabilityError::Unavailable(e.to_string())
-}
-
 impl KvStore for EdgeCaps {
     fn get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, CapabilityError> {
-        self.store
-            .kv_get(namespace, key.as_bytes())
-            .map_err(|e| unavailable(&e))
+        self.kv.get(namespace, key)
     }
     fn put(&self, namespace: &str, key: &str, value: &[u8]) -> Result<(), CapabilityError> {
-        self.store
-            .kv_put(namespace, key.as_bytes(), value)
-            .map_err(|e| unavailable(&e))
+        self.kv.put(namespace, key, value)
     }
     fn delete(&self, namespace: &str, key: &str) -> Result<(), CapabilityError> {
-        self.store
-            .kv_delete(namespace, key.as_bytes())
-            .map_err(|e| unavailable(&e))
+        self.kv.delete(namespace, key)
     }
 }
 

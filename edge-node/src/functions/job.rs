@@ -67,6 +67,45 @@ impl Job {
     }
 }
 
+/// One emitted batch with node-wide point indexes.
+#[derive(Debug, Default, PartialEq)]
+struct Mapped {
+    /// The samples whose local index names one of the function's inputs.
+    samples: Vec<Sample>,
+    /// Samples dropped: their local index is outside the inputs.
+    dropped: u64,
+    /// The first local index that was out of range.
+    first_bad: Option<u32>,
+}
+
+/// Maps the local point indexes of `batch` (positions in the function's
+/// declared inputs) to node-wide indexes through `inputs`. A local index
+/// outside `inputs` is never passed through as a node-wide index (it would
+/// label the sample as some other device's point): the sample is dropped.
+fn to_node_points(batch: &Batch, inputs: &[u32]) -> Mapped {
+    let mut m = Mapped {
+        samples: Vec::with_capacity(batch.len()),
+        ..Mapped::default()
+    };
+    for i in 0..batch.len() {
+        let Some((p, ts, v, q)) = batch.get(i) else {
+            continue;
+        };
+        if let Some(&point) = usize::try_from(p).ok().and_then(|l| inputs.get(l)) {
+            m.samples.push(Sample {
+                point,
+                ts_ms: ts,
+                value: v,
+                quality: Quality(q),
+            });
+        } else {
+            m.dropped += 1;
+            m.first_bad.get_or_insert(p);
+        }
+    }
+    m
+}
+
 /// Takes the buffers of the loaded functions among `names` as batches.
 fn take_batches(st: &mut HostState, names: &[String]) -> Vec<PendingCall> {
     let mut calls = Vec::new();
@@ -200,7 +239,9 @@ impl FunctionHost {
     }
 
     /// Appends `out`, emitted by `function` (with its loaded version's point
-    /// mapping), and counts it in the function's `samples_out`.
+    /// mapping), and counts it in the function's `samples_out`; samples with
+    /// a point index outside the function's inputs are dropped and counted
+    /// (`samples_bad_point`, L3).
     fn emit_for(
         &self,
         st: &mut HostState,
@@ -212,36 +253,42 @@ impl FunctionHost {
             .get(function)
             .and_then(|s| s.loaded.as_ref().map(|(_, i)| i.clone()))
             .unwrap_or_default();
-        let n = self.emit(out, &inputs)?;
-        if let Some(slot) = st.slots.get_mut(function) {
-            slot.samples_out += n;
-        }
-        Ok(())
-    }
-
-    /// Appends one call's output to its streams; returns the samples appended.
-    fn emit(&self, out: &CallOutput, inputs: &[u32]) -> Result<u64, FunctionError> {
-        let mut n = 0;
+        let mut appended = 0;
+        let mut dropped = 0;
+        let mut first_bad = None;
         for s in &out.streams {
             if s.samples.is_empty() {
                 continue;
             }
-            let mut samples = Vec::with_capacity(s.samples.len());
-            for i in 0..s.samples.len() {
-                if let Some((p, ts, v, q)) = s.samples.get(i) {
-                    let point = inputs.get(p as usize).copied().unwrap_or(p);
-                    samples.push(Sample {
-                        point,
-                        ts_ms: ts,
-                        value: v,
-                        quality: Quality(q),
-                    });
-                }
-            }
-            n += samples.len() as u64;
-            self.writer.append(&s.stream, &samples)?;
+            let mapped = to_node_points(&s.samples, &inputs);
+            dropped += mapped.dropped;
+            first_bad = first_bad.or(mapped.first_bad);
+            appended += mapped.samples.len() as u64;
+            self.writer.append(&s.stream, &mapped.samples)?;
         }
-        Ok(n)
+        let Some(slot) = st.slots.get_mut(function) else {
+            return Ok(());
+        };
+        slot.samples_out += appended;
+        if dropped > 0 {
+            slot.samples_bad_point += dropped;
+            crate::metrics::Counters::add(&self.ctx.counters.function_samples_bad_point, dropped);
+            let bad = first_bad.unwrap_or_default();
+            let msg = format!(
+                "emitted {dropped} sample(s) with point index {bad} (or others) outside its {} input(s); dropped",
+                inputs.len()
+            );
+            if slot.bad_points.refuse(dropped) {
+                warn!(%function, dropped, point = bad, inputs = inputs.len(),
+                    "device function emitted samples for points it does not declare; dropped (further ones are counted, not logged, until it stops)");
+            }
+            slot.last_error = Some(msg);
+        } else if appended > 0
+            && let Some(n) = slot.bad_points.accept()
+        {
+            info!(%function, dropped = n, "device function emits declared points again; samples with undeclared points dropped in that burst");
+        }
+        Ok(())
     }
 
     fn on_runtime_event(&self, st: &mut HostState, ev: RuntimeEvent) {
@@ -305,5 +352,27 @@ impl FunctionHost {
             kind: EventKind::FunctionFailed { function },
             message,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_indexes_outside_the_inputs_are_dropped_not_passed_through() {
+        let mut b = Batch::new();
+        b.push(0, 10, 1.0, 0);
+        b.push(1, 11, 2.0, 0);
+        // Without the check, 7 went out as node-wide point 7 (another device's).
+        b.push(7, 12, 3.0, 0);
+        b.push(u32::MAX, 13, 4.0, 0);
+        let m = to_node_points(&b, &[40, 41]);
+        let points: Vec<(u32, u64)> = m.samples.iter().map(|s| (s.point, s.ts_ms)).collect();
+        assert_eq!(points, vec![(40, 10), (41, 11)]);
+        assert_eq!((m.dropped, m.first_bad), (2, Some(7)));
+        // A function without inputs cannot emit any point.
+        let m = to_node_points(&b, &[]);
+        assert_eq!((m.samples.len(), m.dropped, m.first_bad), (0, 4, Some(0)));
     }
 }

@@ -46,12 +46,14 @@
 //! - `job`: one blocking call into the runtime and what is done with its
 //!   results;
 //! - `caps`: the capabilities guests get (kv, models, device reads);
+//! - [`kv`]: the guests' key-value store and its per-function quota;
 //! - `spec`: desired-state function -> runtime spec ([`runtime_spec`],
 //!   [`guest_config`]);
 //! - `status`: the reported function status.
 
 mod caps;
 mod job;
+pub mod kv;
 mod plan;
 mod reconcile;
 mod slots;
@@ -126,6 +128,8 @@ pub struct FunctionHost {
     pub view: FunctionsView,
     /// Compiled-code cache directory.
     pub cache_dir: PathBuf,
+    /// The gateway's bounds on functions (`[functions]`).
+    pub limits: crate::config::FunctionsConfig,
 }
 
 impl std::fmt::Debug for FunctionHost {
@@ -151,6 +155,11 @@ impl FunctionHost {
             slots: BTreeMap::new(),
             point_fns: HashMap::new(),
             caps: Arc::default(),
+            kv: Arc::new(kv::GuestKv::new(
+                self.ctx.store.clone(),
+                kv::KvQuota::from(&self.limits),
+                self.ctx.counters.clone(),
+            )),
             raw_stream: None,
             batch_max_samples: 1_000,
             batch_max_age_ms: 1_000,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
-use device_runtime::{ApplyReport, Capabilities, DeviceRuntime, RuntimeConfig};
+use device_runtime::{ApplyReport, Capabilities, DeviceRuntime, LogLimits, RuntimeConfig};
 use protocols::{Event, EventKind};
 use tracing::{info, warn};
 
@@ -89,12 +89,16 @@ impl FunctionHost {
 
     fn create_runtime(&self, st: &mut HostState) {
         let caps = Arc::new(EdgeCaps {
-            store: self.ctx.store.clone(),
+            kv: st.kv.clone(),
             artifacts_dir: self.fetcher.dir().to_owned(),
             state: st.caps.clone(),
         });
         let config = RuntimeConfig {
             cache_dir: Some(self.cache_dir.clone()),
+            log: LogLimits {
+                lines_per_second: self.limits.log_lines_per_second,
+                burst: self.limits.log_burst,
+            },
             ..RuntimeConfig::default()
         };
         match DeviceRuntime::new(

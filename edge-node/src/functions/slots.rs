@@ -31,6 +31,10 @@ pub(super) struct Slot {
     pub(super) samples_failed: u64,
     pub(super) input_dropped: u64,
     pub(super) time_us: u64,
+    /// Emitted samples dropped: point index outside the inputs (L3).
+    pub(super) samples_bad_point: u64,
+    /// When to log those.
+    pub(super) bad_points: crate::burst::Burst,
 }
 
 impl Slot {
@@ -49,6 +53,8 @@ pub(super) struct HostState {
     pub(super) slots: BTreeMap<String, Slot>,
     pub(super) point_fns: HashMap<u32, Vec<String>>,
     pub(super) caps: Arc<Mutex<CapState>>,
+    /// Guest key-value state with its quota (shared with the capabilities).
+    pub(super) kv: Arc<super::kv::GuestKv>,
     pub(super) raw_stream: Option<String>,
     pub(super) batch_max_samples: usize,
     pub(super) batch_max_age_ms: u64,

@@ -7,6 +7,7 @@ use device_runtime::FunctionState as RuntimeState;
 use protocols::{FunctionState, FunctionStatus};
 
 use super::FunctionHost;
+use super::kv::KvStats;
 use super::slots::{HostState, Slot};
 
 impl FunctionHost {
@@ -51,7 +52,7 @@ impl FunctionHost {
                     last_error: runtime_error
                         .or_else(|| slot.last_error.clone())
                         .or_else(|| st.runtime_error.clone()),
-                    counters: counters(slot, rs),
+                    counters: counters(slot, rs, st.kv.stats(name)),
                 },
             );
         }
@@ -87,11 +88,13 @@ fn reported_state(
     }
 }
 
-/// The host's counters of a function, plus the runtime's (`denied`,
-/// `guest.*`) when it has a status for it.
+/// The host's counters of a function, its kv usage and refusals
+/// (`kv_keys`, `kv_bytes`, `kv_refused`) once it used its store, plus the
+/// runtime's (`denied`, `log_dropped`, `guest.*`) when it has a status for it.
 fn counters(
     slot: &Slot,
     runtime: Option<&device_runtime::FunctionStatus>,
+    kv: Option<KvStats>,
 ) -> BTreeMap<String, u64> {
     let mut counters = BTreeMap::from([
         ("samples_in".to_owned(), slot.samples_in),
@@ -102,9 +105,16 @@ fn counters(
         ("samples_failed".to_owned(), slot.samples_failed),
         ("input_dropped".to_owned(), slot.input_dropped),
         ("input_buffered".to_owned(), slot.buffer.len() as u64),
+        ("samples_bad_point".to_owned(), slot.samples_bad_point),
     ]);
+    if let Some(kv) = kv {
+        counters.insert("kv_keys".to_owned(), kv.usage.keys);
+        counters.insert("kv_bytes".to_owned(), kv.usage.bytes);
+        counters.insert("kv_refused".to_owned(), kv.refused);
+    }
     if let Some(rs) = runtime {
         counters.insert("denied".to_owned(), rs.denied);
+        counters.insert("log_dropped".to_owned(), rs.log_dropped);
         for (k, v) in &rs.counters {
             counters.insert(format!("guest.{k}"), *v);
         }

@@ -454,12 +454,32 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a function's key-value entry.
-    pub fn kv_delete(&self, function: &str, key: &[u8]) -> Result<(), StoreError> {
-        self.kv_tree(function)?
+    /// Length of a function's key-value entry, `None` if absent.
+    pub fn kv_value_len(&self, function: &str, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let t = self.kv_tree(function)?;
+        Ok(t.get(key).map_err(io("kv get"))?.map(|v| v.len() as u64))
+    }
+
+    /// Deletes a function's key-value entry; returns the length of the value
+    /// it had, `None` if it was absent.
+    pub fn kv_delete(&self, function: &str, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .kv_tree(function)?
             .remove(key)
-            .map_err(io("kv delete"))?;
-        Ok(())
+            .map_err(io("kv delete"))?
+            .map(|v| v.len() as u64))
+    }
+
+    /// Number of entries of a function's key-value store and their total
+    /// size (keys plus values), by reading every entry.
+    pub fn kv_usage(&self, function: &str) -> Result<(u64, u64), StoreError> {
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for kv in &self.kv_tree(function)? {
+            let (k, v) = kv.map_err(io("kv scan"))?;
+            keys += 1;
+            bytes = bytes.saturating_add((k.len() + v.len()) as u64);
+        }
+        Ok((keys, bytes))
     }
 
     fn kv_tree(&self, function: &str) -> Result<sled::Tree, StoreError> {

@@ -346,6 +346,10 @@ impl HubConfig {
     }
 
     /// Every problem, each naming its field.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one flat check per field, in the order of the fields"
+    )]
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut c = Collector::new();
         let root = Path::Root;

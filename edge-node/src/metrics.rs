@@ -71,6 +71,13 @@ counters! {
     connects,
     /// Broker connections lost or refused.
     disconnects,
+    /// Node certificates renewed and swapped in ([`crate::renewal`]).
+    cert_renewals,
+    /// Renewal attempts that failed (retried with backoff).
+    cert_renewal_failures,
+    /// Incoming messages the full link channel replaced by a newer one
+    /// ([`crate::link::LinkQueue`]).
+    link_messages_coalesced,
 }
 
 impl Counters {

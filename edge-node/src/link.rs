@@ -664,4 +664,107 @@ mod tests {
             .to_string();
         assert!(e.starts_with("mqtt.password_file"), "{e}");
     }
+
+    fn msg(topic: &str, payload: &str) -> LinkEvent {
+        LinkEvent::Message {
+            topic: topic.into(),
+            payload: Bytes::from(payload.to_owned()),
+        }
+    }
+
+    fn ack(stream: &str, up_to: u64) -> LinkEvent {
+        let claim = serde_json::json!({"node": "n1", "stream": stream, "up_to_seq": up_to});
+        let env = serde_json::json!({"payload": claim.to_string(), "signature": "x"});
+        msg("r/nodes/n1/ack", &env.to_string())
+    }
+
+    fn drain(q: &mut LinkQueue) -> Vec<String> {
+        std::iter::from_fn(|| q.pop())
+            .map(|e| match e {
+                LinkEvent::Message { payload, .. } => String::from_utf8(payload.to_vec()).unwrap(),
+                LinkEvent::Connected { .. } => "C".into(),
+                LinkEvent::Disconnected { .. } => "D".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_queue_keeps_the_newest_desired_and_the_newest_ack_per_stream() {
+        let mut q = LinkQueue::new(3);
+        assert_eq!(q.push(msg("r/nodes/n1/desired", "d1")), 0);
+        assert_eq!(q.push(ack("a", 1)), 0);
+        assert_eq!(q.push(ack("b", 1)), 0);
+        // Full: a newer desired replaces the older one.
+        assert_eq!(q.push(msg("r/nodes/n1/desired", "d2")), 1);
+        // A newer ack of stream a replaces a's, not b's.
+        assert_eq!(q.push(ack("a", 9)), 1);
+        assert_eq!(q.len(), 3);
+        let out = drain(&mut q);
+        assert!(out[0].contains("\\\"stream\\\":\\\"b\\\""), "{out:?}");
+        assert_eq!(out[1], "d2");
+        assert!(out[2].contains("\\\"up_to_seq\\\":9"), "{out:?}");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_without_a_match_drops_the_oldest_ack_first() {
+        let mut q = LinkQueue::new(2);
+        q.push(msg("r/nodes/n1/desired", "d1"));
+        q.push(ack("a", 1));
+        assert_eq!(q.push(ack("c", 5)), 1);
+        let out = drain(&mut q);
+        assert_eq!(out[0], "d1", "the desired document is kept");
+        assert!(out[1].contains("up_to_seq\\\":5"), "{out:?}");
+    }
+
+    #[test]
+    fn link_state_survives_a_full_queue_as_one_down_up_transition() {
+        let mut q = LinkQueue::new(2);
+        q.push(msg("r/nodes/n1/desired", "d1"));
+        q.push(msg("r/nodes/n1/desired", "d1b"));
+        for _ in 0..10 {
+            q.push(LinkEvent::Disconnected { error: "x".into() });
+            q.push(LinkEvent::Connected {
+                session_present: true,
+            });
+        }
+        // Bounded: capacity plus one transition.
+        assert_eq!(drain(&mut q), vec!["d1", "d1b", "D", "C"]);
+        q.push(msg("t", "m"));
+        q.push(LinkEvent::Connected {
+            session_present: true,
+        });
+        q.push(LinkEvent::Disconnected { error: "y".into() });
+        assert_eq!(drain(&mut q), vec!["m", "D"]);
+    }
+
+    #[tokio::test]
+    async fn the_channel_never_blocks_the_sender_and_counts_what_it_coalesced() {
+        let counters = Arc::new(Counters::default());
+        let (tx, mut rx) = link_channel(4, counters.clone());
+        for i in 0..100 {
+            tx.send(msg("r/nodes/n1/desired", &format!("d{i}")))
+                .unwrap();
+        }
+        assert_eq!(
+            counters
+                .link_messages_coalesced
+                .load(std::sync::atomic::Ordering::Relaxed),
+            96
+        );
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let Some(LinkEvent::Message { payload, .. }) = rx.recv().await else {
+                panic!("a message")
+            };
+            got.push(String::from_utf8(payload.to_vec()).unwrap());
+        }
+        // The newest document is among what is left, and last.
+        assert_eq!(got.last().map(String::as_str), Some("d99"));
+        drop(tx);
+        assert!(rx.recv().await.is_none());
+        let (tx, rx) = link_channel(4, counters);
+        drop(rx);
+        assert_eq!(tx.send(msg("t", "m")), Err(Closed));
+    }
 }

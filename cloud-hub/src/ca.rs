@@ -352,7 +352,7 @@ impl Ca {
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(300)).into();
+        params.not_before = (now - backdate(validity)).into();
         params.not_after = (now + validity).into();
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(public_key, &self.issuer)?;
@@ -492,6 +492,15 @@ pub fn write_atomic(path: &Path, text: &str, private: bool) -> std::io::Result<(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// How far before "now" an issued certificate becomes valid: 5 minutes of
+/// clock skew between hub and holder, but never more than a quarter of the
+/// validity, so the fraction of the validity after which a holder renews
+/// (the edge's `[identity] renew_after`) keeps its meaning for short
+/// certificates too.
+pub fn backdate(validity: Duration) -> Duration {
+    Duration::from_secs(300).min(validity / 4)
 }
 
 /// Unix milliseconds of `t`.

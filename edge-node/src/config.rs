@@ -41,6 +41,52 @@ pub struct EdgeConfig {
     pub policy: crate::policy::PolicyConfig,
     /// Bounds on device functions (`[functions]`): kv quota, log rate.
     pub functions: FunctionsConfig,
+    /// Renewal of the joined identity (`[identity]`, [`crate::renewal`]).
+    pub identity: IdentityConfig,
+}
+
+/// `[identity]`: when and how the agent renews its certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Renew once this fraction of the certificate's validity has passed
+    /// (0 < renew_after < 1; default 0.66: a 30-day certificate is renewed
+    /// after about 20 days, leaving 10 days to retry).
+    pub renew_after: f64,
+    /// First delay after a failed renewal.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest delay between renewal attempts (jittered exponential
+    /// backoff in between).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl IdentityConfig {
+    fn check(&self, c: &mut Collector, id: &Path) {
+        if !(self.renew_after > 0.0 && self.renew_after < 1.0) {
+            c.push(
+                &id.field("renew_after"),
+                format!(
+                    "{} is not a fraction of the validity strictly between 0 and 1",
+                    self.renew_after
+                ),
+            );
+        }
+        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
+            c.push(&id.field("retry_min"), "must be > 0 and <= retry_max");
+        }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            renew_after: 0.66,
+            retry_min: Duration::from_secs(10),
+            retry_max: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for EdgeConfig {
@@ -55,6 +101,7 @@ impl Default for EdgeConfig {
             cache_capacity_bytes: 64 * 1024 * 1024,
             policy: crate::policy::PolicyConfig::default(),
             functions: FunctionsConfig::default(),
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -260,6 +307,10 @@ impl EdgeConfig {
     }
 
     /// Every problem, each naming its field.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one flat check per field, in the order of the fields"
+    )]
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut c = Collector::new();
         let root = Path::Root;
@@ -307,6 +358,7 @@ impl EdgeConfig {
         if self.mqtt.password_file.is_some() && self.mqtt.username.is_none() {
             c.push(&m.field("password_file"), "needs mqtt.username");
         }
+        self.identity.check(&mut c, &root.field("identity"));
         let h = root.field("hub");
         config::check_topic_root(&mut c, &h.field("topic_root"), &self.hub.topic_root);
         if let Some(k) = &self.hub.public_key
@@ -524,6 +576,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("flush_interval"), "{e}");
+        let c = EdgeConfig::from_toml(
+            "[identity]\nrenew_after = 0.5\nretry_max = \"1h\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap();
+        assert!((c.identity.renew_after - 0.5).abs() < 1e-9);
+        assert_eq!(c.identity.retry_max, Duration::from_secs(3600));
         let mut c = EdgeConfig {
             node: "a/b".into(),
             ..EdgeConfig::default()
@@ -531,10 +590,14 @@ mod tests {
         c.mqtt.port = 0;
         c.hub.public_key = Some("zz".into());
         c.hub.http_url = "ftp://hub".into();
+        c.identity.renew_after = 1.0;
+        c.identity.retry_min = Duration::ZERO;
         let e = c.validate().unwrap_err().to_string();
         for want in [
             "node: \"a/b\" contains '/'",
             "mqtt.port: 0",
+            "identity.renew_after: 1 is not a fraction",
+            "identity.retry_min: must be > 0",
             "hub.public_key: \"zz\"",
             "hub.http_url: \"ftp://hub\"",
         ] {

@@ -20,7 +20,7 @@ use super::devices::DeviceSet;
 use super::{AgentContext, AgentError, report};
 use crate::artifacts::{ArtifactFetcher, DesiredPair};
 use crate::functions::FunctionsView;
-use crate::link::{Conn, LinkEvent};
+use crate::link::{Conn, LinkEvent, LinkReceiver};
 use crate::metrics::Counters;
 use crate::pipeline::Routing;
 use crate::session::{Input, Output, Restored, Session, encode_report};
@@ -66,7 +66,7 @@ impl Control {
 
     pub(super) async fn run(
         &mut self,
-        mut link: mpsc::UnboundedReceiver<LinkEvent>,
+        mut link: LinkReceiver,
         mut events: mpsc::UnboundedReceiver<Event>,
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {

@@ -455,6 +455,8 @@ pub struct EdgeHarness {
     pub store: edge_node::store::Store,
     /// Live status of its device functions.
     pub functions: edge_node::functions::FunctionsView,
+    /// Its counters (as its reported state carries them).
+    pub counters: Arc<edge_node::metrics::Counters>,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), AgentError>>,
 }
@@ -475,10 +477,12 @@ impl EdgeHarness {
         let cancel = CancellationToken::new();
         let agent = Agent::start_with(cfg, clock, cancel.clone(), options).await?;
         let (store, functions) = (agent.store().clone(), agent.functions());
+        let counters = agent.counters();
         let task = tokio::spawn(agent.run());
         Ok(Self {
             store,
             functions,
+            counters,
             cancel,
             task,
         })

@@ -73,8 +73,9 @@ proptest! {
             }
             Ok(cfg) => {
                 if let Err(errs) = cfg.validate() {
-                    for e in errs.to_string().split("; ") {
-                        prop_assert!(e.contains(':'), "an error without its field: {e}");
+                    prop_assert!(!errs.errors().is_empty());
+                    for e in errs.errors() {
+                        prop_assert!(!e.path.is_empty(), "an error without its field: {}", e.message);
                     }
                 }
             }

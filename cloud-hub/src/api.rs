@@ -13,6 +13,8 @@
 //! | GET | `/v1/nodes/{node}/streams/{stream}/samples` | stored samples; `from_seq`, `from_ms`, `to_ms`, `limit` |
 //! | GET | `/v1/nodes/{node}/events` | the node's most recent events (in memory, bounded) |
 //! | PUT | `/v1/artifacts` | store a blob (body = bytes); answers `{sha256, size}`; idempotent |
+//! | DELETE | `/v1/artifacts/{sha256}` | (admin) delete a blob no node's current or previous desired state references (409 if one does) |
+//! | POST | `/v1/artifacts/gc` | (admin) delete every unreferenced blob older than `limits.artifact_gc_grace`; answers `{deleted: [...]}` |
 //! | GET | `/v1/artifacts/{sha256}` | a blob; `Range: bytes=N-` (or `N-M`) answers 206 with `Content-Range` |
 //! | POST | `/v1/tokens` | issue an operator token (admin) |
 //! | GET | `/v1/tokens` | list tokens (admin) |
@@ -76,6 +78,11 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/renew", post(renew))
         .route("/v1/audit", get(audit))
+        .route(
+            "/v1/artifacts/{sha256}",
+            axum::routing::delete(delete_artifact),
+        )
+        .route("/v1/artifacts/gc", post(gc_artifacts))
         .merge(artifact_router(hub.artifacts.clone()))
         .route_layer(axum::middleware::from_fn_with_state(hub.clone(), guard))
         .with_state(hub)
@@ -380,9 +387,6 @@ async fn audit(
     Ok(Json(hub.audit.recent(limit)))
 }
 
-/// Largest artifact `PUT /v1/artifacts` accepts (the body is held in memory).
-pub const MAX_ARTIFACT_BYTES: usize = 256 * 1024 * 1024;
-
 /// An API error: status plus message.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
@@ -583,6 +587,8 @@ fn artifact_error(e: ArtifactError) -> ApiError {
     match e {
         ArtifactError::BadDigest(_) => ApiError::bad(format!("sha256: {e}")),
         ArtifactError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+        ArtifactError::Refused(_) | ArtifactError::Body(_) => ApiError::bad(e.to_string()),
+        ArtifactError::Busy(_) => ApiError(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
         ArtifactError::Io { .. } | ArtifactError::Task(_) => ApiError::internal(e),
     }
 }
@@ -595,7 +601,8 @@ where
     Router::new()
         .route(
             "/v1/artifacts",
-            put(put_artifact).layer(axum::extract::DefaultBodyLimit::max(MAX_ARTIFACT_BYTES)),
+            // Streamed to disk; the store enforces limits.max_artifact_bytes.
+            put(put_artifact).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/artifacts/{sha256}", get(get_artifact))
         .with_state(store)
@@ -603,13 +610,49 @@ where
 
 async fn put_artifact(
     State(store): State<Arc<ArtifactStore>>,
-    body: axum::body::Bytes,
+    principal: Option<Extension<Principal>>,
+    body: axum::body::Body,
 ) -> Result<Json<ArtifactInfo>, ApiError> {
-    if body.is_empty() {
-        return Err(ApiError::bad("body: an artifact must not be empty"));
-    }
-    let info = store.put(body).await.map_err(artifact_error)?;
+    let owner = principal.map_or_else(|| "local".to_owned(), |Extension(p)| p.to_string());
+    let info = store
+        .put_stream(&owner, body.into_data_stream())
+        .await
+        .map_err(artifact_error)?;
     Ok(Json(info))
+}
+
+async fn delete_artifact(
+    State(hub): State<Arc<Hub>>,
+    Path(sha256): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if referenced_artifacts(&hub)?.contains(&sha256) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("sha256: {sha256} is referenced by a node's current or previous desired state"),
+        ));
+    }
+    hub.artifacts.delete(&sha256).map_err(artifact_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn gc_artifacts(State(hub): State<Arc<Hub>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let referenced = referenced_artifacts(&hub)?;
+    let store = hub.artifacts.clone();
+    let grace = hub.limits.artifact_gc_grace;
+    let deleted = tokio::task::spawn_blocking(move || store.gc(&referenced, grace))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(artifact_error)?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })))
+}
+
+/// Every digest a node's current or previous desired state names.
+fn referenced_artifacts(hub: &Hub) -> Result<std::collections::BTreeSet<String>, ApiError> {
+    let mut out = hub.auth.all_granted();
+    for rec in hub.registry.all().map_err(ApiError::internal)?.values() {
+        out.extend(digests(rec.desired.as_ref()));
+    }
+    Ok(out)
 }
 
 async fn get_artifact(

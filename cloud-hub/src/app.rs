@@ -42,9 +42,11 @@ use tokio::task::{AbortHandle, Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::HubConfig;
+use crate::broker::BrokerError;
+use crate::broker::gate::{Gate, GateSettings};
+use crate::config::{EmbeddedBroker, HubConfig, MqttConfig};
 use crate::hub::{Hub, HubError, Stores};
-use crate::session::{self, Delivered, Drain};
+use crate::session::{self, BrokerLink, Delivered, Drain};
 use crate::tls::{Peer, PlainListener, TlsListener};
 use crate::{acks, ingest};
 
@@ -63,7 +65,7 @@ pub struct App {
     http_addr: SocketAddr,
     http_tls: bool,
     mqtt_addr: (String, u16),
-    embedded_broker: bool,
+    gate: Option<Gate>,
     cancel: CancellationToken,
 }
 
@@ -71,10 +73,31 @@ impl App {
     /// Opens storage, starts the broker (if embedded), connects, serves HTTP.
     pub async fn start(mut cfg: HubConfig, cancel: CancellationToken) -> Result<Self, HubError> {
         let stores = Stores::open(&cfg).await?;
-        let embedded_broker = start_embedded_broker(&mut cfg)?;
-        let mqtt_addr = cfg.broker_address();
-        let (client, eventloop) = session::client(&cfg.mqtt.client_id, &mqtt_addr);
+        let internal = match &cfg.embedded_broker {
+            Some(b) => Some(crate::broker::start(b).await?),
+            None => None,
+        };
+        let link = match &internal {
+            Some(i) => BrokerLink {
+                host: i.addr.ip().to_string(),
+                port: i.addr.port(),
+                login: Some((i.username.clone(), i.password.clone())),
+                tls: None,
+            },
+            None => external_link(&cfg.mqtt)?,
+        };
+        let (client, eventloop) = session::client(&cfg.mqtt.client_id, &link);
         let hub = Arc::new(Hub::new(stores, Topics::new(&cfg.topic_root), client));
+        let gate = match (&mut cfg.embedded_broker, internal) {
+            (Some(b), Some(internal)) => {
+                Some(start_gate(b, &hub, internal, &cfg.mqtt.client_id).await?)
+            }
+            _ => None,
+        };
+        let mqtt_addr = match &gate {
+            Some(g) => (g.local_addr().ip().to_string(), g.local_addr().port()),
+            None => cfg.broker_address(),
+        };
         let http_err = |source| HubError::Http {
             addr: cfg.http_listen,
             source,
@@ -106,7 +129,7 @@ impl App {
             http_addr,
             http_tls,
             mqtt_addr,
-            embedded_broker,
+            gate,
             cancel,
         })
     }
@@ -128,7 +151,8 @@ impl App {
         self.http_addr
     }
 
-    /// The broker the hub uses (host, port).
+    /// Where nodes connect (host, port): the embedded broker's gate, or the
+    /// external broker the hub uses.
     pub fn mqtt_addr(&self) -> (String, u16) {
         self.mqtt_addr.clone()
     }
@@ -137,7 +161,7 @@ impl App {
     /// with the process, so a binary that exits right after [`App::run`]
     /// cuts off whatever the broker has not forwarded yet.
     pub fn embedded_broker(&self) -> bool {
-        self.embedded_broker
+        self.gate.is_some()
     }
 
     /// Shared state (for tests and embedding).
@@ -154,6 +178,11 @@ impl App {
         self.deliver_last_acks().await;
         while self.tasks.join_next().await {}
         let _ = self.hub.db.flush_async().await;
+        if let Some(gate) = self.gate.take() {
+            // The broker may not have forwarded the last acks yet.
+            tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
+            gate.stop().await;
+        }
         self.tasks.failure.map_or(Ok(()), Err)
     }
 
@@ -236,25 +265,109 @@ impl App {
     }
 }
 
-/// Starts the embedded broker, if configured (port 0: a free port, written
-/// back into `cfg`). Returns whether one runs.
-fn start_embedded_broker(cfg: &mut HubConfig) -> Result<bool, HubError> {
-    let Some(b) = &mut cfg.embedded_broker else {
-        return Ok(false);
+/// Starts the gate of the embedded broker on `b.listen` (port 0: a free
+/// port, written back into `b`): mTLS with a server certificate from the
+/// hub CA, or plain MQTT in lab mode (with a WARN).
+async fn start_gate(
+    b: &mut EmbeddedBroker,
+    hub: &Arc<Hub>,
+    internal: crate::broker::Internal,
+    hub_client_id: &str,
+) -> Result<Gate, HubError> {
+    let asked = b.listen;
+    let bind = |source| BrokerError::Bind {
+        addr: asked,
+        source,
     };
-    if b.listen.port() == 0 {
-        b.listen = free_port(b.listen)?;
-    }
-    crate::broker::start(b)?;
-    info!(listen = %b.listen, "embedded MQTT broker started");
-    Ok(true)
+    let listener = tokio::net::TcpListener::bind(b.listen)
+        .await
+        .map_err(bind)?;
+    b.listen = listener.local_addr().map_err(bind)?;
+    let tls = if b.tls {
+        Some(
+            crate::tls::mqtt_server_config(&hub.ca, &b.subject_alt_names)
+                .map_err(|e| BrokerError::Tls(e.to_string()))?,
+        )
+    } else {
+        warn!(
+            mqtt = %b.listen,
+            "embedded_broker.tls = false: plain MQTT, and a client's identity is its client id: anyone who can reach this port can impersonate any node"
+        );
+        None
+    };
+    let gate = Gate::spawn(
+        listener,
+        hub.clone(),
+        GateSettings {
+            tls,
+            max_connections: b.max_connections,
+            internal,
+            reserved_client_id: hub_client_id.to_owned(),
+        },
+    )
+    .map_err(bind)?;
+    info!(listen = %b.listen, tls = b.tls, "embedded MQTT broker started behind the identity gate");
+    Ok(gate)
 }
 
-fn free_port(addr: SocketAddr) -> Result<SocketAddr, HubError> {
-    let l = std::net::TcpListener::bind(addr)
-        .map_err(|source| crate::broker::BrokerError::Bind { addr, source })?;
-    l.local_addr()
-        .map_err(|source| HubError::Broker(crate::broker::BrokerError::Bind { addr, source }))
+/// The hub's link to an external broker from `[mqtt]`: TLS files and the
+/// password file are read here; errors name the field.
+fn external_link(m: &MqttConfig) -> Result<BrokerLink, HubError> {
+    let read = |field: &'static str, path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| HubError::MqttLink {
+            field,
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })
+    };
+    let login = match (&m.username, &m.password_file) {
+        (Some(u), Some(p)) => {
+            let text = read("mqtt.password_file", p)?;
+            let password = text.lines().next().unwrap_or_default().to_owned();
+            Some((u.clone(), password))
+        }
+        (Some(u), None) => Some((u.clone(), String::new())),
+        _ => None,
+    };
+    let tls = match &m.tls {
+        Some(t) => {
+            let ca = read("mqtt.tls.ca_file", &t.ca_file)?;
+            let client = match (&t.cert_file, &t.key_file) {
+                (Some(c), Some(k)) => Some((
+                    read("mqtt.tls.cert_file", c)?,
+                    read("mqtt.tls.key_file", k)?,
+                )),
+                _ => None,
+            };
+            let cfg = crate::tls::mqtt_client_config(
+                &ca,
+                client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+            )
+            .map_err(|(part, detail)| {
+                let (field, path) = match part {
+                    "cert" => (
+                        "mqtt.tls.cert_file",
+                        t.cert_file.clone().unwrap_or_default(),
+                    ),
+                    "key" => ("mqtt.tls.key_file", t.key_file.clone().unwrap_or_default()),
+                    _ => ("mqtt.tls.ca_file", t.ca_file.clone()),
+                };
+                HubError::MqttLink {
+                    field,
+                    path: path.display().to_string(),
+                    detail,
+                }
+            })?;
+            Some(Arc::new(cfg))
+        }
+        None => None,
+    };
+    Ok(BrokerLink {
+        host: m.host.clone(),
+        port: m.port,
+        login,
+        tls,
+    })
 }
 
 /// Spawns the hub's tasks (see the module docs); returns them and the
@@ -407,10 +520,10 @@ enum Ended {
     Failed(HubError),
 }
 
-/// How long [`serve`] keeps the process up after the drain when the hub runs
-/// the broker: the broker dies with the process, and it may not have
-/// forwarded the last acks the hub published (and the broker acknowledged)
-/// to the nodes yet.
+/// How long [`App::run`] keeps the embedded broker's gate open after the
+/// drain: the gate stops (and rumqttd dies with the process), and the broker
+/// may not have forwarded the last acks the hub published (and the broker
+/// acknowledged) to the nodes yet.
 pub const EMBEDDED_BROKER_LINGER: Duration = Duration::from_millis(300);
 
 /// Runs a hub from `cfg` until `stop` resolves, then drains it: what the
@@ -425,15 +538,10 @@ pub async fn serve(
     let cancel = CancellationToken::new();
     let app = App::start(cfg, cancel.clone()).await?;
     started(&app);
-    let embedded_broker = app.embedded_broker();
     tokio::spawn(async move {
         stop.await;
         info!("stopping: draining the hub");
         cancel.cancel();
     });
-    let result = app.run().await;
-    if embedded_broker {
-        tokio::time::sleep(EMBEDDED_BROKER_LINGER).await;
-    }
-    result
+    app.run().await
 }

@@ -12,6 +12,15 @@
 //!   (`.tmp-*`), synced, hashed, and only then renamed into place. A crash
 //!   leaves at most a stale temporary file, removed on the next [`open`].
 //! - Uploading the same bytes twice is a no-op (idempotent).
+//! - An upload is streamed to its temporary file as it arrives (hashing as
+//!   it goes): memory per upload is one chunk, whatever the size. Bounds
+//!   ([`ArtifactLimits`]): bytes per artifact, concurrent uploads, bytes in
+//!   the store, bytes per uploader (the first uploader of a blob is charged;
+//!   `.owners.json` in the store remembers who). Past a bound the upload is
+//!   refused with an error that names the limit, and nothing is kept.
+//! - Blobs no node's current or previous desired state references can be
+//!   deleted ([`ArtifactStore::gc`], `POST /v1/artifacts/gc`), after a
+//!   grace period so a blob uploaded for a desired state not yet PUT stays.
 //!
 //! # Signatures
 //! Artifacts are not signed individually (yet): the desired-state document
@@ -22,9 +31,9 @@
 //!
 //! [`open`]: ArtifactStore::open
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use sha2::Digest as _;
@@ -52,6 +61,57 @@ pub enum ArtifactError {
     /// A blocking task panicked or was cancelled.
     #[error("artifact task failed: {0}")]
     Task(String),
+    /// The upload passed a bound (the message names it).
+    #[error("{0}")]
+    Refused(String),
+    /// Too many uploads at once.
+    #[error("{0}")]
+    Busy(String),
+    /// The upload body could not be read.
+    #[error("upload body: {0}")]
+    Body(String),
+}
+
+/// Bounds of the store (`[limits]` in the hub config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArtifactLimits {
+    /// Largest artifact, bytes.
+    pub max_artifact_bytes: u64,
+    /// Bytes the store holds in all.
+    pub max_store_bytes: u64,
+    /// Bytes the blobs first uploaded by one uploader may use.
+    pub max_bytes_per_uploader: u64,
+    /// Uploads in progress at once.
+    pub max_concurrent_uploads: usize,
+}
+
+impl Default for ArtifactLimits {
+    fn default() -> Self {
+        Self {
+            max_artifact_bytes: protocols::limits::MAX_ARTIFACT_BYTES,
+            max_store_bytes: 20 << 30,
+            max_bytes_per_uploader: 10 << 30,
+            max_concurrent_uploads: 4,
+        }
+    }
+}
+
+/// Who uploaded what, and the sizes charged.
+#[derive(Debug, Default)]
+struct Usage {
+    total: u64,
+    /// sha256 → (uploader, size).
+    owners: std::collections::BTreeMap<String, (String, u64)>,
+}
+
+impl Usage {
+    fn of(&self, owner: &str) -> u64 {
+        self.owners
+            .values()
+            .filter(|(o, _)| o == owner)
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 pub use protocols::api::ArtifactInfo;
@@ -61,7 +121,12 @@ pub use protocols::api::ArtifactInfo;
 pub struct ArtifactStore {
     dir: PathBuf,
     tmp_counter: AtomicU64,
+    limits: ArtifactLimits,
+    uploads: Arc<tokio::sync::Semaphore>,
+    usage: Mutex<Usage>,
 }
+
+const OWNERS: &str = ".owners.json";
 
 /// Whether `s` is a lower-case hex sha256 digest.
 pub fn is_digest(s: &str) -> bool {
@@ -74,20 +139,214 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactE
 }
 
 impl ArtifactStore {
-    /// Opens (creating) the store in `dir` and removes stale temporary files.
+    /// Opens (creating) the store in `dir` with the default limits.
     /// Blocking: call from `spawn_blocking` or at start-up.
     pub fn open(dir: &Path) -> Result<Self, ArtifactError> {
+        Self::open_with(dir, ArtifactLimits::default())
+    }
+
+    /// Opens (creating) the store in `dir`, removes stale temporary files and
+    /// counts what is stored. Blocking.
+    pub fn open_with(dir: &Path, limits: ArtifactLimits) -> Result<Self, ArtifactError> {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let recorded: std::collections::BTreeMap<String, String> = std::fs::read(dir.join(OWNERS))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let mut usage = Usage::default();
         for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
             let entry = entry.map_err(io("list", dir))?;
-            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
                 let _ = std::fs::remove_file(entry.path());
+            } else if is_digest(&name) {
+                let size = entry.metadata().map_err(io("stat", &entry.path()))?.len();
+                let owner = recorded
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into());
+                usage.total += size;
+                usage.owners.insert(name, (owner, size));
             }
         }
         Ok(Self {
             dir: dir.to_owned(),
             tmp_counter: AtomicU64::new(0),
+            limits,
+            uploads: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_uploads)),
+            usage: Mutex::new(usage),
         })
+    }
+
+    fn usage(&self) -> std::sync::MutexGuard<'_, Usage> {
+        self.usage.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes stored in all, and by `owner`.
+    pub fn used(&self, owner: &str) -> (u64, u64) {
+        let u = self.usage();
+        (u.total, u.of(owner))
+    }
+
+    /// Writes `.owners.json` (temp + rename). Called with the usage locked.
+    fn save_owners(&self, u: &Usage) -> Result<(), ArtifactError> {
+        let map: std::collections::BTreeMap<&str, &str> = u
+            .owners
+            .iter()
+            .map(|(k, (o, _))| (k.as_str(), o.as_str()))
+            .collect();
+        let bytes = serde_json::to_vec(&map).unwrap_or_default();
+        let tmp = self.dir.join(format!(".tmp-owners-{}", std::process::id()));
+        std::fs::write(&tmp, bytes).map_err(io("write", &tmp))?;
+        std::fs::rename(&tmp, self.dir.join(OWNERS)).map_err(io("rename", &tmp))
+    }
+
+    /// Stores an upload streamed from `body` for `owner`, never holding it
+    /// whole in memory; refuses past [`ArtifactLimits`].
+    pub async fn put_stream<S, E>(
+        &self,
+        owner: &str,
+        body: S,
+    ) -> Result<ArtifactInfo, ArtifactError>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        use futures::StreamExt as _;
+        use tokio::io::AsyncWriteExt as _;
+        let Ok(_permit) = self.uploads.clone().try_acquire_owned() else {
+            return Err(ArtifactError::Busy(format!(
+                "{} uploads are in progress (limits.max_concurrent_uploads); retry later",
+                self.limits.max_concurrent_uploads
+            )));
+        };
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let result = async {
+            let mut f = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(io("create", &tmp))?;
+            let mut hasher = sha2::Sha256::new();
+            let mut size = 0u64;
+            let mut body = body;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| ArtifactError::Body(e.to_string()))?;
+                size += chunk.len() as u64;
+                if size > self.limits.max_artifact_bytes {
+                    return Err(ArtifactError::Refused(format!(
+                        "body: more than {} bytes (limits.max_artifact_bytes)",
+                        self.limits.max_artifact_bytes
+                    )));
+                }
+                hasher.update(&chunk);
+                f.write_all(&chunk).await.map_err(io("write", &tmp))?;
+            }
+            if size == 0 {
+                return Err(ArtifactError::Refused(
+                    "body: an artifact must not be empty".into(),
+                ));
+            }
+            f.sync_all().await.map_err(io("sync", &tmp))?;
+            Ok((hex::encode(hasher.finalize()), size))
+        }
+        .await;
+        let (sha256, size) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        let committed = self.commit_upload(owner, &tmp, &sha256, size);
+        // Refused, failed, or a blob already stored: the upload goes.
+        if tokio::fs::try_exists(&tmp).await.unwrap_or(false) {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        committed?;
+        Ok(ArtifactInfo { sha256, size })
+    }
+
+    /// Checks the quotas and renames the finished upload `tmp` into place
+    /// (a blob already stored costs nothing). Synchronous: the usage lock
+    /// is never held across an await.
+    fn commit_upload(
+        &self,
+        owner: &str,
+        tmp: &Path,
+        sha256: &str,
+        size: u64,
+    ) -> Result<(), ArtifactError> {
+        let mut u = self.usage();
+        if u.owners.contains_key(sha256) {
+            return Ok(());
+        }
+        if u.total + size > self.limits.max_store_bytes {
+            return Err(ArtifactError::Refused(format!(
+                "the store holds {} of {} bytes (limits.max_artifact_store_bytes); delete unreferenced artifacts (POST /v1/artifacts/gc)",
+                u.total, self.limits.max_store_bytes
+            )));
+        }
+        let mine = u.of(owner);
+        if mine + size > self.limits.max_bytes_per_uploader {
+            return Err(ArtifactError::Refused(format!(
+                "{owner} has uploaded {mine} of {} bytes (limits.max_artifact_bytes_per_uploader)",
+                self.limits.max_bytes_per_uploader
+            )));
+        }
+        let dest = self.dir.join(sha256);
+        std::fs::rename(tmp, &dest).map_err(io("rename", &dest))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        u.total += size;
+        u.owners.insert(sha256.to_owned(), (owner.to_owned(), size));
+        self.save_owners(&u)
+    }
+
+    /// Deletes blob `digest`.
+    pub fn delete(&self, digest: &str) -> Result<(), ArtifactError> {
+        let path = self.path_of(digest)?;
+        let mut u = self.usage();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ArtifactError::NotFound(digest.to_owned()));
+            }
+            Err(e) => return Err(io("delete", &path)(e)),
+        }
+        if let Some((_, size)) = u.owners.remove(digest) {
+            u.total = u.total.saturating_sub(size);
+        }
+        self.save_owners(&u)
+    }
+
+    /// Deletes every blob not in `referenced` whose file is older than
+    /// `grace`; returns the deleted digests.
+    pub fn gc(
+        &self,
+        referenced: &std::collections::BTreeSet<String>,
+        grace: std::time::Duration,
+    ) -> Result<Vec<String>, ArtifactError> {
+        let now = std::time::SystemTime::now();
+        let candidates: Vec<String> = self
+            .usage()
+            .owners
+            .keys()
+            .filter(|d| !referenced.contains(*d))
+            .cloned()
+            .collect();
+        let mut deleted = Vec::new();
+        for d in candidates {
+            let path = self.path_of(&d)?;
+            let old = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= grace);
+            if old {
+                self.delete(&d)?;
+                deleted.push(d);
+            }
+        }
+        Ok(deleted)
     }
 
     /// The directory blobs live in.
@@ -103,14 +362,14 @@ impl ArtifactStore {
         Ok(self.dir.join(digest))
     }
 
-    /// Stores `bytes` (hashing and file I/O on the blocking pool).
+    /// Stores `bytes` for the local operator (tests, tools): the same path
+    /// and bounds as an upload.
     pub async fn put(&self, bytes: Bytes) -> Result<ArtifactInfo, ArtifactError> {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join(format!(".tmp-{}-{n}", std::process::id()));
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || put_blocking(&dir, &tmp, &bytes))
-            .await
-            .map_err(|e| ArtifactError::Task(e.to_string()))?
+        self.put_stream(
+            "local",
+            futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes)]),
+        )
+        .await
     }
 
     /// Size of artifact `digest`.
@@ -154,33 +413,6 @@ impl ArtifactStore {
 /// sha256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
-}
-
-fn put_blocking(dir: &Path, tmp: &Path, bytes: &[u8]) -> Result<ArtifactInfo, ArtifactError> {
-    let sha256 = sha256_hex(bytes);
-    let size = bytes.len() as u64;
-    let dest = dir.join(&sha256);
-    if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
-        return Ok(ArtifactInfo { sha256, size });
-    }
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(tmp);
-        return Err(io("write", tmp)(e));
-    }
-    if let Err(e) = std::fs::rename(tmp, &dest) {
-        let _ = std::fs::remove_file(tmp);
-        return Err(io("rename", &dest)(e));
-    }
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(ArtifactInfo { sha256, size })
 }
 
 /// A parsed `Range` header, for a resource of known size.
@@ -286,7 +518,120 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
+            .filter(|n| n != OWNERS)
             .collect();
-        assert_eq!(names.len(), 1, "{names:?}");
+        assert_eq!(names.len(), 1, "one blob and the owners index: {names:?}");
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+    use super::*;
+
+    fn chunks(
+        n: usize,
+        size: usize,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Unpin {
+        futures::stream::iter((0..n).map(move |i| Ok(Bytes::from(vec![i as u8; size]))))
+    }
+
+    fn store(dir: &Path, limits: ArtifactLimits) -> ArtifactStore {
+        ArtifactStore::open_with(dir, limits).unwrap()
+    }
+
+    #[tokio::test]
+    async fn uploads_past_the_bounds_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = ArtifactLimits {
+            max_artifact_bytes: 1_000,
+            max_store_bytes: 2_500,
+            max_bytes_per_uploader: 1_500,
+            max_concurrent_uploads: 1,
+        };
+        let s = store(dir.path(), limits);
+        let e = s.put_stream("alice", chunks(11, 100)).await.unwrap_err();
+        assert!(e.to_string().contains("limits.max_artifact_bytes"), "{e}");
+        s.put_stream("alice", chunks(10, 100)).await.unwrap();
+        let e = s.put_stream("alice", chunks(6, 100)).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("limits.max_artifact_bytes_per_uploader"),
+            "{e}"
+        );
+        s.put_stream("bob", chunks(9, 100)).await.unwrap();
+        let e = s.put_stream("carol", chunks(7, 100)).await.unwrap_err();
+        assert!(
+            e.to_string().contains("limits.max_artifact_store_bytes"),
+            "{e}"
+        );
+        // The same bytes again are free (idempotent, no charge).
+        s.put_stream("carol", chunks(10, 100)).await.unwrap();
+        assert_eq!(s.used("alice"), (1_900, 1_000));
+        assert_eq!(s.used("carol"), (1_900, 0));
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        assert_eq!(files.len(), 2, "{files:?}");
+        // Owners survive a reopen.
+        drop(s);
+        let s = store(dir.path(), limits);
+        assert_eq!(s.used("bob"), (1_900, 900));
+    }
+
+    #[tokio::test]
+    async fn a_second_concurrent_upload_is_told_to_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(store(
+            dir.path(),
+            ArtifactLimits {
+                max_concurrent_uploads: 1,
+                ..ArtifactLimits::default()
+            },
+        ));
+        let (tx, rx) =
+            futures::channel::mpsc::unbounded::<Result<Bytes, std::convert::Infallible>>();
+        let slow = {
+            let s = s.clone();
+            tokio::spawn(async move { s.put_stream("a", rx).await })
+        };
+        tx.unbounded_send(Ok(Bytes::from_static(b"part"))).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let e = s.put(Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Busy(_)), "{e}");
+        assert!(
+            e.to_string().contains("limits.max_concurrent_uploads"),
+            "{e}"
+        );
+        drop(tx);
+        slow.await.unwrap().unwrap();
+        s.put(Bytes::from_static(b"x")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn gc_deletes_only_unreferenced_blobs_past_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), ArtifactLimits::default());
+        let keep = s.put(Bytes::from_static(b"keep")).await.unwrap();
+        let drop_me = s.put(Bytes::from_static(b"drop")).await.unwrap();
+        let referenced = std::collections::BTreeSet::from([keep.sha256.clone()]);
+        assert!(
+            s.gc(&referenced, std::time::Duration::from_secs(3600))
+                .unwrap()
+                .is_empty(),
+            "within the grace"
+        );
+        assert_eq!(
+            s.gc(&referenced, std::time::Duration::ZERO).unwrap(),
+            vec![drop_me.sha256.clone()]
+        );
+        assert_eq!(s.size(&keep.sha256).await.unwrap(), 4);
+        assert!(matches!(
+            s.size(&drop_me.sha256).await,
+            Err(ArtifactError::NotFound(_))
+        ));
+        assert_eq!(s.used("local"), (4, 4));
     }
 }

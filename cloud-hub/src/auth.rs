@@ -114,8 +114,14 @@ pub fn required(method: &str, route: &str) -> Need {
         ("POST", "/v1/renew") => Need::Node,
         ("GET", "/v1/artifacts/{sha256}") => Need::ArtifactRead,
         ("GET", "/v1/tokens" | "/v1/audit")
-        | ("POST", "/v1/tokens" | "/v1/nodes/{node}/bootstrap" | "/v1/nodes/{node}/revoke")
-        | ("DELETE", "/v1/tokens/{id}") => Need::Role(Role::Admin),
+        | (
+            "POST",
+            "/v1/tokens"
+            | "/v1/nodes/{node}/bootstrap"
+            | "/v1/nodes/{node}/revoke"
+            | "/v1/artifacts/gc",
+        )
+        | ("DELETE", "/v1/tokens/{id}" | "/v1/artifacts/{sha256}") => Need::Role(Role::Admin),
         ("GET" | "HEAD", _) => Need::Role(Role::Viewer),
         _ => Need::Role(Role::Operator),
     }
@@ -191,6 +197,18 @@ impl Auth {
             serde_json::to_vec(digests).unwrap_or_default(),
         )?;
         Ok(())
+    }
+
+    /// Every digest granted to any node.
+    pub fn all_granted(&self) -> std::collections::BTreeSet<String> {
+        self.grants
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(_, v)| {
+                serde_json::from_slice::<std::collections::BTreeSet<String>>(&v).ok()
+            })
+            .flatten()
+            .collect()
     }
 
     /// Whether [`Auth::grant_artifacts`] granted `sha256` to `node`.

@@ -97,6 +97,10 @@ impl IdentityKind {
     }
 }
 
+/// Prefix of hub identity names (`hub:cloud-hub`): `:` is not allowed in
+/// node names, so no node's `CN` can equal a hub's.
+pub const HUB_NAME_PREFIX: &str = "hub:";
+
 /// Who a client certificate names: subject `CN` and `OU`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Identity {
@@ -111,6 +115,17 @@ impl Identity {
     pub fn node(name: &str) -> Self {
         Self {
             kind: IdentityKind::Node,
+            name: name.to_owned(),
+        }
+    }
+
+    /// A hub's identity (`OU=hub`). Use a name that is not a valid node
+    /// name (e.g. `hub:cloud-hub`, see [`HUB_NAME_PREFIX`]): a broker that
+    /// keys its ACL on the `CN` alone (Mosquitto's
+    /// `use_identity_as_username`) then cannot mistake a node for a hub.
+    pub fn hub(name: &str) -> Self {
+        Self {
+            kind: IdentityKind::Hub,
             name: name.to_owned(),
         }
     }
@@ -215,6 +230,40 @@ impl Ca {
         })
     }
 
+    /// Opens (creating if need be) the CA of the hub whose data directory
+    /// is `data_dir`, with the hub's database, while that hub is *not*
+    /// running (sled holds a lock): to issue certificates before a hub's
+    /// first start (a broker's server certificate, a hub's client
+    /// certificate for an external broker, test rigs). Dropping the CA
+    /// closes the database.
+    pub fn open_offline(data_dir: &Path) -> Result<Self, CaError> {
+        // No background flusher: the lock is gone once the CA is dropped.
+        let db = sled::Config::new()
+            .path(data_dir.join("db"))
+            .flush_every_ms(None)
+            .open()?;
+        let ca = Self::open(&data_dir.join("ca"), &db)?;
+        db.flush()?;
+        Ok(ca)
+    }
+
+    /// Opens an existing CA's files in `dir` without the hub's database
+    /// (which the running hub holds): issued serials go to a temporary
+    /// store, and revocations are not seen. For tools that issue
+    /// certificates beside a running hub on the same host (the simulator's
+    /// hollow nodes); the hub's own revocation list still applies to what
+    /// they issue, as it is keyed by identity.
+    pub fn open_detached(dir: &Path) -> Result<Self, CaError> {
+        if !dir.join("ca.key").exists() {
+            return Err(CaError::Malformed {
+                path: dir.display().to_string(),
+                detail: "no ca.key: start the hub once to create its CA".into(),
+            });
+        }
+        let db = sled::Config::new().temporary(true).open()?;
+        Self::open(dir, &db)
+    }
+
     /// The CA certificate (PEM).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
@@ -303,7 +352,7 @@ impl Ca {
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(300)).into();
+        params.not_before = (now - backdate(validity)).into();
         params.not_after = (now + validity).into();
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(public_key, &self.issuer)?;
@@ -443,6 +492,15 @@ pub fn write_atomic(path: &Path, text: &str, private: bool) -> std::io::Result<(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// How far before "now" an issued certificate becomes valid: 5 minutes of
+/// clock skew between hub and holder, but never more than a quarter of the
+/// validity, so the fraction of the validity after which a holder renews
+/// (the edge's `[identity] renew_after`) keeps its meaning for short
+/// certificates too.
+pub fn backdate(validity: Duration) -> Duration {
+    Duration::from_secs(300).min(validity / 4)
 }
 
 /// Unix milliseconds of `t`.

@@ -423,6 +423,28 @@ impl HubClient {
             .map(drop)
     }
 
+    /// `DELETE /v1/artifacts/{sha256}` (admin): refused (409) while a node's
+    /// desired state references it.
+    pub async fn delete_artifact(&self, sha256: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/artifacts/{sha256}");
+        self.send("DELETE", &path, self.http.delete(self.url(&path)))
+            .await
+            .map(drop)
+    }
+
+    /// `POST /v1/artifacts/gc` (admin): deletes unreferenced blobs older than
+    /// the grace period; returns their digests.
+    pub async fn gc_artifacts(&self) -> Result<Vec<String>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Deleted {
+            deleted: Vec<String>,
+        }
+        let path = "/v1/artifacts/gc";
+        let req = self.http.post(self.url(path));
+        let d: Deleted = self.json("POST", path, req).await?;
+        Ok(d.deleted)
+    }
+
     /// `POST /v1/nodes/{node}/bootstrap` (admin): a one-time join token.
     pub async fn bootstrap(&self, node: &str) -> Result<BootstrapIssued, ClientError> {
         let path = format!("/v1/nodes/{node}/bootstrap");

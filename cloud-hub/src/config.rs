@@ -68,11 +68,23 @@ pub struct LimitsConfig {
     pub max_reported_bytes: usize,
     /// Largest event document, bytes.
     pub max_event_bytes: usize,
+    /// Largest artifact upload, bytes (at most protocols' MAX_ARTIFACT_BYTES).
+    pub max_artifact_bytes: u64,
+    /// Bytes the artifact store holds in all.
+    pub max_artifact_store_bytes: u64,
+    /// Bytes of the artifacts one uploader (token) first uploaded.
+    pub max_artifact_bytes_per_uploader: u64,
+    /// Artifact uploads in progress at once (more are answered 429).
+    pub max_concurrent_uploads: usize,
+    /// Unreferenced artifacts younger than this survive `POST /v1/artifacts/gc`.
+    #[serde(with = "humantime_serde")]
+    pub artifact_gc_grace: Duration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         let sink = crate::sink::SinkLimits::default();
+        let art = crate::artifacts::ArtifactLimits::default();
         Self {
             max_nodes: 100_000,
             max_streams_per_node: sink.max_streams_per_node,
@@ -80,11 +92,67 @@ impl Default for LimitsConfig {
             max_runs_per_stream: sink.max_runs_per_stream,
             max_reported_bytes: 256 * 1024,
             max_event_bytes: 16 * 1024,
+            max_artifact_bytes: art.max_artifact_bytes,
+            max_artifact_store_bytes: art.max_store_bytes,
+            max_artifact_bytes_per_uploader: art.max_bytes_per_uploader,
+            max_concurrent_uploads: art.max_concurrent_uploads,
+            artifact_gc_grace: Duration::from_secs(3600),
         }
     }
 }
 
 impl LimitsConfig {
+    /// Every problem of `[limits]`, each naming its field under `lim`.
+    fn validate_at(&self, c: &mut Collector, lim: &Path<'_>) {
+        for (name, v) in [
+            ("max_nodes", self.max_nodes),
+            ("max_streams_per_node", self.max_streams_per_node),
+            ("max_streams", self.max_streams),
+            ("max_runs_per_stream", self.max_runs_per_stream),
+            ("max_reported_bytes", self.max_reported_bytes),
+            ("max_event_bytes", self.max_event_bytes),
+            ("max_concurrent_uploads", self.max_concurrent_uploads),
+        ] {
+            if v == 0 {
+                c.push(&lim.field(name), "must be greater than 0");
+            }
+        }
+        if !(1..=protocols::limits::MAX_ARTIFACT_BYTES).contains(&self.max_artifact_bytes) {
+            c.push(
+                &lim.field("max_artifact_bytes"),
+                format!(
+                    "must be between 1 and {} (what desired state may name)",
+                    protocols::limits::MAX_ARTIFACT_BYTES
+                ),
+            );
+        }
+        if self.max_artifact_store_bytes == 0 || self.max_artifact_bytes_per_uploader == 0 {
+            c.push(
+                &lim.field("max_artifact_store_bytes"),
+                "the artifact quotas must be greater than 0",
+            );
+        }
+        if self.max_reported_bytes > protocols::limits::MAX_SYNC_PACKET_BYTES {
+            c.push(
+                &lim.field("max_reported_bytes"),
+                format!(
+                    "must be at most the MQTT packet limit of {} bytes",
+                    protocols::limits::MAX_SYNC_PACKET_BYTES
+                ),
+            );
+        }
+    }
+
+    /// The artifact store's part.
+    pub fn artifacts(&self) -> crate::artifacts::ArtifactLimits {
+        crate::artifacts::ArtifactLimits {
+            max_artifact_bytes: self.max_artifact_bytes,
+            max_store_bytes: self.max_artifact_store_bytes,
+            max_bytes_per_uploader: self.max_artifact_bytes_per_uploader,
+            max_concurrent_uploads: self.max_concurrent_uploads,
+        }
+    }
+
     /// The sink's part.
     pub fn sink(&self) -> crate::sink::SinkLimits {
         crate::sink::SinkLimits {
@@ -163,14 +231,25 @@ impl Default for HubConfig {
     }
 }
 
-/// The embedded rumqttd broker.
+/// The embedded broker: rumqttd behind the identity gate
+/// ([`crate::broker`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbeddedBroker {
-    /// MQTT listen address.
+    /// MQTT listen address (the gate's; rumqttd itself listens on an
+    /// internal loopback port).
     pub listen: SocketAddr,
-    /// Most simultaneous connections.
+    /// Most simultaneous client connections through the gate (the hub's own
+    /// session does not count).
     pub max_connections: usize,
+    /// MQTT over TLS with client certificates from the hub CA (default).
+    /// `false` is a lab mode: plain MQTT, and a client's identity is its
+    /// client id, unauthenticated: anyone on the network can impersonate
+    /// any node (the same topic rules still apply). The hub logs a WARN.
+    pub tls: bool,
+    /// DNS names and IP addresses in the gate's server certificate (what
+    /// nodes connect to).
+    pub subject_alt_names: Vec<String>,
 }
 
 impl Default for EmbeddedBroker {
@@ -178,6 +257,8 @@ impl Default for EmbeddedBroker {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 20_000,
+            tls: true,
+            subject_alt_names: vec!["localhost".into(), "127.0.0.1".into()],
         }
     }
 }
@@ -238,6 +319,12 @@ pub struct MqttConfig {
     pub port: u16,
     /// Client id; fixed so the session persists.
     pub client_id: String,
+    /// TLS to the broker (`[mqtt.tls]`); plain TCP when absent.
+    pub tls: Option<MqttTls>,
+    /// Username for brokers that want one (with `password_file`).
+    pub username: Option<String>,
+    /// File whose first line is the password (keep it 0600).
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -246,8 +333,24 @@ impl Default for MqttConfig {
             host: "127.0.0.1".into(),
             port: 1883,
             client_id: "cloud-hub".into(),
+            tls: None,
+            username: None,
+            password_file: None,
         }
     }
+}
+
+/// `[mqtt.tls]`: PEM files for TLS to an external broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificate(s) that sign the broker's certificate.
+    pub ca_file: PathBuf,
+    /// Client certificate (mTLS; e.g. a hub certificate from the hub CA,
+    /// `OU=hub`).
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (mTLS).
+    pub key_file: Option<PathBuf>,
 }
 
 impl HubConfig {
@@ -302,13 +405,34 @@ impl HubConfig {
         if self.embedded_broker.is_none() && self.mqtt.port == 0 {
             c.push(&m.field("port"), "0 is not a usable port");
         }
-        if let Some(b) = &self.embedded_broker
-            && b.max_connections == 0
+        if let Some(tls) = &self.mqtt.tls {
+            let t = m.field("tls");
+            if tls.ca_file.as_os_str().is_empty() {
+                c.push(&t.field("ca_file"), "must not be empty");
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                c.push(&t.field("key_file"), "cert_file and key_file go together");
+            }
+        }
+        if let Some(u) = &self.mqtt.username
+            && u.is_empty()
         {
-            c.push(
-                &root.field("embedded_broker").field("max_connections"),
-                "must be greater than 0",
-            );
+            c.push(&m.field("username"), "must not be empty");
+        }
+        if self.mqtt.password_file.is_some() && self.mqtt.username.is_none() {
+            c.push(&m.field("password_file"), "needs mqtt.username");
+        }
+        if let Some(b) = &self.embedded_broker {
+            let e = root.field("embedded_broker");
+            if b.max_connections == 0 {
+                c.push(&e.field("max_connections"), "must be greater than 0");
+            }
+            if b.tls && b.subject_alt_names.is_empty() {
+                c.push(
+                    &e.field("subject_alt_names"),
+                    "must name at least one host when embedded_broker.tls is on",
+                );
+            }
         }
         if self.http.tls && self.http.subject_alt_names.is_empty() {
             c.push(
@@ -326,28 +450,7 @@ impl HubConfig {
         if self.security.audit_capacity == 0 {
             c.push(&sec.field("audit_capacity"), "must be greater than 0");
         }
-        let lim = root.field("limits");
-        for (name, v) in [
-            ("max_nodes", self.limits.max_nodes),
-            ("max_streams_per_node", self.limits.max_streams_per_node),
-            ("max_streams", self.limits.max_streams),
-            ("max_runs_per_stream", self.limits.max_runs_per_stream),
-            ("max_reported_bytes", self.limits.max_reported_bytes),
-            ("max_event_bytes", self.limits.max_event_bytes),
-        ] {
-            if v == 0 {
-                c.push(&lim.field(name), "must be greater than 0");
-            }
-        }
-        if self.limits.max_reported_bytes > protocols::limits::MAX_SYNC_PACKET_BYTES {
-            c.push(
-                &lim.field("max_reported_bytes"),
-                format!(
-                    "must be at most the MQTT packet limit of {} bytes",
-                    protocols::limits::MAX_SYNC_PACKET_BYTES
-                ),
-            );
-        }
+        self.limits.validate_at(&mut c, &root.field("limits"));
         config::check_cache_capacity(
             &mut c,
             &root.field("cache_capacity_bytes"),
@@ -415,5 +518,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `listn`"), "{e}");
+    }
+
+    #[test]
+    fn broker_security_settings_are_secure_by_default_and_checked_by_name() {
+        let d = HubConfig::default();
+        let b = d.embedded_broker.as_ref().unwrap();
+        assert!(b.tls, "the embedded broker is mTLS by default");
+        assert!(!b.subject_alt_names.is_empty());
+        let cfg: HubConfig = toml::from_str(
+            "embedded_broker = false\n[mqtt]\nusername = \"hub\"\npassword_file = \"/run/pw\"\n\
+             [mqtt.tls]\nca_file = \"ca.crt\"\ncert_file = \"hub.crt\"\nkey_file = \"hub.key\"\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.mqtt.tls.as_ref().unwrap().cert_file.as_deref(),
+            Some(std::path::Path::new("hub.crt"))
+        );
+        let back: HubConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+
+        let mut bad = cfg.clone();
+        bad.mqtt.tls.as_mut().unwrap().key_file = None;
+        bad.mqtt.username = None;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("mqtt.tls.key_file: cert_file and key_file go together"),
+            "{e}"
+        );
+        assert!(e.contains("mqtt.password_file: needs mqtt.username"), "{e}");
+        let mut bad = HubConfig::default();
+        bad.embedded_broker
+            .as_mut()
+            .unwrap()
+            .subject_alt_names
+            .clear();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("embedded_broker.subject_alt_names"), "{e}");
+        bad.embedded_broker.as_mut().unwrap().tls = false;
+        bad.validate().unwrap();
+        let e = toml::from_str::<HubConfig>("[mqtt.tls]\ncafile = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `cafile`"), "{e}");
     }
 }

@@ -82,6 +82,17 @@ pub enum HubError {
     /// HTTPS could not be set up.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A file of the external broker link (`[mqtt]`) could not be read or
+    /// used.
+    #[error("{field} {path}: {detail}")]
+    MqttLink {
+        /// The config field (`mqtt.tls.ca_file`, `mqtt.password_file`, …).
+        field: &'static str,
+        /// The file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 /// Why [`Hub::set_desired`] refused or failed.
@@ -187,9 +198,12 @@ impl Stores {
         let key = keys::load_or_create(&cfg.data_dir)?;
         let artifacts = {
             let dir = cfg.data_dir.join("artifacts");
-            tokio::task::spawn_blocking(move || crate::artifacts::ArtifactStore::open(&dir))
-                .await
-                .map_err(|e| HubError::Task(e.to_string()))??
+            let limits = cfg.limits.artifacts();
+            tokio::task::spawn_blocking(move || {
+                crate::artifacts::ArtifactStore::open_with(&dir, limits)
+            })
+            .await
+            .map_err(|e| HubError::Task(e.to_string()))??
         };
         let registry = Registry::open_with(&db, cfg.limits.max_nodes)?;
         let sink = Sink::open_with(&db, cfg.limits.sink())?;

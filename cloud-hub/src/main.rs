@@ -99,8 +99,8 @@ async fn serve(cfg: HubConfig) -> ExitCode {
     };
     let started = |app: &cloud_hub::App| {
         println!(
-            "cloud-hub: REST API on http://{}  MQTT on {}:{}",
-            app.http_addr(),
+            "cloud-hub: REST API on {}  MQTT on {}:{}",
+            app.http_url(),
             app.mqtt_addr().0,
             app.mqtt_addr().1
         );

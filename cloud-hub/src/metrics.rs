@@ -21,6 +21,79 @@ pub struct NodeTelemetry {
     pub refused: u64,
 }
 
+/// Why the embedded broker's gate ([`crate::broker::gate`]) refused or
+/// closed a client: the `reason` label of
+/// `edgefleet_hub_broker_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BrokerRefusal {
+    /// TLS, but no client certificate.
+    NoCert,
+    /// The client certificate did not verify (another CA, expired, …).
+    BadCert,
+    /// The TLS handshake failed for another reason (not TLS at all, …).
+    Tls,
+    /// The certificate names no node or hub (`OU`).
+    Identity,
+    /// The identity is revoked.
+    Revoked,
+    /// A node's client id is not its name (or is the hub session's, or in
+    /// lab mode not a valid node name).
+    ClientId,
+    /// A publish outside the node's own telemetry/reported/status/events.
+    PublishAcl,
+    /// A subscription outside the node's own desired/ack.
+    SubscribeAcl,
+    /// A last will on another topic than the node's own status.
+    WillAcl,
+    /// Not MQTT 3.1.1, malformed, too large, a second CONNECT, or a packet
+    /// only a broker sends.
+    BadPacket,
+    /// No CONNECT within the connect timeout.
+    Timeout,
+    /// The gate's connection cap was reached.
+    Capacity,
+}
+
+impl BrokerRefusal {
+    /// Every reason, in label order.
+    pub const ALL: [Self; 12] = [
+        Self::NoCert,
+        Self::BadCert,
+        Self::Tls,
+        Self::Identity,
+        Self::Revoked,
+        Self::ClientId,
+        Self::PublishAcl,
+        Self::SubscribeAcl,
+        Self::WillAcl,
+        Self::BadPacket,
+        Self::Timeout,
+        Self::Capacity,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCert => "no_cert",
+            Self::BadCert => "bad_cert",
+            Self::Tls => "tls",
+            Self::Identity => "identity",
+            Self::Revoked => "revoked",
+            Self::ClientId => "client_id",
+            Self::PublishAcl => "publish_acl",
+            Self::SubscribeAcl => "subscribe_acl",
+            Self::WillAcl => "will_acl",
+            Self::BadPacket => "bad_packet",
+            Self::Timeout => "timeout",
+            Self::Capacity => "capacity",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
 /// Hub-wide counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -58,6 +131,9 @@ pub struct Metrics {
     /// confirm it in its reported state.
     pub floor_held: AtomicU64,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Clients connected through the broker gate now (a gauge).
+    pub broker_connections: AtomicU64,
+    broker_refused: [AtomicU64; BrokerRefusal::ALL.len()],
     nodes: Mutex<BTreeMap<String, NodeTelemetry>>,
 }
 
@@ -100,6 +176,16 @@ impl Metrics {
             .get(reason)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Counts one broker gate refusal.
+    pub fn broker_refused(&self, why: BrokerRefusal) {
+        Self::inc(&self.broker_refused[why.index()]);
+    }
+
+    /// Broker gate refusals so far for `why`.
+    pub fn broker_refusals(&self, why: BrokerRefusal) -> u64 {
+        self.broker_refused[why.index()].load(Ordering::Relaxed)
     }
 
     /// Updates one node's telemetry counters.
@@ -165,6 +251,20 @@ impl Metrics {
             .iter()
         {
             let _ = writeln!(s, "edgefleet_hub_refused_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
+            "# TYPE edgefleet_hub_broker_connections gauge\nedgefleet_hub_broker_connections {}",
+            self.broker_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(s, "# TYPE edgefleet_hub_broker_refused_total counter");
+        for why in BrokerRefusal::ALL {
+            let _ = writeln!(
+                s,
+                "edgefleet_hub_broker_refused_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                self.broker_refusals(why)
+            );
         }
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         for (metric, get) in [

@@ -52,10 +52,45 @@ pub(crate) const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a draining hub waits to send its MQTT `Disconnect`.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Where the hub's session connects and how it authenticates: the embedded
+/// broker's internal port with its per-process credentials, or an external
+/// broker with what `[mqtt]` configures (TLS, client certificate,
+/// username/password).
+#[derive(Clone)]
+pub struct BrokerLink {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Username and password.
+    pub login: Option<(String, String)>,
+    /// TLS (a client certificate inside when configured).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for BrokerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLink")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.login.as_ref().map(|l| &l.0))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
 /// The hub's MQTT client and the event loop [`run`] polls: a persistent
 /// session (clean session off) under a fixed client id.
-pub(crate) fn client(client_id: &str, broker: &(String, u16)) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(client_id, broker.0.clone(), broker.1);
+pub(crate) fn client(client_id: &str, broker: &BrokerLink) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    if let Some((user, password)) = &broker.login {
+        opts.set_credentials(user.clone(), password.clone());
+    }
+    if let Some(tls) = &broker.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     opts.set_clean_session(false);
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_max_packet_size(

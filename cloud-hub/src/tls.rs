@@ -55,6 +55,19 @@ pub fn roots(ca: &Ca) -> Result<RootCertStore, TlsError> {
 /// The API's server config: a fresh server certificate for `sans`, client
 /// certificates optional (verified against the CA when sent).
 pub fn server_config(ca: &Ca, sans: &[String]) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = server_config_with(ca, sans)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The MQTT gate's server config ([`crate::broker::gate`]): a fresh server
+/// certificate for `sans`; a client certificate, when sent, must chain to
+/// the CA (the gate refuses clients that send none, and counts them).
+pub fn mqtt_server_config(ca: &Ca, sans: &[String]) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(Arc::new(server_config_with(ca, sans)?))
+}
+
+fn server_config_with(ca: &Ca, sans: &[String]) -> Result<ServerConfig, TlsError> {
     let keyed = ca.issue_server(sans)?;
     let rustls_err = |e: &dyn std::fmt::Display| TlsError::Rustls(e.to_string());
     // The CA goes along so a joining edge can check it against its pin.
@@ -70,14 +83,51 @@ pub fn server_config(ca: &Ca, sans: &[String]) -> Result<Arc<ServerConfig>, TlsE
             .allow_unauthenticated()
             .build()
             .map_err(|e| rustls_err(&e))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| rustls_err(&e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| rustls_err(&e))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+        .map_err(|e| rustls_err(&e))
+}
+
+/// A rustls client config for MQTT (no ALPN) from PEM text: trusting the
+/// CA certificates in `ca_pem`, presenting `cert_pem` + `key_pem` when
+/// given. Errors name the part (`ca`, `cert`, `key`).
+pub fn mqtt_client_config(
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<rustls::ClientConfig, (&'static str, String)> {
+    let mut roots = RootCertStore::empty();
+    let mut any = false;
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| ("ca", e.to_string()))?;
+        roots.add(c).map_err(|e| ("ca", e.to_string()))?;
+        any = true;
+    }
+    if !any {
+        return Err(("ca", "no PEM certificate in it".into()));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("ca", e.to_string()))?
+        .with_root_certificates(roots);
+    match client {
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ("cert", e.to_string()))?;
+            if chain.is_empty() {
+                return Err(("cert", "no PEM certificate in it".into()));
+            }
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| ("key", e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ("key", e.to_string()))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
 /// Who is on the other end of a connection.

@@ -159,10 +159,14 @@ struct Node {
 }
 
 impl Node {
-    /// `hub_key`: the hub's key; every ack must be signed with it for this node.
-    async fn connect(port: u16, hub_key: VerifyingKey) -> Self {
+    /// `hub_key`: the hub's key; every ack must be signed with it for this
+    /// node. `tls`: the node's certificate (the broker is the mTLS gate).
+    async fn connect(port: u16, hub_key: VerifyingKey, tls: Arc<rustls::ClientConfig>) -> Self {
         let topics = Topics::default();
         let mut o = MqttOptions::new(NODE, "127.0.0.1", port);
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
         o.set_keep_alive(Duration::from_secs(5));
         let (client, mut el) = AsyncClient::new(o, 64);
         client
@@ -231,7 +235,10 @@ async fn drain_then_restart(dir: &Path) {
     let hub_key = cloud_hub::keys::load_or_create(&dir.join("data"))
         .unwrap()
         .verifying_key();
-    let node = Node::connect(hub.mqtt, hub_key).await;
+    let tls = edgefleet_testkit::join_mqtt_tls(&hub.try_client().unwrap(), NODE)
+        .await
+        .unwrap();
+    let node = Node::connect(hub.mqtt, hub_key, tls).await;
     for b in 0..BATCHES {
         node.publish(&batch(1 + b * PER_BATCH)).await;
     }

@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use cloud_hub::HubConfig;
+use cloud_hub::ca::Identity;
 use cloud_hub::config::MqttConfig;
 use edgefleet_testkit::{HubHarness, wait_until};
 use protocols::codec::encode_json;
@@ -30,8 +31,9 @@ fn now_ms() -> u64 {
 }
 
 /// A node that announces itself online (retained) on every connect and
-/// publishes a reported state every 300 ms, like an agent (faster).
-fn spawn_node(name: String, host: String, port: u16, cancel: CancellationToken) {
+/// publishes a reported state every 300 ms, like an agent (faster). `o`:
+/// its MQTT options (client id = name, TLS with its certificate).
+fn spawn_node(name: String, mut o: MqttOptions, cancel: CancellationToken) {
     let topics = Topics::default();
     let status = |state| {
         encode_json(
@@ -44,7 +46,6 @@ fn spawn_node(name: String, host: String, port: u16, cancel: CancellationToken) 
         )
         .unwrap()
     };
-    let mut o = MqttOptions::new(name.clone(), host, port);
     o.set_keep_alive(Duration::from_secs(15));
     o.set_last_will(LastWill::new(
         topics.node(&name, TopicKind::Status),
@@ -132,7 +133,9 @@ async fn a_hub_that_subscribes_after_its_nodes_learns_every_one_online() {
     .await;
     let nodes = CancellationToken::new();
     for i in 0..N {
-        spawn_node(format!("late-{i:03}"), host.clone(), port, nodes.clone());
+        let name = format!("late-{i:03}");
+        let o = a.mqtt_options(&name, &Identity::node(&name)).unwrap();
+        spawn_node(name, o, nodes.clone());
     }
     eventually("nodes online in hub A", Duration::from_secs(30), N, || {
         online(&hub_a)
@@ -147,6 +150,13 @@ async fn a_hub_that_subscribes_after_its_nodes_learns_every_one_online() {
             host: host.clone(),
             port,
             client_id: "hub-b".into(),
+            // Hub A's broker is the mTLS gate: hub B comes with a hub
+            // certificate from hub A's CA.
+            tls: Some(
+                a.write_mqtt_files(&Identity::hub("hub:hub-b"), &dir.path().join("b-tls"))
+                    .unwrap(),
+            ),
+            ..MqttConfig::default()
         },
         ack_interval: HubConfig::default().ack_interval,
         ..HubHarness::config(&dir.path().join("b"))

@@ -196,7 +196,9 @@ fn add(c: &AtomicU64, n: u64) {
 /// Downloads, verifies and indexes artifacts. Cheap to share in an `Arc`.
 #[derive(Debug)]
 pub struct ArtifactFetcher {
-    http: reqwest::Client,
+    /// Swapped by [`ArtifactFetcher::reset_connections`] after a renewal.
+    http: std::sync::RwLock<reqwest::Client>,
+    tls: Option<rustls::ClientConfig>,
     base_url: String,
     dir: PathBuf,
     store: Store,
@@ -204,7 +206,38 @@ pub struct ArtifactFetcher {
     counters: FetchCounters,
 }
 
+fn http_client(tls: Option<&rustls::ClientConfig>) -> Result<reqwest::Client, FetchError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30));
+    if let Some(tls) = tls {
+        builder = builder.use_preconfigured_tls(tls.clone());
+    }
+    builder.build().map_err(|source| FetchError::Http {
+        digest: String::new(),
+        source,
+    })
+}
+
 impl ArtifactFetcher {
+    fn http(&self) -> reqwest::Client {
+        self.http
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the pooled connections (a new client with the same TLS
+    /// config): after a certificate renewal, so the next download
+    /// handshakes with the new certificate.
+    pub fn reset_connections(&self) -> Result<(), FetchError> {
+        let fresh = http_client(self.tls.as_ref())?;
+        *self
+            .http
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        Ok(())
+    }
     /// A fetcher storing blobs in `dir` (created if missing), downloading
     /// from `base_url` (e.g. `http://127.0.0.1:8080`).
     pub fn new(
@@ -227,17 +260,9 @@ impl ArtifactFetcher {
         tls: Option<rustls::ClientConfig>,
     ) -> Result<Self, FetchError> {
         std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(30));
-        if let Some(tls) = tls {
-            builder = builder.use_preconfigured_tls(tls);
-        }
-        let http = builder.build().map_err(|source| FetchError::Http {
-            digest: String::new(),
-            source,
-        })?;
+        let http = std::sync::RwLock::new(http_client(tls.as_ref())?);
         Ok(Self {
+            tls,
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
             dir,
@@ -297,7 +322,7 @@ impl ArtifactFetcher {
             source,
         };
         let url = format!("{}/v1/artifacts/{digest}", self.base_url);
-        let mut req = self.http.get(&url);
+        let mut req = self.http().get(&url);
         if have > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
         }

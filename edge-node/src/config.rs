@@ -43,6 +43,52 @@ pub struct EdgeConfig {
     pub functions: FunctionsConfig,
     /// Device connections (`[devices]`): clock skew, secrets.
     pub devices: DevicesConfig,
+    /// Renewal of the joined identity (`[identity]`, [`crate::renewal`]).
+    pub identity: IdentityConfig,
+}
+
+/// `[identity]`: when and how the agent renews its certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Renew once this fraction of the certificate's validity has passed
+    /// (0 < renew_after < 1; default 0.66: a 30-day certificate is renewed
+    /// after about 20 days, leaving 10 days to retry).
+    pub renew_after: f64,
+    /// First delay after a failed renewal.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest delay between renewal attempts (jittered exponential
+    /// backoff in between).
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl IdentityConfig {
+    fn check(&self, c: &mut Collector, id: &Path) {
+        if !(self.renew_after > 0.0 && self.renew_after < 1.0) {
+            c.push(
+                &id.field("renew_after"),
+                format!(
+                    "{} is not a fraction of the validity strictly between 0 and 1",
+                    self.renew_after
+                ),
+            );
+        }
+        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
+            c.push(&id.field("retry_min"), "must be > 0 and <= retry_max");
+        }
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            renew_after: 0.66,
+            retry_min: Duration::from_secs(10),
+            retry_max: Duration::from_secs(600),
+        }
+    }
 }
 
 impl Default for EdgeConfig {
@@ -58,6 +104,7 @@ impl Default for EdgeConfig {
             policy: crate::policy::PolicyConfig::default(),
             functions: FunctionsConfig::default(),
             devices: DevicesConfig::default(),
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -75,8 +122,18 @@ pub struct MqttConfig {
     /// Keep-alive interval.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// TLS; plain TCP when absent.
+    /// TLS files. When absent, a joined node (one with
+    /// `{data_dir}/identity`, from `edge-node join`) uses TLS with its
+    /// identity: `node.crt`/`node.key` as client certificate, trusting only
+    /// `ca.crt` (the hub CA). A node with neither connects over plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Connect over plain TCP even when joined (a lab broker without TLS);
+    /// `[mqtt.tls]` must then be unset.
+    pub plaintext: bool,
+    /// Username for external brokers that want one (with `password_file`).
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password (keep it 0600).
+    pub password_file: Option<PathBuf>,
     /// Shortest reconnect delay.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -93,6 +150,9 @@ impl Default for MqttConfig {
             client_id: None,
             keep_alive: Duration::from_secs(15),
             tls: None,
+            plaintext: false,
+            username: None,
+            password_file: None,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
         }
@@ -250,15 +310,15 @@ impl EdgeConfig {
     }
 
     /// Every problem, each naming its field.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one flat check per field, in the order of the fields"
+    )]
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut c = Collector::new();
         let root = Path::Root;
         check_name(&mut c, &root.field("node"), &self.node);
-        if let Err(errors) = crate::policy::Policy::parse(&self.policy) {
-            for (field, message) in errors {
-                c.push(&root.field("policy").field(&field), message);
-            }
-        }
+        crate::policy::Policy::validate_at(&self.policy, &mut c, &root.field("policy"));
         if self.data_dir.as_os_str().is_empty() {
             c.push(&root.field("data_dir"), "must not be empty");
         }
@@ -289,7 +349,19 @@ impl EdgeConfig {
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 c.push(&t.field("key_file"), "cert_file and key_file go together");
             }
+            if self.mqtt.plaintext {
+                c.push(&m.field("plaintext"), "contradicts [mqtt.tls]");
+            }
         }
+        if let Some(u) = &self.mqtt.username
+            && u.is_empty()
+        {
+            c.push(&m.field("username"), "must not be empty");
+        }
+        if self.mqtt.password_file.is_some() && self.mqtt.username.is_none() {
+            c.push(&m.field("password_file"), "needs mqtt.username");
+        }
+        self.identity.check(&mut c, &root.field("identity"));
         let h = root.field("hub");
         config::check_topic_root(&mut c, &h.field("topic_root"), &self.hub.topic_root);
         if let Some(k) = &self.hub.public_key
@@ -568,6 +640,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("flush_interval"), "{e}");
+        let c = EdgeConfig::from_toml(
+            "[identity]\nrenew_after = 0.5\nretry_max = \"1h\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap();
+        assert!((c.identity.renew_after - 0.5).abs() < 1e-9);
+        assert_eq!(c.identity.retry_max, Duration::from_secs(3600));
         let mut c = EdgeConfig {
             node: "a/b".into(),
             ..EdgeConfig::default()
@@ -575,15 +654,45 @@ mod tests {
         c.mqtt.port = 0;
         c.hub.public_key = Some("zz".into());
         c.hub.http_url = "ftp://hub".into();
+        c.identity.renew_after = 1.0;
+        c.identity.retry_min = Duration::ZERO;
         let e = c.validate().unwrap_err().to_string();
         for want in [
             "node: \"a/b\" contains '/'",
             "mqtt.port: 0",
+            "identity.renew_after: 1 is not a fraction",
+            "identity.retry_min: must be > 0",
             "hub.public_key: \"zz\"",
             "hub.http_url: \"ftp://hub\"",
         ] {
             assert!(e.contains(want), "{want} not in {e}");
         }
+    }
+
+    #[test]
+    fn mqtt_credentials_and_plaintext_are_checked_by_name() {
+        let c = EdgeConfig::from_toml(
+            "[mqtt]\nusername = \"n\"\npassword_file = \"/run/pw\"\n[hub]\npublic_key = \"\
+             1111111111111111111111111111111111111111111111111111111111111111\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(
+            !c.mqtt.plaintext,
+            "TLS with the joined identity is the default"
+        );
+        let mut bad = c.clone();
+        bad.mqtt.username = None;
+        bad.mqtt.plaintext = true;
+        bad.mqtt.tls = Some(TlsConfig {
+            ca_file: "ca.pem".into(),
+            cert_file: None,
+            key_file: None,
+        });
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt.password_file: needs mqtt.username"), "{e}");
+        assert!(e.contains("mqtt.plaintext: contradicts [mqtt.tls]"), "{e}");
     }
 
     #[test]

@@ -12,12 +12,14 @@
 //! identity, `hub.pub` as the pinned desired-state key.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest as _, Sha256};
 
@@ -90,6 +92,7 @@ impl Identity {
         if !d.exists() {
             return Ok(None);
         }
+        finish_rotation(&d)?;
         let read = |name: &str| {
             let p = d.join(name);
             std::fs::read_to_string(&p).map_err(io(&p))
@@ -119,9 +122,82 @@ impl Identity {
         Ok(())
     }
 
-    /// A rustls client config trusting only the hub CA and presenting the
-    /// node certificate.
+    /// Writes a renewed key and certificate (the CA and the hub key stay):
+    /// `node.key.new` and `node.crt.new` are each written through tmp +
+    /// fsync + rename (0600 for the key), then renamed over `node.key` and
+    /// `node.crt`. A crash between the two renames leaves `node.crt.new`
+    /// behind, which [`Identity::load`] finishes, so the key and the
+    /// certificate on disk always belong together.
+    pub fn write_rotated(&self, data_dir: &Path) -> Result<(), IdentityError> {
+        let d = dir(data_dir);
+        let (key_new, crt_new) = (d.join("node.key.new"), d.join("node.crt.new"));
+        write_atomic(&key_new, &self.key_pem, true).map_err(io(&key_new))?;
+        write_atomic(&crt_new, &self.cert_pem, false).map_err(io(&crt_new))?;
+        finish_rotation(&d)
+    }
+
+    /// The key and certificate as rustls uses them; fails when the key does
+    /// not belong to the certificate.
+    pub fn certified_key(&self) -> Result<CertifiedKey, IdentityError> {
+        let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
+            what,
+            detail: e.to_string(),
+        };
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("node.crt", &e))?;
+        if chain.is_empty() {
+            return Err(bad("node.crt", &"no PEM certificate in it"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| bad("node.key", &e))?;
+        let ck =
+            CertifiedKey::from_der(chain, key, &provider()).map_err(|e| bad("node.key", &e))?;
+        ck.keys_match().map_err(|e| bad("node.key", &e))?;
+        Ok(ck)
+    }
+
+    /// The certificate's validity: `(not_before, not_after)`.
+    pub fn validity(&self) -> Result<(SystemTime, SystemTime), IdentityError> {
+        let bad = |e: &dyn std::fmt::Display| IdentityError::Bad {
+            what: "node.crt",
+            detail: e.to_string(),
+        };
+        let der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(&e))?;
+        let at = |t: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(t).unwrap_or(0));
+        let v = cert.validity();
+        Ok((at(v.not_before.timestamp()), at(v.not_after.timestamp())))
+    }
+
+    /// A rustls client config for HTTPS to the hub: trusting only the hub
+    /// CA, presenting the node certificate, ALPN `http/1.1`.
     pub fn tls_config(&self) -> Result<rustls::ClientConfig, IdentityError> {
+        self.tls_config_with(ClientCertSlot::new(self)?)
+    }
+
+    /// [`Identity::tls_config`] presenting whatever `slot` holds at each
+    /// handshake (so a renewed certificate is used without a new config).
+    pub fn tls_config_with(
+        &self,
+        slot: Arc<ClientCertSlot>,
+    ) -> Result<rustls::ClientConfig, IdentityError> {
+        let mut cfg = self.mqtt_tls_config_with(slot)?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+
+    /// The same for MQTT (no ALPN): what the agent's link uses by default
+    /// once the node has joined.
+    pub fn mqtt_tls_config(&self) -> Result<rustls::ClientConfig, IdentityError> {
+        self.mqtt_tls_config_with(ClientCertSlot::new(self)?)
+    }
+
+    /// [`Identity::mqtt_tls_config`] presenting whatever `slot` holds.
+    pub fn mqtt_tls_config_with(
+        &self,
+        slot: Arc<ClientCertSlot>,
+    ) -> Result<rustls::ClientConfig, IdentityError> {
         let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
             what,
             detail: e.to_string(),
@@ -132,20 +208,78 @@ impl Identity {
                 .add(c.map_err(|e| bad("ca.crt", &e))?)
                 .map_err(|e| bad("ca.crt", &e))?;
         }
-        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("node.crt", &e))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| bad("node.key", &e))?;
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        Ok(rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad("tls", &e))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad("node.crt", &e))?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(cfg)
+            .with_client_cert_resolver(slot))
     }
+}
+
+/// The node's current key and certificate, shared by every TLS config of
+/// the agent (MQTT link, artifact fetcher, renewal): rustls asks it at each
+/// handshake, so [`ClientCertSlot::replace`] takes effect at the next
+/// connection without rebuilding anything.
+#[derive(Debug)]
+pub struct ClientCertSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ClientCertSlot {
+    /// A slot holding `identity`'s key and certificate.
+    pub fn new(identity: &Identity) -> Result<Arc<Self>, IdentityError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(Arc::new(identity.certified_key()?)),
+        }))
+    }
+
+    /// Swaps in `identity`'s key and certificate (checked to belong together).
+    pub fn replace(&self, identity: &Identity) -> Result<(), IdentityError> {
+        let ck = Arc::new(identity.certified_key()?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = ck;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ResolvesClientCert for ClientCertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Completes a rotation [`Identity::write_rotated`] began: both `.new`
+/// files were complete and fsynced before the first rename, so renaming
+/// what is left is always right. A `node.key.new` without `node.crt.new`
+/// is a rotation that never finished writing: removed.
+fn finish_rotation(d: &Path) -> Result<(), IdentityError> {
+    let (key_new, crt_new) = (d.join("node.key.new"), d.join("node.crt.new"));
+    if crt_new.exists() {
+        if key_new.exists() {
+            std::fs::rename(&key_new, d.join("node.key")).map_err(io(&key_new))?;
+        }
+        std::fs::rename(&crt_new, d.join("node.crt")).map_err(io(&crt_new))?;
+        if let Ok(f) = std::fs::File::open(d) {
+            let _ = f.sync_all();
+        }
+    } else if key_new.exists() {
+        std::fs::remove_file(&key_new).map_err(io(&key_new))?;
+    }
+    Ok(())
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

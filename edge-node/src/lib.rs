@@ -30,6 +30,7 @@ pub mod link;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod renewal;
 pub mod session;
 pub mod store;
 pub mod uplink;

@@ -77,6 +77,13 @@ counters! {
     /// Guest kv puts refused: the function's quota (`[functions]
     /// kv_max_keys`, `kv_max_bytes`) is full (per function: `kv_refused`).
     function_kv_refused,
+    /// Node certificates renewed and swapped in ([`crate::renewal`]).
+    cert_renewals,
+    /// Renewal attempts that failed (retried with backoff).
+    cert_renewal_failures,
+    /// Incoming messages the full link channel replaced by a newer one
+    /// ([`crate::link::LinkQueue`]).
+    link_messages_coalesced,
 }
 
 impl Counters {

@@ -114,6 +114,27 @@ impl Policy {
         }
     }
 
+    /// Parses the config; the error lists every bad entry in one line.
+    pub fn from_config(cfg: &PolicyConfig) -> Result<Self, String> {
+        Self::parse(cfg).map_err(|e| {
+            e.iter()
+                .map(|(f, m)| format!("policy.{f}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
+    /// Adds every bad entry of `cfg` to `c`, under `path`.
+    pub fn validate_at(
+        cfg: &PolicyConfig,
+        c: &mut protocols::validate::Collector,
+        path: &protocols::validate::Path<'_>,
+    ) {
+        for (field, message) in Self::parse(cfg).err().unwrap_or_default() {
+            c.push(&path.field(&field), message);
+        }
+    }
+
     /// Checks every device of `d`; the error names each field outside the
     /// policy and what the policy allows.
     pub fn check(&self, d: &DesiredState) -> Result<(), String> {

@@ -57,6 +57,9 @@ mod tests;
 /// Report interval before any desired state arrived.
 pub const DEFAULT_REPORT_INTERVAL_MS: u64 = 5_000;
 
+/// Most pipeline lag a loss window is widened by (see [`Restored`]).
+pub const MAX_LOSS_LAG_MS: u64 = 60_000;
+
 /// What the agent read from its store at start (a hollow node has none).
 #[derive(Debug, Clone, Default)]
 pub struct Restored {
@@ -70,6 +73,9 @@ pub struct Restored {
     pub clean_stop: bool,
     /// The time the last completed group commit covered.
     pub last_commit_ms: Option<u64>,
+    /// How far behind the samples' own time the appends of that commit
+    /// ran (pipeline lag: queues, a loaded CPU, device clocks), ms.
+    pub last_commit_lag_ms: u64,
     /// The remembered loss windows, oldest first.
     pub loss_windows: Vec<LossWindow>,
 }
@@ -351,8 +357,16 @@ impl Session {
                 .applied
                 .as_ref()
                 .map_or(0, |d| d.config.batch_max_age_ms);
+            // Samples not yet committed were at most `batch_age` old when
+            // the pipeline is on time; behind a loaded CPU they can be older.
+            // The lag the last commit saw, doubled (the appends after it
+            // may have fallen further behind) and capped at
+            // MAX_LOSS_LAG_MS (a device with a wrong clock must not widen
+            // every window to hours), widens the window: it may over-report,
+            // it must not miss.
+            let lag = r.last_commit_lag_ms.saturating_mul(2).min(MAX_LOSS_LAG_MS);
             let w = LossWindow {
-                from_ms: last.saturating_sub(batch_age),
+                from_ms: last.saturating_sub(batch_age.max(lag)),
                 to_ms: now_ms,
             };
             self.loss_windows.push(w);

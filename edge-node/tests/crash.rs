@@ -98,6 +98,11 @@ async fn sigkill_at_random_moments_loses_only_the_documented_window() {
     let proxy_port = listener.local_addr().unwrap().port();
     tokio::spawn(proxy(listener, format!("{host}:{port}"), cut_rx));
 
+    // The node's identity from the hub CA: the agent uses it for the
+    // broker's mTLS by default.
+    harness
+        .write_identity("crash-1", &dir.path().join("edge"))
+        .unwrap();
     let cfg_path = dir.path().join("edge.toml");
     std::fs::write(
         &cfg_path,

@@ -40,6 +40,10 @@ async fn drop_oldest_is_exact_counted_and_reported() {
     let port = free_port().unwrap();
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
     let hub_key = key_to_hex(&key.verifying_key());
+    // The node joined before the outage: its identity (from the hub's CA,
+    // made now in the hub's data directory) is what the mTLS broker wants.
+    edgefleet_testkit::enrol_offline(&dir.path().join("hub"), "cap-1", &dir.path().join("edge"))
+        .unwrap();
     let mut cfg = edge_config("cap-1", &dir.path().join("edge"), port, &hub_key);
     cfg.mqtt.reconnect_max = Duration::from_secs(1);
     cfg.outbox.max_bytes = Some(64 * 1024);

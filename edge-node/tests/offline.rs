@@ -78,6 +78,14 @@ async fn outage_48h_then_reconnect_loses_nothing() {
     let key = cloud_hub::keys::load_or_create(&dir.path().join("hub")).unwrap();
 
     let hub_key = key_to_hex(&key.verifying_key());
+    // The node joined before the outage: its identity (from the hub's CA,
+    // made now in the hub's data directory) is what the mTLS broker wants.
+    edgefleet_testkit::enrol_offline(
+        &dir.path().join("hub"),
+        "offline-1",
+        &dir.path().join("edge"),
+    )
+    .unwrap();
     let mut cfg = edge_config("offline-1", &dir.path().join("edge"), port, &hub_key);
     cfg.mqtt.reconnect_max = Duration::from_secs(1);
     cfg.uplink.drain_rate = 50_000_000;

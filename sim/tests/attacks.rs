@@ -3,10 +3,12 @@
 //! counted, with the ground truth checked at the end: every sample the edge
 //! durably appended reaches the hub exactly once, and nothing else below it.
 //!
-//! The attacker here publishes on the victim's own topics, which is what a
-//! misconfigured broker (no ACL, or the lab-mode broker where a client id is
-//! an unchecked claim) allows. These are the defence-in-depth layers that
-//! must hold even then: signed acks, the published clamp, the confirmed
+//! The broker's gate refuses a node that publishes on another node's topics
+//! (`cloud-hub/tests/broker_gate.rs`). The attacker here holds a hub-role
+//! certificate, which the gate lets publish anything: the powers anyone has
+//! on a misconfigured broker (an external broker without the shipped ACL, or
+//! a leaked hub credential). These are the defence-in-depth layers that must
+//! hold even then: signed acks, the published clamp, the confirmed
 //! floor, sequence bounds, document bounds, name checks, signed desired
 //! state without trust on first use, hub-assigned revisions and the
 //! gateway's own policy.
@@ -27,7 +29,7 @@ use edgefleet_testkit::{EdgeHarness, HubHarness, eventually};
 use protocols::codec::{encode_batch, encode_json};
 use protocols::signing::SigningKey;
 use protocols::{Ack, Quality, Sample, SignedAck, SignedDesired, TelemetryBatch, TopicKind};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -48,10 +50,13 @@ fn synthetic() -> serde_json::Value {
                  "signal": {"shape": "sine", "amplitude": 10.0, "period_s": 5.0}}}]}]}])
 }
 
-/// An MQTT client of the attacker, connected to the hub's broker; its event
-/// loop runs on its own task (never publish from the polling task).
+/// An MQTT client of the attacker with a hub-role certificate (the broker
+/// lets it publish anywhere); its event loop runs on its own task (never
+/// publish from the polling task).
 fn attacker(hub: &HubHarness, id: &str) -> AsyncClient {
-    let mut opts = MqttOptions::new(id, hub.mqtt.0.clone(), hub.mqtt.1);
+    let mut opts = hub
+        .mqtt_options(id, &cloud_hub::ca::Identity::hub(id))
+        .unwrap();
     opts.set_max_packet_size(
         protocols::limits::MAX_SYNC_PACKET_BYTES,
         protocols::limits::MAX_SYNC_PACKET_BYTES,
@@ -429,5 +434,51 @@ async fn a_forged_retained_desired_state_does_not_own_a_new_node_and_policy_refu
         "revision 1 keeps running"
     );
     edge.stop().await.unwrap();
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_uploads_are_streamed_bounded_and_unreferenced_blobs_collectable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HubHarness::config(&dir.path().join("hub"));
+    cfg.limits.max_artifact_bytes = 1 << 20;
+    cfg.limits.artifact_gc_grace = Duration::ZERO;
+    let hub = HubHarness::start(cfg).await.unwrap();
+    // H8: a body past the limit is refused while it streams, and leaves nothing.
+    // (The hub answers 400 naming the limit as soon as it passes it, and
+    // closes; a client still sending may see the closed connection first.)
+    let e = hub.client.put_artifact(vec![7; 2 << 20]).await.unwrap_err();
+    assert!(
+        e.status().is_none()
+            || (e.status() == Some(400) && e.to_string().contains("limits.max_artifact_bytes")),
+        "{e}"
+    );
+    let kept = hub.client.put_artifact(vec![1; 1000]).await.unwrap();
+    let loose = hub.client.put_artifact(vec![2; 1000]).await.unwrap();
+    let blobs = || {
+        std::fs::read_dir(dir.path().join("hub/artifacts"))
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count()
+    };
+    assert_eq!(blobs(), 2, "the refused upload left nothing");
+    // A blob a node's desired state names cannot be deleted.
+    let mut d = desired("n1", 0, json!([]));
+    d["models"] = json!([{"name": "m", "sha256": kept.sha256, "size": kept.size}]);
+    hub.client.put_desired_json("n1", &d).await.unwrap();
+    let e = hub.client.delete_artifact(&kept.sha256).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert_eq!(
+        hub.client.gc_artifacts().await.unwrap(),
+        vec![loose.sha256.clone()]
+    );
+    assert_eq!(blobs(), 1);
+    assert_eq!(hub.client.artifact(&kept.sha256).await.unwrap().len(), 1000);
     hub.stop().await.unwrap();
 }

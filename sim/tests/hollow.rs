@@ -43,6 +43,8 @@ async fn fifty_hollow_nodes_converge_and_the_hub_registry_agrees() {
         http_base: harness.base().to_owned(),
         mqtt_host: harness.mqtt.0.clone(),
         mqtt_port: harness.mqtt.1,
+        // The harness runs the secure default: the mTLS gate.
+        mqtt_tls: true,
         pid: Some(std::process::id()),
         broker_pid: None,
         broker: BrokerKind::Embedded,
@@ -163,6 +165,9 @@ async fn hollow_external_mosquitto() {
         broker: BrokerKind::Mosquitto,
         mosquitto: MosquittoOptions::for_fleet(N),
         nodes: N,
+        // Mosquitto with the shipped deploy/mosquitto config (mTLS, ACL);
+        // the hub connects with a hub certificate, every node with its own.
+        mqtt_tls: true,
     };
     let stack = Stack::start(&so).await.unwrap();
     let hub = stack.endpoint().clone();
@@ -235,4 +240,238 @@ async fn hollow_external_mosquitto() {
     // Killed and reaped; its directory (config, log) removed.
     assert!(!std::path::Path::new(&format!("/proc/{broker_pid}")).exists());
     assert!(!broker_dir.exists());
+}
+
+/// The refusal's text; panics if the client got in.
+fn refused<T>(r: Result<T, String>) -> String {
+    match r {
+        Ok(_) => panic!("the broker let the client in"),
+        Err(e) => e,
+    }
+}
+
+/// Polls until CONNACK (`Ok`) or a connection error (`Err`, its text).
+async fn mqtt_connect(
+    o: rumqttc::MqttOptions,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), String> {
+    let (c, mut el) = rumqttc::AsyncClient::new(o, 32);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no CONNACK in time".to_owned())??;
+    Ok((c, el))
+}
+
+/// Every topic `el` receives, until the test ends.
+fn record(mut el: rumqttc::EventLoop) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = ev {
+                s.lock().unwrap().push(p.topic);
+            }
+        }
+    });
+    seen
+}
+
+/// Mosquitto with the shipped `deploy/mosquitto` config and ACL: a client
+/// without a certificate from the hub CA is refused; node A may publish its
+/// own topics but not node B's, cannot read B's desired state, and cannot
+/// take over B's session; the hub certificate reads and writes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the mosquitto broker (apt-get install mosquitto); run by .ci/run"]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario against one broker (refusals, own topics, forgeries, takeover), read top to bottom"
+)]
+async fn mosquitto_acl_binds_topics_to_the_certificate() {
+    use cloud_hub::ca::{Ca, Identity};
+    use protocols::{TopicKind, Topics};
+    use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
+    use std::sync::Arc;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::open_offline(&dir.path().join("hub")).unwrap();
+    let server = ca
+        .issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap();
+    let mut mo = MosquittoOptions::for_fleet(10);
+    mo.tls = Some(sim::hollow::broker::MosquittoTls {
+        ca_pem: ca.cert_pem().to_owned(),
+        cert_pem: server.cert_pem,
+        key_pem: server.key_pem,
+    });
+    let m = sim::hollow::Mosquitto::spawn(&mo).await.unwrap();
+    let opts = |client_id: &str, id: Option<&Identity>| {
+        let client = id.map(|id| ca.issue_keyed(id, Duration::from_secs(3600)).unwrap());
+        let tls = cloud_hub::tls::mqtt_client_config(
+            ca.cert_pem(),
+            client
+                .as_ref()
+                .map(|k| (k.cert_pem.as_str(), k.key_pem.as_str())),
+        )
+        .unwrap();
+        let mut o = MqttOptions::new(client_id, "127.0.0.1", m.port());
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+        o
+    };
+    let topics = Topics::default();
+
+    // No client certificate, or plain MQTT: refused.
+    refused(mqtt_connect(opts("anon", None)).await);
+    refused(mqtt_connect(MqttOptions::new("plain", "127.0.0.1", m.port())).await);
+
+    // The hub reads everything.
+    let (hub, mut hub_el) = mqtt_connect(opts(
+        "cloud-hub",
+        Some(&Identity::hub(sim::hollow::stack::HUB_MQTT_NAME)),
+    ))
+    .await
+    .unwrap();
+    hub.subscribe(format!("{}/#", topics.root()), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) =
+                hub_el.poll().await.unwrap()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let hub_seen = record(hub_el);
+
+    // Node b, subscribed to its own desired state.
+    let (b, b_el) = mqtt_connect(opts("b", Some(&Identity::node("b"))))
+        .await
+        .unwrap();
+    b.subscribe(topics.node("b", TopicKind::Desired), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let b_seen = record(b_el);
+
+    // Node a: its own topics pass, b's do not; it cannot read b's desired.
+    let (a, a_el) = mqtt_connect(opts("a", Some(&Identity::node("a"))))
+        .await
+        .unwrap();
+    a.subscribe(topics.node("b", TopicKind::Desired), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let a_seen = record(a_el);
+    for kind in [
+        TopicKind::Telemetry,
+        TopicKind::Reported,
+        TopicKind::Status,
+        TopicKind::Events,
+    ] {
+        a.publish(
+            topics.node("a", kind),
+            QoS::AtLeastOnce,
+            false,
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+        a.publish(
+            topics.node("b", kind),
+            QoS::AtLeastOnce,
+            false,
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    }
+    // Only the hub may publish desired state.
+    a.publish(
+        topics.node("b", TopicKind::Desired),
+        QoS::AtLeastOnce,
+        true,
+        b"forged".to_vec(),
+    )
+    .await
+    .unwrap();
+    hub.publish(
+        topics.node("b", TopicKind::Desired),
+        QoS::AtLeastOnce,
+        false,
+        b"{}".to_vec(),
+    )
+    .await
+    .unwrap();
+    let saw = |seen: &Arc<std::sync::Mutex<Vec<String>>>, t: &str| {
+        seen.lock().unwrap().iter().filter(|x| *x == t).count()
+    };
+    wait_until(
+        "the hub to see node a's own topics",
+        Duration::from_secs(10),
+        || {
+            let ok = [
+                TopicKind::Telemetry,
+                TopicKind::Reported,
+                TopicKind::Status,
+                TopicKind::Events,
+            ]
+            .iter()
+            .all(|k| saw(&hub_seen, &topics.node("a", *k)) == 1)
+                && saw(&b_seen, &topics.node("b", TopicKind::Desired)) == 1;
+            std::future::ready(ok.then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for kind in [
+        TopicKind::Telemetry,
+        TopicKind::Reported,
+        TopicKind::Status,
+        TopicKind::Events,
+    ] {
+        let t = topics.node("b", kind);
+        assert_eq!(saw(&hub_seen, &t), 0, "{t}: node a's forgery arrived");
+    }
+    // b got the hub's desired document only, not a's forgery; a got neither.
+    assert_eq!(saw(&b_seen, &topics.node("b", TopicKind::Desired)), 1);
+    assert_eq!(saw(&hub_seen, &topics.node("b", TopicKind::Desired)), 1);
+    assert_eq!(saw(&a_seen, &topics.node("b", TopicKind::Desired)), 0);
+
+    // a's certificate with b's client id: the broker uses the certificate's
+    // name as client id, so b's session is not taken over.
+    let (_a2, _a2_el) = mqtt_connect(opts("b", Some(&Identity::node("a"))))
+        .await
+        .unwrap();
+    hub.publish(
+        topics.node("b", TopicKind::Desired),
+        QoS::AtLeastOnce,
+        false,
+        b"{}".to_vec(),
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "b to get the second desired document",
+        Duration::from_secs(10),
+        || {
+            std::future::ready(
+                (saw(&b_seen, &topics.node("b", TopicKind::Desired)) == 2).then_some(()),
+            )
+        },
+    )
+    .await
+    .unwrap();
+    m.stop().await;
 }

@@ -20,7 +20,7 @@ use super::devices::DeviceSet;
 use super::{AgentContext, AgentError, report};
 use crate::artifacts::{ArtifactFetcher, DesiredPair};
 use crate::functions::FunctionsView;
-use crate::link::{Conn, LinkEvent};
+use crate::link::{Conn, LinkEvent, LinkReceiver};
 use crate::metrics::Counters;
 use crate::pipeline::Routing;
 use crate::session::{Input, Output, Restored, Session, encode_report};
@@ -58,6 +58,7 @@ impl Control {
             current: self.ctx.store.desired_current()?,
             clean_stop: self.ctx.store.take_clean_stop()?,
             last_commit_ms: self.ctx.store.last_commit_time()?,
+            last_commit_lag_ms: self.ctx.store.last_commit_lag()?,
             loss_windows: self.ctx.store.loss_windows()?,
         };
         self.handle(Input::Restore(&restored)).await
@@ -65,7 +66,7 @@ impl Control {
 
     pub(super) async fn run(
         &mut self,
-        mut link: mpsc::UnboundedReceiver<LinkEvent>,
+        mut link: LinkReceiver,
         mut events: mpsc::UnboundedReceiver<Event>,
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {

@@ -43,7 +43,7 @@ use crate::config::EdgeConfig;
 pub use crate::context::AgentContext;
 use crate::drivers;
 use crate::functions::{FunctionError, FunctionHost, FunctionsView};
-use crate::link::{self, Conn, LinkError, LinkEvent};
+use crate::link::{self, Conn, LinkError, LinkReceiver};
 use crate::metrics::Counters;
 use crate::pipeline::{Pipeline, Routing};
 use crate::session::Session;
@@ -75,7 +75,7 @@ pub enum AgentError {
     #[error("agent task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     /// `[policy]` does not parse (the config was not validated).
-    #[error("policy.{0}")]
+    #[error("{0}")]
     Policy(String),
     /// The data directory or one of its private subdirectories could not
     /// be created or restricted.
@@ -103,6 +103,7 @@ pub struct Agent {
     store: Store,
     functions: FunctionsView,
     fetcher: Arc<ArtifactFetcher>,
+    counters: Arc<Counters>,
 }
 
 impl Agent {
@@ -116,6 +117,10 @@ impl Agent {
     }
 
     /// [`start`](Self::start) with [`AgentOptions`].
+    #[expect(
+        clippy::too_many_lines,
+        reason = "the wiring of every task, in start order, reads best in one place"
+    )]
     pub async fn start_with(
         cfg: EdgeConfig,
         clock: Clock,
@@ -133,30 +138,30 @@ impl Agent {
             topics: Topics::new(&cfg.hub.topic_root),
         };
         let identity = crate::identity::Identity::load(&cfg.data_dir)?;
+        // One slot of the node's key and certificate for every TLS config
+        // of the agent, so a renewal swaps them everywhere at once.
+        let slot = identity
+            .as_ref()
+            .map(crate::identity::ClientCertSlot::new)
+            .transpose()?;
         let fetcher = {
             let (url, dir, store) = (
                 cfg.hub.http_url.clone(),
                 cfg.data_dir.join("artifacts"),
                 store.clone(),
             );
-            let tls = identity
-                .as_ref()
-                .map(crate::identity::Identity::tls_config)
-                .transpose()?;
+            let tls = match (&identity, &slot) {
+                (Some(id), Some(slot)) => Some(id.tls_config_with(slot.clone())?),
+                _ => None,
+            };
             let f = tokio::task::spawn_blocking(move || {
                 ArtifactFetcher::with_tls(&url, dir, store, clock, tls)
             })
             .await??;
             Arc::new(f)
         };
-        let policy = Arc::new(crate::policy::Policy::parse(&cfg.policy).map_err(|e| {
-            AgentError::Policy(
-                e.iter()
-                    .map(|(f, m)| format!("{f}: {m}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?);
+        let policy =
+            Arc::new(crate::policy::Policy::from_config(&cfg.policy).map_err(AgentError::Policy)?);
         let functions = FunctionsView::default();
         let mut tasks = JoinSet::new();
         let (desired_tx, _) = watch::channel(DesiredPair::default());
@@ -169,7 +174,25 @@ impl Agent {
             tasks
                 .spawn(async move { Ok(fetcher.run(desired, ready, events, node, cancel).await?) });
         }
-        let (client, link_rx, uplink, link) = spawn_link(&mut tasks, &ctx, &cfg)?;
+        let (rotated, _) = watch::channel(0u64);
+        let (client, link_rx, uplink, link) = spawn_link(
+            &mut tasks,
+            &ctx,
+            &cfg,
+            identity.as_ref().zip(slot.clone()),
+            &rotated,
+        )?;
+        if let (Some(identity), Some(slot)) = (identity.clone(), slot) {
+            spawn_renewal(
+                &mut tasks,
+                &ctx,
+                &cfg,
+                (identity, slot),
+                rotated,
+                &fetcher,
+                &cancel,
+            );
+        }
         let devices = DeviceSet::new(
             agent_options.device_transports,
             cfg.driver_options(),
@@ -177,6 +200,7 @@ impl Agent {
             clock,
             cancel.child_token(),
         );
+        let counters = ctx.counters.clone();
         let mut control = Control {
             session: Session::new(
                 ctx.node.clone(),
@@ -220,6 +244,7 @@ impl Agent {
             store,
             functions,
             fetcher,
+            counters,
         })
     }
 
@@ -231,6 +256,11 @@ impl Agent {
     /// Live status of the device functions (as reported state shows it).
     pub fn functions(&self) -> FunctionsView {
         self.functions.clone()
+    }
+
+    /// The agent's counters (as reported state carries them).
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
     }
 
     /// Artifact fetcher counters by name.
@@ -338,20 +368,22 @@ fn spawn_link(
     tasks: &mut Tasks,
     ctx: &AgentContext,
     cfg: &EdgeConfig,
-) -> Result<
-    (
-        AsyncClient,
-        mpsc::UnboundedReceiver<LinkEvent>,
-        Uplink,
-        Stage,
-    ),
-    AgentError,
-> {
-    let (client, eventloop) = link::client(link::options(cfg, &ctx.topics, ctx.clock.now_ms())?);
-    let (link_tx, link_rx) = mpsc::unbounded_channel();
+    identity: Option<(
+        &crate::identity::Identity,
+        Arc<crate::identity::ClientCertSlot>,
+    )>,
+    rotated: &watch::Sender<u64>,
+) -> Result<(AsyncClient, LinkReceiver, Uplink, Stage), AgentError> {
+    let (id, slot) = identity.map_or((None, None), |(i, s)| (Some(i), Some(s)));
+    let (options, security) = link::options(cfg, &ctx.topics, ctx.clock.now_ms(), id, slot)?;
+    tracing::info!(node = %cfg.node, broker = %format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port), ?security, "MQTT link");
+    let (client, eventloop) = link::client(options);
+    let (link_tx, link_rx) = link::link_channel(link::LINK_CHANNEL_CAPACITY, ctx.counters.clone());
     let (min, max) = (cfg.mqtt.reconnect_min, cfg.mqtt.reconnect_max);
+    // Only a link presenting the identity reconnects after a renewal.
+    let rotated = (security == link::LinkSecurity::Identity).then(|| rotated.subscribe());
     let link = Stage::spawn(tasks, |stop| async move {
-        link::run_event_loop(eventloop, link_tx, min, max, stop).await;
+        link::run_event_loop(eventloop, link_tx, min, max, rotated, stop).await;
         Ok(())
     });
     let (conn_tx, conn_rx) = watch::channel(Conn::default());
@@ -366,6 +398,38 @@ fn spawn_link(
         stage,
     };
     Ok((client, link_rx, uplink, link))
+}
+
+/// Spawns the certificate renewal ([`crate::renewal`]) of a joined node.
+fn spawn_renewal(
+    tasks: &mut Tasks,
+    ctx: &AgentContext,
+    cfg: &EdgeConfig,
+    (identity, slot): (
+        crate::identity::Identity,
+        Arc<crate::identity::ClientCertSlot>,
+    ),
+    rotated: watch::Sender<u64>,
+    fetcher: &Arc<ArtifactFetcher>,
+    cancel: &CancellationToken,
+) {
+    let renewal = crate::renewal::Renewal {
+        node: cfg.node.clone(),
+        data_dir: cfg.data_dir.clone(),
+        hub_url: cfg.hub.http_url.clone(),
+        identity,
+        slot,
+        config: cfg.identity.clone(),
+        rotated,
+        fetcher: Some(fetcher.clone()),
+        counters: ctx.counters.clone(),
+        clock: ctx.clock,
+    };
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        renewal.run(cancel).await;
+        Ok(())
+    });
 }
 
 /// Runs an agent from `cfg` until `stop` resolves, then stops it in its

@@ -232,6 +232,7 @@ fn a_restart_reapplies_from_disk_and_ignores_the_retained_redelivery() {
         previous: Some(signed("n-1", 3, &hub)),
         clean_stop: true,
         last_commit_ms: Some(5),
+        last_commit_lag_ms: 0,
         loss_windows: vec![LossWindow {
             from_ms: 1,
             to_ms: 2,
@@ -269,6 +270,7 @@ fn an_unclean_restart_records_a_loss_window_and_reports_it() {
         previous: None,
         clean_stop: false,
         last_commit_ms: Some(1_000),
+        last_commit_lag_ms: 0,
         loss_windows: Vec::new(),
     };
     let mut s = bare();
@@ -405,4 +407,40 @@ fn reports_only_while_connected_and_foreign_topics_are_counted() {
     let status: NodeStatus =
         serde_json::from_slice(&published(&out, TopicKind::Status)[0]).unwrap();
     assert_eq!(status.state, NodeState::Offline);
+}
+
+#[test]
+fn a_lagging_pipeline_widens_the_loss_window_and_a_wild_clock_is_capped() {
+    let hub = key(1);
+    let base = Restored {
+        hub_key: Some(key_to_hex(&hub.verifying_key())),
+        current: Some(signed("n-1", 4, &hub)),
+        previous: None,
+        clean_stop: false,
+        last_commit_ms: Some(100_000),
+        last_commit_lag_ms: 700,
+        loss_windows: Vec::new(),
+    };
+    // Appends ran 700 ms behind the samples' time: the window starts twice
+    // that before the last commit, not one batch age (500 ms).
+    let out = bare().handle(Input::Restore(&base), 101_000);
+    assert_eq!(
+        out[1],
+        Output::RecordLossWindow(LossWindow {
+            from_ms: 98_600,
+            to_ms: 101_000
+        })
+    );
+    let wild = Restored {
+        last_commit_lag_ms: 10_000_000,
+        ..base
+    };
+    let out = bare().handle(Input::Restore(&wild), 101_000);
+    assert_eq!(
+        out[1],
+        Output::RecordLossWindow(LossWindow {
+            from_ms: 100_000 - super::MAX_LOSS_LAG_MS,
+            to_ms: 101_000
+        })
+    );
 }

@@ -146,6 +146,7 @@ const CURRENT: &[u8] = b"current";
 const PREVIOUS: &[u8] = b"previous";
 const HUB_KEY: &[u8] = b"hub_key";
 const LAST_COMMIT_MS: &[u8] = b"last_commit_ms";
+const LAST_COMMIT_LAG_MS: &[u8] = b"last_commit_lag_ms";
 const CLEAN_STOP: &[u8] = b"clean_stop";
 const LOSS_WINDOWS: &[u8] = b"loss_windows";
 /// How long [`Store::open`] waits for another holder to release the lock.
@@ -340,13 +341,35 @@ impl Store {
         Ok(())
     }
 
-    /// Records the time a commit covered (for crash-window reporting).
+    /// Records the time a commit covered and how far behind the samples'
+    /// own time the appends it covers ran (for crash-window reporting).
     pub fn record_commit_time(&self, now_ms: u64) -> Result<(), StoreError> {
+        let lag = self
+            .outboxes()
+            .iter()
+            .map(Outbox::take_append_lag)
+            .max()
+            .unwrap_or(0);
         self.inner
             .meta
             .insert(LAST_COMMIT_MS, &now_ms.to_be_bytes())
             .map_err(io("write commit time"))?;
+        self.inner
+            .meta
+            .insert(LAST_COMMIT_LAG_MS, &lag.to_be_bytes())
+            .map_err(io("write commit lag"))?;
         Ok(())
+    }
+
+    /// The append lag recorded with the last commit (0 if none).
+    pub fn last_commit_lag(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .meta
+            .get(LAST_COMMIT_LAG_MS)
+            .map_err(io("read commit lag"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
     }
 
     /// Marks the stop as clean (everything buffered was committed) and flushes.

@@ -159,6 +159,10 @@ struct Inner {
     state: Mutex<State>,
     durable: AtomicU64,
     published: AtomicU64,
+    /// Largest `now - oldest sample timestamp` of an append since the last
+    /// commit took it ([`Outbox::take_append_lag`]): how far behind the
+    /// samples' own time the pipeline runs.
+    append_lag_ms: AtomicU64,
     notify: Notify,
 }
 
@@ -225,6 +229,7 @@ impl Outbox {
                 }),
                 durable: AtomicU64::new(durable),
                 published: AtomicU64::new(published),
+                append_lag_ms: AtomicU64::new(0),
                 notify: Notify::new(),
             }),
         })
@@ -292,6 +297,9 @@ impl Outbox {
         let value = record::encode(&self.inner.stream, first_seq, samples);
         let min_ts = samples.iter().map(|s| s.ts_ms).min().unwrap_or(0);
         let max_ts = samples.iter().map(|s| s.ts_ms).max().unwrap_or(0);
+        self.inner
+            .append_lag_ms
+            .fetch_max(now_ms.saturating_sub(min_ts), Ordering::Relaxed);
         if value.len() > MAX_ENTRY_BYTES && samples.len() > 1 {
             return Ok(None);
         }
@@ -503,6 +511,11 @@ impl Outbox {
     /// Highest sequence number assigned so far.
     pub fn appended_seq(&self) -> u64 {
         self.state().next_seq - 1
+    }
+
+    /// The largest append lag since the last call, and resets it.
+    pub fn take_append_lag(&self) -> u64 {
+        self.inner.append_lag_ms.swap(0, Ordering::Relaxed)
     }
 
     /// Highest sequence number known to be on disk.

@@ -129,6 +129,11 @@ struct HollowArgs {
     /// The mosquitto executable (default: found on PATH or in /usr/sbin).
     #[arg(long)]
     mosquitto_bin: Option<PathBuf>,
+    /// Plain MQTT for the started stack (the embedded broker's lab mode, or
+    /// an anonymous loopback Mosquitto), to measure beside the mTLS
+    /// default; every node gets its own certificate otherwise.
+    #[arg(long, conflicts_with = "hub_url")]
+    plain_mqtt: bool,
     /// Mosquitto max_queued_messages per client (default: 8 per node, at
     /// least 10000; the hub's subscriptions queue 2 messages per node per
     /// desired-state change).
@@ -283,17 +288,20 @@ async fn hollow(a: HollowArgs) -> anyhow::Result<ExitCode> {
         eprintln!("file descriptor limit: {limit}");
     }
     let (report, hub) = if let (Some(url), Some(mqtt)) = (&a.hub_url, a.mqtt) {
+        // An external hub: its admin token and CA, when its data
+        // directory is on this machine; the nodes then connect with
+        // certificates from that CA (the hub's secure default broker).
+        let data_dir = std::env::var_os("EDGEFLEET_HUB_DATA_DIR").map(std::path::PathBuf::from);
         let ep = HubEndpoint {
             http_base: url.clone(),
             mqtt_host: mqtt.ip().to_string(),
             mqtt_port: mqtt.port(),
+            mqtt_tls: data_dir.is_some(),
             pid: a.hub_pid,
             broker_pid: None,
             broker: BrokerKind::External,
             in_process: false,
-            // An external hub: its admin token and CA, when its data
-            // directory is on this machine.
-            data_dir: std::env::var_os("EDGEFLEET_HUB_DATA_DIR").map(std::path::PathBuf::from),
+            data_dir,
         };
         (sim::hollow::run(&opts, &ep).await, None)
     } else {
@@ -365,6 +373,7 @@ fn stack_options(a: &HollowArgs, nodes: usize) -> anyhow::Result<StackOptions> {
         },
         mosquitto,
         nodes,
+        mqtt_tls: !a.plain_mqtt,
     })
 }
 

@@ -480,20 +480,50 @@ async fn event_loop(
     }
 }
 
-/// Starts an embedded rumqttd on a free `127.0.0.1` port and waits until it
-/// accepts connections. The broker cannot be stopped (rumqttd has no
-/// shutdown API); it runs until the process exits.
+/// Starts an anonymous rumqttd (the devices' own broker, not the hub's: no
+/// auth, no ACL, like a plant's device broker) on a free `127.0.0.1` port
+/// and waits until it accepts connections. The broker cannot be stopped
+/// (rumqttd has no shutdown API); it runs until the process exits.
 pub async fn start_broker() -> Result<SocketAddr, MqttSimError> {
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| MqttSimError::Broker(format!("no free port: {e}")))?
         .port();
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    cloud_hub::broker::start(&cloud_hub::config::EmbeddedBroker {
+    let server = rumqttd::ServerSettings {
+        name: "devices-v4".into(),
         listen,
-        max_connections: 10_000,
-    })
-    .map_err(|e| MqttSimError::Broker(e.to_string()))?;
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: protocols::limits::MAX_SYNC_PACKET_BYTES,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 10_000,
+            max_outgoing_packet_count: 1_000,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            ..rumqttd::RouterConfig::default()
+        },
+        v4: Some(std::iter::once(("v4".to_owned(), server)).collect()),
+        ..rumqttd::Config::default()
+    };
+    std::thread::Builder::new()
+        .name("rumqttd-devices".into())
+        .spawn(move || {
+            if let Err(e) = rumqttd::Broker::new(config).start() {
+                tracing::error!(error = %e, "device broker stopped");
+            }
+        })
+        .map_err(|e| MqttSimError::Broker(format!("cannot start the broker thread: {e}")))?;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(listen).await.is_ok() {
             return Ok(listen);

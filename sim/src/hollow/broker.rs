@@ -53,6 +53,65 @@ pub struct MosquittoOptions {
     pub max_inflight_messages: u16,
     /// Longest wait for the listener to accept connections.
     pub ready_timeout: Duration,
+    /// mTLS with the shipped `deploy/mosquitto` config and ACL
+    /// ([`tls_config_text`]); plain anonymous loopback ([`config_text`])
+    /// when `None`.
+    pub tls: Option<MosquittoTls>,
+}
+
+/// What a TLS Mosquitto needs (PEM): the hub CA it trusts for client
+/// certificates, and its own server certificate and key from that CA.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MosquittoTls {
+    /// The hub CA certificate.
+    pub ca_pem: String,
+    /// The broker's server certificate (SAN 127.0.0.1).
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for MosquittoTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MosquittoTls").finish_non_exhaustive()
+    }
+}
+
+/// The shipped Mosquitto config (`deploy/mosquitto/mosquitto.conf`).
+pub const SHIPPED_CONF: &str = include_str!("../../../deploy/mosquitto/mosquitto.conf");
+/// The shipped ACL (`deploy/mosquitto/acl`).
+pub const SHIPPED_ACL: &str = include_str!("../../../deploy/mosquitto/acl");
+
+/// The shipped config, adapted to one run in `dir`: its listener on
+/// `127.0.0.1:port`, certificates and ACL in `dir`, no persistence, the
+/// queue sizes of `opts`. Every security line (require_certificate,
+/// use_identity_as_username, use_username_as_clientid, allow_anonymous,
+/// acl_file) is kept as shipped.
+pub fn tls_config_text(port: u16, opts: &MosquittoOptions, dir: &Path) -> String {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut out =
+        String::from("# deploy/mosquitto/mosquitto.conf, adapted by fleet-sim for one run\n");
+    for line in SHIPPED_CONF.lines() {
+        let key = line.split_whitespace().next().unwrap_or_default();
+        let adapted = match key {
+            "listener" => format!("listener {port} 127.0.0.1"),
+            "cafile" => format!("cafile {}", file("ca.crt")),
+            "certfile" => format!("certfile {}", file("broker.crt")),
+            "keyfile" => format!("keyfile {}", file("broker.key")),
+            "acl_file" => format!("acl_file {}", file("acl")),
+            "persistence" => "persistence false".to_owned(),
+            "persistence_location" => continue,
+            "max_queued_messages" => format!("max_queued_messages {}", opts.max_queued_messages),
+            "max_inflight_messages" => {
+                format!("max_inflight_messages {}", opts.max_inflight_messages)
+            }
+            _ => line.to_owned(),
+        };
+        out.push_str(&adapted);
+        out.push('\n');
+    }
+    out.push_str("max_connections -1\n# as root, Mosquitto would switch to the `mosquitto` user\nuser root\n");
+    out
 }
 
 impl MosquittoOptions {
@@ -64,6 +123,7 @@ impl MosquittoOptions {
             max_queued_messages: nodes.saturating_mul(8).max(10_000),
             max_inflight_messages: 100,
             ready_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -145,8 +205,22 @@ impl Mosquitto {
             .map_err(io("creating the broker directory".into()))?;
         let port = super::hub::free_port()?;
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf, config_text(port, opts))
-            .map_err(io(format!("writing {}", conf.display())))?;
+        let text = match &opts.tls {
+            Some(tls) => {
+                for (name, text) in [
+                    ("ca.crt", tls.ca_pem.as_str()),
+                    ("broker.crt", tls.cert_pem.as_str()),
+                    ("broker.key", tls.key_pem.as_str()),
+                    ("acl", SHIPPED_ACL),
+                ] {
+                    let p = dir.path().join(name);
+                    std::fs::write(&p, text).map_err(io(format!("writing {}", p.display())))?;
+                }
+                tls_config_text(port, opts, dir.path())
+            }
+            None => config_text(port, opts),
+        };
+        std::fs::write(&conf, text).map_err(io(format!("writing {}", conf.display())))?;
         let log = dir.path().join("mosquitto.log");
         let out = std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
         let err = out
@@ -305,6 +379,33 @@ mod tests {
             "every listener is on loopback"
         );
         assert_eq!(MosquittoOptions::for_fleet(10).max_queued_messages, 10_000);
+    }
+
+    #[test]
+    fn the_tls_config_keeps_every_security_line_of_the_shipped_one() {
+        let dir = Path::new("/run/x");
+        let text = tls_config_text(4242, &MosquittoOptions::for_fleet(10_000), dir);
+        for line in [
+            "listener 4242 127.0.0.1",
+            "allow_anonymous false",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            "acl_file /run/x/acl",
+            "cafile /run/x/ca.crt",
+            "persistence false",
+            "max_queued_messages 80000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+        }
+        assert!(
+            !text
+                .lines()
+                .any(|l| !l.starts_with('#') && l.contains("/etc/mosquitto")),
+            "{text}"
+        );
+        assert!(SHIPPED_ACL.contains("pattern write edgefleet/v1/nodes/%u/telemetry"));
+        assert!(SHIPPED_ACL.contains("pattern read edgefleet/v1/nodes/%u/desired"));
     }
 
     #[tokio::test]

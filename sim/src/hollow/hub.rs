@@ -25,6 +25,11 @@ pub struct HubEndpoint {
     pub mqtt_host: String,
     /// Broker port.
     pub mqtt_port: u16,
+    /// Whether the broker wants TLS with client certificates from the hub
+    /// CA (the embedded broker's default; a Mosquitto stack started with
+    /// TLS): each hollow node then gets its own certificate, issued in this
+    /// process from the CA in `data_dir`.
+    pub mqtt_tls: bool,
     /// The hub's process id, to sample its memory (`None`: not sampled).
     pub pid: Option<u32>,
     /// The external broker's process id, to sample its memory (`None`: the
@@ -76,13 +81,13 @@ impl HubProcess {
         cfg.data_dir = dir.join("data");
         let http_port = free_port()?;
         cfg.http_listen = ([127, 0, 0, 1], http_port).into();
-        let (mqtt_host, mqtt_port) = match &mut cfg.embedded_broker {
+        let (mqtt_host, mqtt_port, mqtt_tls) = match &mut cfg.embedded_broker {
             Some(broker) => {
                 let port = free_port()?;
                 broker.listen = ([127, 0, 0, 1], port).into();
-                ("127.0.0.1".to_owned(), port)
+                ("127.0.0.1".to_owned(), port, broker.tls)
             }
-            None => (cfg.mqtt.host.clone(), cfg.mqtt.port),
+            None => (cfg.mqtt.host.clone(), cfg.mqtt.port, cfg.mqtt.tls.is_some()),
         };
         cfg.validate()
             .map_err(|e| HollowError::Config(format!("hub config: {e}")))?;
@@ -113,6 +118,7 @@ impl HubProcess {
             ),
             mqtt_host,
             mqtt_port,
+            mqtt_tls,
             pid: child.id(),
             broker_pid: None,
             broker: if cfg.embedded_broker.is_some() {

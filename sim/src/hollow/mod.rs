@@ -291,15 +291,25 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
         rejected: AtomicU64::new(0),
         publish_dropped: AtomicU64::new(0),
     });
+    let certs = match (hub.mqtt_tls, hub.data_dir.as_deref()) {
+        (true, Some(d)) => Some(fleet::NodeCerts::open(d)?),
+        (true, None) => {
+            return Err(HollowError::Config(
+                "mqtt_tls: the nodes' certificates come from the hub CA in its data directory, and this hub has none here".into(),
+            ));
+        }
+        (false, _) => None,
+    };
     let link = Arc::new(NodeLink {
         host: hub.mqtt_host.clone(),
         port: hub.mqtt_port,
+        certs,
         topics,
         key,
         keep_alive: opts.keep_alive,
         connect_timeout_s: opts.mqtt_connect_timeout.as_secs(),
     });
-    let mut tasks = spawn_fleet(opts, hub, &names, &link, &fleet, &cancel);
+    let mut tasks = spawn_fleet(opts, hub, &names, &link, &fleet, &cancel)?;
 
     let result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem).await;
     cancel.cancel();
@@ -367,7 +377,7 @@ fn spawn_fleet(
     link: &Arc<NodeLink>,
     fleet: &Arc<Fleet>,
     cancel: &CancellationToken,
-) -> JoinSet<()> {
+) -> Result<JoinSet<()>, HollowError> {
     let connecting = Arc::new(Semaphore::new(opts.connect_concurrency));
     let mut tasks = JoinSet::new();
     say(
@@ -386,9 +396,9 @@ fn spawn_fleet(
             fleet,
             &connecting,
             cancel,
-        );
+        )?;
     }
-    tasks
+    Ok(tasks)
 }
 
 /// Copies the run-wide figures (peak memory, load, the fleet's counters)

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cloud_hub::HubConfig;
 
-use super::broker::{Mosquitto, MosquittoOptions, mosquitto_version};
+use super::broker::{Mosquitto, MosquittoOptions, MosquittoTls, mosquitto_version};
 use super::hub::{HubEndpoint, HubProcess};
 use super::{BrokerKind, HollowError};
 
@@ -38,7 +38,17 @@ pub struct StackOptions {
     /// Nodes that will connect (sizes the embedded broker's connection
     /// limit).
     pub nodes: usize,
+    /// MQTT with client certificates from the hub CA (the secure default):
+    /// the embedded broker's mTLS gate, or Mosquitto with the shipped
+    /// `deploy/mosquitto` config and ACL (the hub then connects with a hub
+    /// certificate, CN [`HUB_MQTT_NAME`]). `false`: plain MQTT (the
+    /// embedded broker's lab mode; an anonymous loopback Mosquitto).
+    pub mqtt_tls: bool,
 }
+
+/// The CN of the hub's client certificate towards a started Mosquitto (the
+/// `user` of the shipped ACL).
+pub const HUB_MQTT_NAME: &str = "hub:cloud-hub";
 
 /// A running hub (and broker); stop it with [`Stack::stop`]. Dropping it
 /// kills both processes too.
@@ -54,9 +64,17 @@ impl Stack {
     /// Starts the broker (if [`BrokerKind::Mosquitto`]) and the hub.
     pub async fn start(o: &StackOptions) -> Result<Self, HollowError> {
         let mut cfg = o.hub_config.clone();
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-sim-hollow-")
+            .tempdir()
+            .map_err(|source| HollowError::Io {
+                what: "creating the hub directory".into(),
+                source,
+            })?;
         let (mosquitto, broker_version) = match o.broker {
             BrokerKind::Embedded => {
                 let broker = cfg.embedded_broker.get_or_insert_with(Default::default);
+                broker.tls = o.mqtt_tls;
                 // The hub's own client and a margin beside the nodes.
                 broker.max_connections = broker.max_connections.max(o.nodes + 64);
                 (
@@ -68,7 +86,13 @@ impl Stack {
                 )
             }
             BrokerKind::Mosquitto => {
-                let m = Mosquitto::spawn(&o.mosquitto).await?;
+                let mut mo = o.mosquitto.clone();
+                if o.mqtt_tls {
+                    let (broker_tls, hub_tls) = mosquitto_identities(dir.path())?;
+                    mo.tls = Some(broker_tls);
+                    cfg.mqtt.tls = Some(hub_tls);
+                }
+                let m = Mosquitto::spawn(&mo).await?;
                 let version = mosquitto_version(m.bin()).await;
                 cfg.embedded_broker = None;
                 cfg.mqtt.host = "127.0.0.1".into();
@@ -82,13 +106,6 @@ impl Stack {
                 ));
             }
         };
-        let dir = tempfile::Builder::new()
-            .prefix("fleet-sim-hollow-")
-            .tempdir()
-            .map_err(|source| HollowError::Io {
-                what: "creating the hub directory".into(),
-                source,
-            })?;
         let mut hub = match HubProcess::spawn(
             &o.hub_bin,
             &o.hub_args,
@@ -176,4 +193,44 @@ impl Stack {
         }
         kept
     }
+}
+
+/// Before the hub's first start: its CA (created in `{dir}/data`, where
+/// [`HubProcess::spawn`] puts the hub's data), a server certificate for
+/// Mosquitto, and the hub's client certificate ([`HUB_MQTT_NAME`], `OU=hub`)
+/// written to `{dir}/mqtt-tls` as the hub's `[mqtt.tls]`.
+fn mosquitto_identities(
+    dir: &std::path::Path,
+) -> Result<(MosquittoTls, cloud_hub::config::MqttTls), HollowError> {
+    let fail = |e: &dyn std::fmt::Display| HollowError::Broker(format!("broker certificates: {e}"));
+    let ca = cloud_hub::ca::Ca::open_offline(&dir.join("data")).map_err(|e| fail(&e))?;
+    let server = ca
+        .issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .map_err(|e| fail(&e))?;
+    let hub = ca
+        .issue_keyed(
+            &cloud_hub::ca::Identity::hub(HUB_MQTT_NAME),
+            Duration::from_secs(7 * 24 * 3600),
+        )
+        .map_err(|e| fail(&e))?;
+    let tls_dir = dir.join("mqtt-tls");
+    std::fs::create_dir_all(&tls_dir).map_err(|e| fail(&e))?;
+    let write = |name: &str, text: &str| {
+        let p = tls_dir.join(name);
+        std::fs::write(&p, text).map_err(|e| fail(&format!("{}: {e}", p.display())))?;
+        Ok::<_, HollowError>(p)
+    };
+    let hub_tls = cloud_hub::config::MqttTls {
+        ca_file: write("ca.crt", ca.cert_pem())?,
+        cert_file: Some(write("hub.crt", &hub.cert_pem)?),
+        key_file: Some(write("hub.key", &hub.key_pem)?),
+    };
+    Ok((
+        MosquittoTls {
+            ca_pem: ca.cert_pem().to_owned(),
+            cert_pem: server.cert_pem,
+            key_pem: server.key_pem,
+        },
+        hub_tls,
+    ))
 }

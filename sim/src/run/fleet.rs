@@ -508,6 +508,11 @@ fn edge_config(
     cfg.outbox.flush_interval = s.edge.flush_interval;
     cfg.uplink.drain_rate = s.edge.drain_rate;
     cfg.uplink.ack_timeout = Duration::from_secs(10);
+    // The gateway's own policy, as a site would write it: the simulated
+    // devices listen on loopback, and a partitioned node on a virtual clock
+    // reaches its devices in memory under `{node}-mb{i}.mem`
+    // (`crate::virtual_time`).
+    cfg.policy.device_endpoints.push("*.mem".into());
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("edge config of {}: {e}", layout.name))?;
     Ok(cfg)

@@ -416,7 +416,8 @@ mod tests {
         assert!(hub.streams("n1").await.unwrap().is_empty());
         assert!(hub.samples("n1", "nothing").await.unwrap().is_empty());
 
-        hub.put_desired(&desired("n1", 2)).await.unwrap();
+        // The hub assigns revisions: 1 is next; 1 again is refused.
+        hub.put_desired(&desired("n1", 1)).await.unwrap();
         let e = hub.put_desired(&desired("n1", 1)).await.unwrap_err();
         let msg = format!("{e:#}");
         assert!(

@@ -139,6 +139,58 @@ pub fn edge_config(node: &str, data_dir: &Path, mqtt_port: u16, hub_key: &str) -
     cfg
 }
 
+/// Gives node `node` (data in `edge_dir`) its identity from the CA of the
+/// hub whose data directory is `hub_dir`, before that hub runs (the hub's
+/// database is opened and closed again here; the CA and the hub key are
+/// created if they do not exist yet). Returns the hub key (hex).
+pub fn enrol_offline(hub_dir: &Path, node: &str, edge_dir: &Path) -> Result<String, HarnessError> {
+    let fail = |e: &dyn std::fmt::Display| HarnessError::Thread(format!("enrolling {node}: {e}"));
+    let key = cloud_hub::keys::load_or_create(hub_dir).map_err(|e| fail(&e))?;
+    let hub_key = protocols::signing::key_to_hex(&key.verifying_key());
+    let (keyed, ca_pem) = {
+        let ca = cloud_hub::ca::Ca::open_offline(hub_dir).map_err(|e| fail(&e))?;
+        let keyed = ca
+            .issue_keyed(
+                &cloud_hub::ca::Identity::node(node),
+                Duration::from_secs(24 * 3600),
+            )
+            .map_err(|e| fail(&e))?;
+        (keyed, ca.cert_pem().to_owned())
+    };
+    edge_node::identity::Identity {
+        key_pem: keyed.key_pem,
+        cert_pem: keyed.cert_pem,
+        ca_pem,
+        hub_public_key: hub_key.clone(),
+    }
+    .write(edge_dir)
+    .map_err(|e| fail(&e))?;
+    Ok(hub_key)
+}
+
+/// A node's MQTT TLS config (its certificate, trusting the hub CA) from a
+/// hub reached only through its REST API: a join token from `admin`, then
+/// the join with a CSR, as `edge-node join` does.
+pub async fn join_mqtt_tls(
+    admin: &HubClient,
+    node: &str,
+) -> Result<Arc<rustls::ClientConfig>, HarnessError> {
+    let fail = |e: &dyn std::fmt::Display| HarnessError::Thread(format!("joining {node}: {e}"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| fail(&e))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| fail(&e))?;
+    let token = admin.bootstrap(node).await?.token;
+    let joined = admin.join(&token, &csr).await?;
+    let cfg = cloud_hub::tls::mqtt_client_config(
+        &joined.ca_pem,
+        Some((&joined.cert_pem, &key.serialize_pem())),
+    )
+    .map_err(|(part, e)| fail(&format!("{part}: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
 /// A real hub on loopback.
 #[derive(Debug)]
 pub struct HubHarness {
@@ -304,6 +356,68 @@ impl HubHarness {
         .map_err(|e| HarnessError::Thread(e.to_string()))
     }
 
+    /// A fresh key and certificate from the hub CA for `identity`, as a
+    /// rustls client config for MQTT (trusting the hub CA).
+    pub fn mqtt_tls(
+        &self,
+        identity: &cloud_hub::ca::Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, HarnessError> {
+        let keyed = self
+            .hub
+            .ca
+            .issue_keyed(identity, Duration::from_secs(24 * 3600))
+            .map_err(|e| HarnessError::Thread(e.to_string()))?;
+        let cfg = cloud_hub::tls::mqtt_client_config(
+            self.hub.ca.cert_pem(),
+            Some((&keyed.cert_pem, &keyed.key_pem)),
+        )
+        .map_err(|(part, e)| HarnessError::Thread(format!("{part}: {e}")))?;
+        Ok(Arc::new(cfg))
+    }
+
+    /// MQTT options for a raw client of this hub's broker: client id
+    /// `client_id`, over TLS with a fresh certificate for `identity` (the
+    /// broker is the mTLS gate). Call with [`cloud_hub::ca::Identity::node`]
+    /// of the same name for a node.
+    pub fn mqtt_options(
+        &self,
+        client_id: &str,
+        identity: &cloud_hub::ca::Identity,
+    ) -> Result<rumqttc::MqttOptions, HarnessError> {
+        let mut o = rumqttc::MqttOptions::new(client_id, self.mqtt.0.clone(), self.mqtt.1);
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(self.mqtt_tls(identity)?),
+        ));
+        Ok(o)
+    }
+
+    /// Writes `{dir}/ca.crt`, `{dir}/client.crt` and `{dir}/client.key`
+    /// (a fresh certificate from the hub CA for `identity`) and returns them
+    /// as a `[mqtt.tls]` config (for a second hub using this one's broker).
+    pub fn write_mqtt_files(
+        &self,
+        identity: &cloud_hub::ca::Identity,
+        dir: &Path,
+    ) -> Result<cloud_hub::config::MqttTls, HarnessError> {
+        let keyed = self
+            .hub
+            .ca
+            .issue_keyed(identity, Duration::from_secs(24 * 3600))
+            .map_err(|e| HarnessError::Thread(e.to_string()))?;
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&p, text))
+                .map_err(|e| HarnessError::Thread(format!("{}: {e}", p.display())))?;
+            Ok::<_, HarnessError>(p)
+        };
+        Ok(cloud_hub::config::MqttTls {
+            ca_file: write("ca.crt", self.hub.ca.cert_pem())?,
+            cert_file: Some(write("client.crt", &keyed.cert_pem)?),
+            key_file: Some(write("client.key", &keyed.key_pem)?),
+        })
+    }
+
     /// Waits until the hub's MQTT session is subscribed (`/readyz`).
     pub async fn wait_ready(&self, deadline: Duration) -> Result<(), HarnessError> {
         wait_until("the hub to be ready", deadline, || async {
@@ -341,6 +455,8 @@ pub struct EdgeHarness {
     pub store: edge_node::store::Store,
     /// Live status of its device functions.
     pub functions: edge_node::functions::FunctionsView,
+    /// Its counters (as its reported state carries them).
+    pub counters: Arc<edge_node::metrics::Counters>,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), AgentError>>,
 }
@@ -361,10 +477,12 @@ impl EdgeHarness {
         let cancel = CancellationToken::new();
         let agent = Agent::start_with(cfg, clock, cancel.clone(), options).await?;
         let (store, functions) = (agent.store().clone(), agent.functions());
+        let counters = agent.counters();
         let task = tokio::spawn(agent.run());
         Ok(Self {
             store,
             functions,
+            counters,
             cancel,
             task,
         })

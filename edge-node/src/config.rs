@@ -41,6 +41,8 @@ pub struct EdgeConfig {
     pub policy: crate::policy::PolicyConfig,
     /// Bounds on device functions (`[functions]`): kv quota, log rate.
     pub functions: FunctionsConfig,
+    /// Device connections (`[devices]`): clock skew, secrets.
+    pub devices: DevicesConfig,
     /// Renewal of the joined identity (`[identity]`, [`crate::renewal`]).
     pub identity: IdentityConfig,
 }
@@ -101,6 +103,7 @@ impl Default for EdgeConfig {
             cache_capacity_bytes: 64 * 1024 * 1024,
             policy: crate::policy::PolicyConfig::default(),
             functions: FunctionsConfig::default(),
+            devices: DevicesConfig::default(),
             identity: IdentityConfig::default(),
         }
     }
@@ -412,6 +415,7 @@ impl EdgeConfig {
             self.cache_capacity_bytes,
         );
         self.functions.validate_at(&mut c, &root.field("functions"));
+        self.devices.validate_at(&mut c, &root.field("devices"));
         c.finish()
     }
 
@@ -423,9 +427,18 @@ impl EdgeConfig {
     /// Driver settings derived from this config: the OPC UA client PKI in
     /// `{data_dir}/opcua-pki` (created 0700 by [`crate::datadir::prepare`]),
     /// never in a shared temporary directory (L4).
+    /// MQTT devices' secrets come from `[devices] secrets_dir` (default
+    /// `{data_dir}/device-secrets`).
     pub fn driver_options(&self) -> crate::drivers::DriverOptions {
         let mut o = crate::drivers::DriverOptions::default();
         o.opcua.pki_dir = self.data_dir.join(crate::datadir::OPCUA_PKI);
+        o.mqtt.max_future_skew = self.devices.mqtt_max_future_skew;
+        o.mqtt.secrets_dir = Some(
+            self.devices
+                .secrets_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join(DevicesConfig::SECRETS_DIR)),
+        );
         o
     }
 
@@ -508,6 +521,57 @@ impl FunctionsConfig {
                 &f.field("log_burst"),
                 format!("{} is out of range 1..=100000", self.log_burst),
             );
+        }
+    }
+}
+
+/// Device connections (`[devices]`).
+///
+/// ```toml
+/// [devices]
+/// mqtt_max_future_skew = "5m"   # MQTT device messages stamped further ahead are refused
+/// secrets_dir = "/etc/edgefleet/device-secrets"   # default {data_dir}/device-secrets
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// An MQTT-native device message whose `ts_ms` is further ahead of this
+    /// gateway's clock is refused (counted, the device's last error).
+    /// Default 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub mqtt_max_future_skew: Duration,
+    /// Directory of the files MQTT devices may name as `ca_file` and
+    /// `password_file` (plain names: desired state can only choose among
+    /// them). Default `{data_dir}/device-secrets`.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            mqtt_max_future_skew: Duration::from_secs(300),
+            secrets_dir: None,
+        }
+    }
+}
+
+impl DevicesConfig {
+    /// Name of the default secrets directory under `data_dir`.
+    pub const SECRETS_DIR: &'static str = "device-secrets";
+
+    fn validate_at(&self, c: &mut Collector, f: &Path<'_>) {
+        if self.mqtt_max_future_skew < Duration::from_secs(1)
+            || self.mqtt_max_future_skew > Duration::from_secs(7 * 24 * 3600)
+        {
+            c.push(
+                &f.field("mqtt_max_future_skew"),
+                "must be between 1s and 7days",
+            );
+        }
+        if let Some(d) = &self.secrets_dir
+            && d.as_os_str().is_empty()
+        {
+            c.push(&f.field("secrets_dir"), "must not be empty");
         }
     }
 }
@@ -706,6 +770,41 @@ mod tests {
             std::path::Path::new("/var/lib/edgefleet/opcua-pki")
         );
         assert!(!o.opcua.pki_dir.starts_with(std::env::temp_dir()));
+        assert_eq!(
+            o.mqtt.secrets_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/edgefleet/device-secrets"))
+        );
+        assert_eq!(o.mqtt.max_future_skew, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn device_settings_name_bad_fields() {
+        let c = EdgeConfig::from_toml(
+            "[devices]\nmqtt_max_future_skew = \"30s\"\nsecrets_dir = \"/etc/s\"\n",
+            std::path::Path::new("e.toml"),
+        )
+        .unwrap();
+        let o = c.driver_options();
+        assert_eq!(o.mqtt.max_future_skew, Duration::from_secs(30));
+        assert_eq!(
+            o.mqtt.secrets_dir.as_deref(),
+            Some(std::path::Path::new("/etc/s"))
+        );
+        let mut c = EdgeConfig {
+            hub: HubConfig {
+                insecure_trust_first_use: true,
+                ..HubConfig::default()
+            },
+            ..EdgeConfig::default()
+        };
+        c.devices.mqtt_max_future_skew = Duration::ZERO;
+        c.devices.secrets_dir = Some(PathBuf::new());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("devices.mqtt_max_future_skew: must be between"),
+            "{e}"
+        );
+        assert!(e.contains("devices.secrets_dir: must not be empty"), "{e}");
     }
 
     #[test]
@@ -716,6 +815,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.functions, FunctionsConfig::default());
+        assert_eq!(c.devices, DevicesConfig::default());
     }
 
     #[test]

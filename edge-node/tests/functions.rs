@@ -65,16 +65,18 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A rig whose edge config `edit` changed first.
+    async fn start_with(edit: impl FnOnce(&mut edge_node::EdgeConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let hub = HubHarness::start(HubHarness::config(&dir.path().join("hub")))
             .await
             .unwrap();
-        let edge = EdgeHarness::start(
-            hub.edge_config("n1", &dir.path().join("edge")),
-            Clock::system(),
-        )
-        .await
-        .unwrap();
+        let mut cfg = hub.edge_config("n1", &dir.path().join("edge"));
+        edit(&mut cfg);
+        let edge = EdgeHarness::start(cfg, Clock::system()).await.unwrap();
         Self { hub, edge, dir }
     }
 
@@ -120,6 +122,30 @@ impl Rig {
             .unwrap();
         self.dir
     }
+}
+
+/// A WAT fixture of `tests/fixtures`, componentized against the
+/// `device-function` world.
+fn fixture(name: &str) -> Vec<u8> {
+    use wit_component::{ComponentEncoder, StringEncoding, embed_component_metadata};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let wat =
+        std::fs::read_to_string(root.join("tests/fixtures").join(format!("{name}.wat"))).unwrap();
+    let mut resolve = wit_parser::Resolve::default();
+    let (pkg, _) = resolve
+        .push_dir(root.join("../device-runtime/wit"))
+        .unwrap();
+    let world = resolve
+        .select_world(&[pkg], Some("device-function"))
+        .unwrap();
+    let mut module = wat::parse_str(&wat).unwrap();
+    embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8).unwrap();
+    ComponentEncoder::default()
+        .module(&module)
+        .unwrap()
+        .validate(true)
+        .encode()
+        .unwrap()
 }
 
 fn counter(f: &FunctionStatus, name: &str) -> u64 {
@@ -357,5 +383,62 @@ async fn corrupted_artifact_is_refused_and_the_old_version_keeps_running() {
             .is_some_and(|s| s.state == protocols::NodeState::Online)
     );
     assert_gap_free(&rig.samples("filtered").await, "filtered");
+    rig.stop().await;
+}
+
+/// A guest that fills its kv store, floods the log and emits samples for a
+/// point it does not declare is bounded by the gateway (M9, L5, L3): its
+/// puts fail past the quota, its lines are dropped past the rate, its
+/// undeclared samples never reach the hub; everything is counted in
+/// reported state and the function keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_guest_is_bounded_by_the_gateway() {
+    let rig = Rig::start_with(|cfg| cfg.functions.kv_max_keys = 3).await;
+    let module = rig.upload(fixture("hostile_edge")).await;
+    rig.put_desired(desired(1, &module, "")).await;
+    let (_, f, _) = eventually(
+        "the bounds refused something of each kind",
+        DEADLINE,
+        || async {
+            rig.function().await.filter(|(rev, f, _)| {
+                *rev == 1
+                    && counter(f, "kv_refused") >= 2
+                    && counter(f, "log_dropped") >= 100
+                    && counter(f, "samples_bad_point") >= 10
+                    && counter(f, "samples_out") >= 10
+            })
+        },
+    )
+    .await;
+    assert_eq!(f.state, FunctionState::Running, "{f:?}");
+    assert_eq!(counter(&f, "kv_keys"), 3, "{f:?}");
+    assert_eq!(counter(&f, "kv_bytes"), 3 * (8 + 100), "{f:?}");
+    assert_eq!(
+        counter(&f, "errors"),
+        0,
+        "refusals are not call failures: {f:?}"
+    );
+    assert!(
+        f.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("outside its 2 input(s)")),
+        "{f:?}"
+    );
+    let n = rig.node().await.unwrap();
+    let node = &n.reported.unwrap().counters;
+    assert!(node["function_kv_refused"] >= 2, "{node:?}");
+    assert!(node["function_samples_bad_point"] >= 10, "{node:?}");
+    // Local 0 -> 1 became input 1 (point 1); local 1 -> 2 is outside the
+    // inputs and was dropped. Without the check it went out as point 2, a
+    // point of the device that the function does not read.
+    let page = eventually("filtered samples at the hub", DEADLINE, || async {
+        let page = rig.samples("filtered").await;
+        (!page.samples.is_empty()).then_some(page)
+    })
+    .await;
+    assert!(
+        page.samples.iter().all(|s| s.point == 1),
+        "only declared points on the function's stream"
+    );
     rig.stop().await;
 }

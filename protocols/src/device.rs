@@ -77,6 +77,22 @@ pub enum DeviceProtocol {
         /// `edgefleet-<device id>`. Must be unique on that broker.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_id: Option<String>,
+        /// TLS to the broker: the name of a PEM file of CA certificates in
+        /// the gateway's device-secrets directory (edge config `[devices]
+        /// secrets_dir`), the only roots the broker's certificate is
+        /// checked against. A plain file name: the document can only pick
+        /// among files the gateway's operator put there. Absent: plain TCP.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
+        /// User name to log in to the broker with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        username: Option<String>,
+        /// The password: the name of a file in the gateway's
+        /// device-secrets directory whose first line it is (a plain file
+        /// name, like `ca_file`; the secret never travels in desired
+        /// state). Needs `username`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_file: Option<String>,
     },
     /// A built-in signal generator: no device needed. For demos and soak tests;
     /// every point must use [`PointAddress::Synthetic`].
@@ -438,6 +454,9 @@ impl DeviceProtocol {
                 topic,
                 qos,
                 client_id,
+                ca_file,
+                username,
+                password_file,
             } => {
                 if host.trim().is_empty() {
                     c.push(&path.field("host"), "must not be empty");
@@ -456,10 +475,45 @@ impl DeviceProtocol {
                 {
                     c.push(&path.field("client_id"), "must be 1..=128 bytes");
                 }
+                for (field, name) in [("ca_file", ca_file), ("password_file", password_file)] {
+                    if let Some(name) = name
+                        && let Some(e) = secret_name_error(name)
+                    {
+                        c.push(&path.field(field), format!("{name:?}: {e}"));
+                    }
+                }
+                if let Some(u) = username
+                    && (u.is_empty() || u.len() > 256 || u.contains('\0'))
+                {
+                    c.push(&path.field("username"), "must be 1..=256 bytes without NUL");
+                }
+                if password_file.is_some() && username.is_none() {
+                    c.push(
+                        &path.field("password_file"),
+                        "needs username (MQTT sends a password only with a user name)",
+                    );
+                }
             }
             Self::Synthetic => {}
         }
     }
+}
+
+/// Why `name` is not a plain file name in the gateway's device-secrets
+/// directory, if it is not: no directory part, no `..`, nothing hidden.
+fn secret_name_error(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 255 {
+        return Some("must be 1..=255 bytes");
+    }
+    if name.contains(['/', '\\', '\0']) {
+        return Some(
+            "must be a plain file name in the gateway's device-secrets directory (no '/', '\\' or NUL)",
+        );
+    }
+    if name.starts_with('.') {
+        return Some("must not start with '.'");
+    }
+    None
 }
 
 /// Why `topic` is not a usable MQTT topic filter, if it is not.

@@ -170,6 +170,9 @@ pub fn sample_desired() -> DesiredState {
                     topic: "plant/meters/9".into(),
                     qos: 1,
                     client_id: Some("press-7-meter-9".into()),
+                    ca_file: None,
+                    username: None,
+                    password_file: None,
                 },
                 groups: vec![PointGroup {
                     name: "pushed".into(),

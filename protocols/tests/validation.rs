@@ -143,6 +143,55 @@ fn mqtt_device_errors_name_their_field() {
 }
 
 #[test]
+fn mqtt_device_tls_and_login_name_only_files_in_the_secrets_dir() {
+    let mqtt = |extra: &str| {
+        doc(&format!(
+            r#"[{{"id":"m","protocol":{{"kind":"mqtt","host":"h","topic":"t"{extra}}},"groups":[{{"name":"g","interval_ms":1000,"points":[{{"index":1,"name":"a","address":{{"kind":"mqtt","key":"a"}}}}]}}]}}]"#
+        ))
+    };
+    // Optional: absent is what every existing document says.
+    decode_desired(mqtt("").as_bytes()).unwrap();
+    let ok = decode_desired(
+        mqtt(r#","ca_file":"plant-ca.pem","username":"edge","password_file":"plant-broker.pw""#)
+            .as_bytes(),
+    )
+    .unwrap();
+    let protocols::DeviceProtocol::Mqtt {
+        ca_file,
+        username,
+        password_file,
+        ..
+    } = &ok.devices[0].protocol
+    else {
+        panic!("not mqtt");
+    };
+    assert_eq!(ca_file.as_deref(), Some("plant-ca.pem"));
+    assert_eq!(username.as_deref(), Some("edge"));
+    assert_eq!(password_file.as_deref(), Some("plant-broker.pw"));
+    // A path is not a name: the document cannot make the gateway read
+    // (and send to a broker it chose) any file it likes.
+    let e = err(&mqtt(
+        r#","ca_file":"/etc/ssl/x.pem","username":"","password_file":"../identity/node.key""#,
+    ));
+    for want in [
+        "devices[0].protocol.ca_file: \"/etc/ssl/x.pem\": must be a plain file name",
+        "devices[0].protocol.password_file: \"../identity/node.key\": must be a plain file name",
+        "devices[0].protocol.username: must be 1..=256 bytes",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in:\n{e}");
+    }
+    let e = err(&mqtt(r#","password_file":".pw""#));
+    assert!(
+        e.contains("devices[0].protocol.password_file: \".pw\": must not start with '.'"),
+        "{e}"
+    );
+    assert!(
+        e.contains("devices[0].protocol.password_file: needs username"),
+        "{e}"
+    );
+}
+
+#[test]
 fn mqtt_device_payload_format() {
     use protocols::MqttDevicePayload;
     let p: MqttDevicePayload =

@@ -1,7 +1,8 @@
 //! MQTT-native devices: the simulated devices publish to an embedded broker,
 //! the edge node's MQTT driver subscribes. Every value the broker accepted
 //! arrives exactly once with the right point, value and timestamp; garbage
-//! payloads are counted, not fatal.
+//! payloads are counted, not fatal; a message stamped far in the future is
+//! refused and does not silence its point.
 
 #![allow(
     clippy::unwrap_used,
@@ -94,6 +95,9 @@ async fn every_published_value_arrives_once_and_garbage_is_counted() {
                 topic: topic(d),
                 qos: 1,
                 client_id: Some(format!("edge-test-mqtt-{d}")),
+                ca_file: None,
+                username: None,
+                password_file: None,
             },
             50,
             points,
@@ -161,6 +165,9 @@ async fn every_published_value_arrives_once_and_garbage_is_counted() {
             if !garbage_sent && least >= VALUES / 2 {
                 garbage_sent = true;
                 for bad in [
+                    // Stamped at the end of time: refused (M10); without
+                    // that, every later value of k0 was a "duplicate".
+                    &br#"{"ts_ms":18446744073709551615,"values":{"k0":1.0}}"#[..],
                     &b"\xff\xfe\x00garbage"[..],
                     br#"{"ts_ms":1,"values":{"k0":"high"}}"#,
                     br#"{"values":{"k0":1.0},"colour":"red"}"#,
@@ -245,6 +252,11 @@ async fn every_published_value_arrives_once_and_garbage_is_counted() {
         assert_eq!(
             h.health().counter(counter::MALFORMED),
             malformed0[d] + extra,
+            "device {d}"
+        );
+        assert_eq!(
+            h.health().counter(drivers::mqtt::FUTURE_TIMESTAMP),
+            u64::from(d == 1),
             "device {d}"
         );
         assert!(!h.is_finished(), "device {d} driver stopped");
@@ -361,6 +373,9 @@ async fn values_published_during_a_driver_disconnect_are_not_lost() {
             topic: topic(0),
             qos: 1,
             client_id: Some("edge-test-mqtt-cut".into()),
+            ca_file: None,
+            username: None,
+            password_file: None,
         },
         50,
         points,
@@ -504,4 +519,198 @@ async fn values_published_during_a_driver_disconnect_are_not_lost() {
     sim.stop().await;
     cancel.cancel();
     h.stop().await;
+}
+
+/// A device broker that requires TLS and a login (M10): rumqttd with a
+/// certificate from a test CA and a user table, on a free loopback port.
+fn start_tls_broker(dir: &std::path::Path, user: &str, password: &str) -> std::net::SocketAddr {
+    use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let (cert_path, key_path) = (dir.join("broker.crt"), dir.join("broker.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = ServerSettings {
+        name: "device-tls".into(),
+        listen,
+        tls: Some(TlsConfig::Rustls {
+            capath: None,
+            certpath: cert_path.display().to_string(),
+            keypath: key_path.display().to_string(),
+        }),
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 5_000,
+            max_payload_size: 1 << 20,
+            max_inflight_count: 100,
+            auth: Some(std::iter::once((user.to_owned(), password.to_owned())).collect()),
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1 << 20,
+            max_segment_count: 10,
+            ..RouterConfig::default()
+        },
+        v4: Some(std::iter::once(("v4".to_owned(), server)).collect()),
+        ..Config::default()
+    };
+    std::thread::spawn(move || {
+        let _ = Broker::new(config).start();
+    });
+    listen
+}
+
+/// The device's own publisher over TLS with the login.
+fn tls_publisher(
+    broker: std::net::SocketAddr,
+    ca_pem: &std::path::Path,
+    user: &str,
+    password: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut o = rumqttc::MqttOptions::new("device-pub", broker.ip().to_string(), broker.port());
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+    ));
+    o.set_credentials(user, password);
+    rumqttc::AsyncClient::new(o, 16)
+}
+
+/// An MQTT device whose broker needs TLS and a login (M10): the driver
+/// reaches it with the CA file and password file the device names, looked
+/// up in the gateway's secrets directory; the same device naming a wrong
+/// password file never connects and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_broker_with_tls_and_a_login_is_reached_with_the_gateways_secrets() {
+    init_tracing();
+    // rumqttd builds its TLS config with the process default provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let secrets = tempfile::tempdir().unwrap();
+    let broker = start_tls_broker(secrets.path(), "edge", "s3cret");
+    std::fs::write(secrets.path().join("broker.pw"), "s3cret\n").unwrap();
+    std::fs::write(secrets.path().join("wrong.pw"), "guess\n").unwrap();
+    let clock = Clock::system();
+    let mut options = drivers::DriverOptions::default();
+    options.mqtt.secrets_dir = Some(secrets.path().to_owned());
+    options.backoff.initial = Duration::from_millis(50);
+    let point = Point {
+        index: 7,
+        name: "t".into(),
+        address: PointAddress::Mqtt { key: "t".into() },
+        scale: 1.0,
+        offset: 0.0,
+        range: None,
+        unit: None,
+    };
+    let dev = |id: &str, password_file: &str| {
+        device(
+            id,
+            DeviceProtocol::Mqtt {
+                host: broker.ip().to_string(),
+                port: broker.port(),
+                topic: "plant/tls/values".into(),
+                qos: 1,
+                client_id: Some(format!("edge-{id}")),
+                ca_file: Some("ca.pem".into()),
+                username: Some("edge".into()),
+                password_file: Some(password_file.into()),
+            },
+            100,
+            vec![point.clone()],
+        )
+    };
+    let (tx, mut rx) = mpsc::channel::<Vec<Sample>>(64);
+    let (wrong_tx, mut wrong_rx) = mpsc::channel::<Vec<Sample>>(64);
+    let cancel = CancellationToken::new();
+    let good = drivers::spawn_with(
+        dev("tls-good", "broker.pw"),
+        options.clone(),
+        tx,
+        clock,
+        cancel.clone(),
+    );
+    let wrong = drivers::spawn_with(
+        dev("tls-wrong", "wrong.pw"),
+        options,
+        wrong_tx,
+        clock,
+        cancel.clone(),
+    );
+    eventually("driver connected over TLS", || good.health().is_connected()).await;
+
+    let (publisher, mut events) =
+        tls_publisher(broker, &secrets.path().join("ca.pem"), "edge", "s3cret");
+    let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let receive = async {
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            let payload = serde_json::to_vec(&serde_json::json!({"values": {"t": n}})).unwrap();
+            publisher
+                .publish(
+                    "plant/tls/values",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .unwrap();
+            if let Ok(Some(batch)) =
+                tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+                && batch
+                    .iter()
+                    .any(|s| s.point == 7 && s.quality == Quality::GOOD)
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, receive)
+        .await
+        .expect("a good sample over TLS");
+
+    // The wrong password: refused by the broker, reported, never a sample.
+    eventually("wrong login refused", || {
+        wrong.health().counter(counter::CONNECT_FAILURES) > 0
+    })
+    .await;
+    assert!(!wrong.health().is_connected());
+    assert!(wrong_rx.try_recv().is_err());
+    assert!(wrong.status().last_error.is_some(), "{:?}", wrong.status());
+
+    pump.abort();
+    cancel.cancel();
+    good.stop().await;
+    wrong.stop().await;
 }

@@ -68,6 +68,8 @@ pub struct DriverOptions {
     pub coalesce: coalesce::Limits,
     /// OPC UA client settings.
     pub opcua: OpcUaOptions,
+    /// MQTT-native device settings.
+    pub mqtt: MqttDeviceOptions,
     /// Seed of the reconnect jitter; `None` draws one at spawn.
     pub jitter_seed: Option<u64>,
 }
@@ -81,6 +83,7 @@ impl Default for DriverOptions {
             retries: 1,
             coalesce: coalesce::Limits::default(),
             opcua: OpcUaOptions::default(),
+            mqtt: MqttDeviceOptions::default(),
             jitter_seed: None,
         }
     }
@@ -133,6 +136,30 @@ impl Default for OpcUaOptions {
             keep_alive_count: 10,
             queue_size: 10,
             application_uri: "urn:edgefleet:edge-node".to_owned(),
+        }
+    }
+}
+
+/// Settings of the connections to MQTT-native devices' brokers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttDeviceOptions {
+    /// A message whose `ts_ms` is further ahead of the gateway's clock than
+    /// this is refused (counted as `future_timestamp`, the device's last
+    /// error): one message stamped far in the future would otherwise make
+    /// every later value of its points a "duplicate" (M10).
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// Where the `ca_file` and `password_file` a device names are looked
+    /// up. `None`: a device that names one cannot connect.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+impl Default for MqttDeviceOptions {
+    fn default() -> Self {
+        Self {
+            max_future_skew: Duration::from_secs(300),
+            secrets_dir: None,
         }
     }
 }

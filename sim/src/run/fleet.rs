@@ -388,6 +388,9 @@ impl DeviceBuilder<'_> {
                     topic: format!("{base}/+"),
                     qos: 1,
                     client_id: Some(format!("{name}-mq{client}")),
+                    ca_file: None,
+                    username: None,
+                    password_file: None,
                 },
                 groups: vec![group(self.interval_ms, pts)],
             });

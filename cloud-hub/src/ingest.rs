@@ -152,14 +152,33 @@ fn on_telemetry(hub: &Hub, node: &str, payload: &[u8]) -> Result<(), HubError> {
     Ok(())
 }
 
+/// Refuses (counted as `reason`) a payload longer than `limit`, the value
+/// of `limits.{key}`; returns whether it did.
+fn too_large(
+    hub: &Hub,
+    node: &str,
+    payload: &[u8],
+    limit: usize,
+    key: &str,
+    reason: &'static str,
+) -> bool {
+    if payload.len() <= limit {
+        return false;
+    }
+    let detail = format!("{} bytes, more than limits.{key} = {limit}", payload.len());
+    refuse(hub, node, reason, &detail);
+    true
+}
+
 fn on_reported(hub: &Hub, node: &str, payload: &[u8], delivery: Delivery) -> Result<(), HubError> {
-    if payload.len() > hub.limits.max_reported_bytes {
-        let detail = format!(
-            "{} bytes, more than limits.max_reported_bytes = {}",
-            payload.len(),
-            hub.limits.max_reported_bytes
-        );
-        refuse(hub, node, "reported_too_large", &detail);
+    if too_large(
+        hub,
+        node,
+        payload,
+        hub.limits.max_reported_bytes,
+        "max_reported_bytes",
+        "reported_too_large",
+    ) {
         return Ok(());
     }
     let r = match decode_json::<ReportedState>("reported state", payload) {
@@ -203,13 +222,14 @@ fn on_reported(hub: &Hub, node: &str, payload: &[u8], delivery: Delivery) -> Res
 }
 
 fn on_event(hub: &Hub, node: &str, payload: &[u8]) {
-    if payload.len() > hub.limits.max_event_bytes {
-        let detail = format!(
-            "{} bytes, more than limits.max_event_bytes = {}",
-            payload.len(),
-            hub.limits.max_event_bytes
-        );
-        refuse(hub, node, "event_too_large", &detail);
+    if too_large(
+        hub,
+        node,
+        payload,
+        hub.limits.max_event_bytes,
+        "max_event_bytes",
+        "event_too_large",
+    ) {
         return;
     }
     match decode_json::<Event>("event", payload) {

@@ -367,6 +367,22 @@ struct JoinAnswer {
     hub_public_key: String,
 }
 
+/// A new node key (ECDSA P-256, made here, never sent) and a CSR for it
+/// (PEM); the hub sets the subject itself. Used by [`join`] and by renewal.
+pub(crate) fn new_key_and_csr() -> Result<(rcgen::KeyPair, String), IdentityError> {
+    let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
+        what,
+        detail: e.to_string(),
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| bad("node.key", &e))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| bad("csr", &e))?;
+    Ok((key, csr))
+}
+
 /// Joins the hub at `hub_url` with the one-time `token`: makes the key,
 /// sends the CSR, checks the CA against the token's pin, writes the
 /// identity files under `data_dir`. Returns the node name the hub set.
@@ -383,12 +399,7 @@ pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String,
         what,
         detail: e.to_string(),
     };
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| bad("node.key", &e))?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| bad("csr", &e))?;
+    let (key, csr) = new_key_and_csr()?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad("tls", &e))?

@@ -165,16 +165,7 @@ impl Renewal {
     /// One renewal: new key, CSR, `POST /v1/renew`, check, write, swap,
     /// signal.
     async fn renew_once(&mut self) -> Result<(), RenewError> {
-        let bad = |what, e: &dyn std::fmt::Display| IdentityError::Bad {
-            what,
-            detail: e.to_string(),
-        };
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| bad("node.key", &e))?;
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .and_then(|c| c.pem())
-            .map_err(|e| bad("csr", &e))?;
+        let (key, csr) = crate::identity::new_key_and_csr()?;
         let url = format!("{}/v1/renew", self.hub_url.trim_end_matches('/'));
         let req_err = |detail: String| RenewError::Request {
             url: url.clone(),

@@ -330,14 +330,22 @@ async fn join(
         .ca
         .sign_request(&identity, &csr, hub.security.node_cert_validity)
         .map_err(ApiError::internal)?;
+    // What the node must never go below: a wiped node that joins again
+    // refuses a replay of an older signed document (L7).
+    let min_revision = hub
+        .registry
+        .get(&node)
+        .map_err(ApiError::internal)?
+        .map_or(0, |r| r.desired_revision);
     Metrics::inc(&hub.metrics.joined);
-    tracing::info!(%node, "node joined");
+    tracing::info!(%node, min_revision, "node joined");
     Ok(Json(JoinAnswer {
         node,
         cert_pem,
         ca_pem: hub.ca.cert_pem().to_owned(),
         hub_public_key: protocols::signing::key_to_hex(&hub.key.verifying_key()),
         mqtt_url: hub.security.advertised_mqtt_url.clone(),
+        min_revision,
     }))
 }
 

@@ -88,9 +88,11 @@ impl App {
         };
         let (client, eventloop) = session::client(&cfg.mqtt.client_id, &link);
         let hub = Arc::new(Hub::new(stores, Topics::new(&cfg.topic_root), client));
+        // Every server certificate the hub issued itself, renewed in place.
+        let mut server_certs = Vec::new();
         let gate = match (&mut cfg.embedded_broker, internal) {
             (Some(b), Some(internal)) => {
-                Some(start_gate(b, &hub, internal, &cfg.mqtt.client_id).await?)
+                Some(start_gate(b, &hub, internal, &cfg.mqtt.client_id, &mut server_certs).await?)
             }
             _ => None,
         };
@@ -107,10 +109,9 @@ impl App {
             .map_err(http_err)?;
         let http_addr = listener.local_addr().map_err(http_err)?;
         let tls = if cfg.http.tls {
-            Some(crate::tls::server_config(
-                &hub.ca,
-                &cfg.http.subject_alt_names,
-            )?)
+            let slot = crate::tls::ServerCertSlot::new(&hub.ca, &cfg.http.subject_alt_names)?;
+            server_certs.push(slot.clone());
+            Some(crate::tls::server_config(&hub.ca, slot)?)
         } else {
             warn!(
                 http = %http_addr,
@@ -119,8 +120,14 @@ impl App {
             None
         };
         let http_tls = tls.is_some();
-        let (tasks, drain) =
+        let (mut tasks, drain) =
             spawn_tasks(&hub, &cfg, eventloop, (listener, http_addr, tls), &cancel);
+        if !server_certs.is_empty() {
+            tasks.spawn(
+                "server-certs",
+                renew_server_certs(hub.clone(), server_certs, cancel.clone()),
+            );
+        }
         info!(http = %http_addr, tls = http_tls, mqtt = ?mqtt_addr, "cloud-hub running");
         Ok(Self {
             hub,
@@ -273,6 +280,7 @@ async fn start_gate(
     hub: &Arc<Hub>,
     internal: crate::broker::Internal,
     hub_client_id: &str,
+    server_certs: &mut Vec<Arc<crate::tls::ServerCertSlot>>,
 ) -> Result<Gate, HubError> {
     let asked = b.listen;
     let bind = |source| BrokerError::Bind {
@@ -284,10 +292,11 @@ async fn start_gate(
         .map_err(bind)?;
     b.listen = listener.local_addr().map_err(bind)?;
     let tls = if b.tls {
-        Some(
-            crate::tls::mqtt_server_config(&hub.ca, &b.subject_alt_names)
-                .map_err(|e| BrokerError::Tls(e.to_string()))?,
-        )
+        let tls_err = |e: crate::tls::TlsError| BrokerError::Tls(e.to_string());
+        let slot =
+            crate::tls::ServerCertSlot::new(&hub.ca, &b.subject_alt_names).map_err(tls_err)?;
+        server_certs.push(slot.clone());
+        Some(crate::tls::mqtt_server_config(&hub.ca, slot).map_err(tls_err)?)
     } else {
         warn!(
             mqtt = %b.listen,
@@ -332,17 +341,13 @@ fn external_link(m: &MqttConfig) -> Result<BrokerLink, HubError> {
     let tls = match &m.tls {
         Some(t) => {
             let ca = read("mqtt.tls.ca_file", &t.ca_file)?;
-            let client = match (&t.cert_file, &t.key_file) {
-                (Some(c), Some(k)) => Some((
-                    read("mqtt.tls.cert_file", c)?,
-                    read("mqtt.tls.key_file", k)?,
-                )),
-                _ => None,
-            };
-            let cfg = crate::tls::mqtt_client_config(
-                &ca,
-                client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
-            )
+            // A client pair is re-read when its files change (rotation
+            // without a restart, at the next reconnect).
+            let cfg = match (&t.cert_file, &t.key_file) {
+                (Some(c), Some(k)) => crate::tls::FileClientCert::load(c, k)
+                    .and_then(|files| crate::tls::mqtt_client_config_with_files(&ca, files)),
+                _ => crate::tls::mqtt_client_config(&ca, None),
+            }
             .map_err(|(part, detail)| {
                 let (field, path) = match part {
                     "cert" => (
@@ -422,6 +427,38 @@ fn spawn_tasks(
         ),
     );
     (tasks, drain_tx)
+}
+
+/// How often the `server-certs` task looks at the certificates' age.
+const SERVER_CERT_CHECK: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Renews each of the hub's own server certificates once it is two thirds
+/// through [`crate::ca::SERVER_CERT_VALIDITY`]; new connections get the new
+/// one, connections already up keep theirs. A failed renewal is logged and
+/// tried again at the next check (the current certificate stays valid for
+/// another third of its life).
+async fn renew_server_certs(
+    hub: Arc<Hub>,
+    slots: Vec<Arc<crate::tls::ServerCertSlot>>,
+    stop: CancellationToken,
+) -> Result<(), HubError> {
+    let renew_after = crate::ca::SERVER_CERT_VALIDITY / 3 * 2;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(SERVER_CERT_CHECK) => {}
+        }
+        for slot in &slots {
+            if slot.renewal_due(std::time::SystemTime::now(), renew_after) {
+                match slot.renew(&hub.ca) {
+                    Ok(()) => info!(names = ?slot.names(), "hub server certificate renewed"),
+                    Err(e) => {
+                        warn!(names = ?slot.names(), error = %e, "renewing the hub server certificate failed; trying again in an hour");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The REST API until `stop` is cancelled (requests in flight complete):

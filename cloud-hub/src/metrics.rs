@@ -52,11 +52,15 @@ pub enum BrokerRefusal {
     Timeout,
     /// The gate's connection cap was reached.
     Capacity,
+    /// Not a disconnect: a retained publish the broker must not keep (not
+    /// on `status`/`reported`, or over their size bound) passed on without
+    /// its retain flag.
+    Retain,
 }
 
 impl BrokerRefusal {
     /// Every reason, in label order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::NoCert,
         Self::BadCert,
         Self::Tls,
@@ -69,6 +73,7 @@ impl BrokerRefusal {
         Self::BadPacket,
         Self::Timeout,
         Self::Capacity,
+        Self::Retain,
     ];
 
     /// The label value.
@@ -86,6 +91,7 @@ impl BrokerRefusal {
             Self::BadPacket => "bad_packet",
             Self::Timeout => "timeout",
             Self::Capacity => "capacity",
+            Self::Retain => "retain",
         }
     }
 

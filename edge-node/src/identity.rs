@@ -365,6 +365,29 @@ struct JoinAnswer {
     cert_pem: String,
     ca_pem: String,
     hub_public_key: String,
+    #[serde(default)]
+    min_revision: u64,
+}
+
+/// `identity/revision.floor`: the node's desired revision at the hub when
+/// it joined ([`revision_floor`]).
+const REVISION_FLOOR: &str = "revision.floor";
+
+/// The desired revision the node had at the hub when it joined (0 when
+/// the join answer named none or the file is absent): the session refuses
+/// anything older, so an old signed document replayed to a node whose
+/// store was wiped is not applied (security review L7). A file that does
+/// not hold a number is an error naming it.
+pub fn revision_floor(data_dir: &Path) -> Result<u64, IdentityError> {
+    let p = dir(data_dir).join(REVISION_FLOOR);
+    match std::fs::read_to_string(&p) {
+        Ok(text) => text.trim().parse().map_err(|e| IdentityError::Bad {
+            what: "revision.floor",
+            detail: format!("{e}: {:?}", text.trim()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io(&p)(e)),
+    }
 }
 
 /// A new node key (ECDSA P-256, made here, never sent) and a CSR for it
@@ -448,6 +471,8 @@ pub async fn join(hub_url: &str, token: &str, data_dir: &Path) -> Result<String,
         hub_public_key: answer.hub_public_key,
     }
     .write(data_dir)?;
+    let floor = dir(data_dir).join(REVISION_FLOOR);
+    write_atomic(&floor, &answer.min_revision.to_string(), false).map_err(io(&floor))?;
     Ok(answer.node)
 }
 

@@ -180,6 +180,7 @@ pub struct Session {
     offline_since_ms: Option<u64>,
     loss_windows: Vec<LossWindow>,
     policy: Arc<crate::policy::Policy>,
+    revision_floor: u64,
 }
 
 impl Session {
@@ -202,6 +203,7 @@ impl Session {
             offline_since_ms: Some(now_ms),
             loss_windows: Vec::new(),
             policy: Arc::default(),
+            revision_floor: 0,
         }
     }
 
@@ -209,6 +211,15 @@ impl Session {
     #[must_use]
     pub fn trusting(mut self, key: VerifyingKey) -> Self {
         self.trusted = Some(key);
+        self
+    }
+
+    /// Refuses documents older than `floor` even with nothing applied
+    /// (the revision the hub had when this node joined, see
+    /// [`crate::identity::revision_floor`]).
+    #[must_use]
+    pub fn with_revision_floor(mut self, floor: u64) -> Self {
+        self.revision_floor = floor;
         self
     }
 
@@ -458,6 +469,13 @@ impl Session {
         }
         if desired.revision < applied {
             let reason = format!("stale revision {} (applied {applied})", desired.revision);
+            return self.reject(Some(desired.revision), reason, now_ms);
+        }
+        if desired.revision < self.revision_floor {
+            let reason = format!(
+                "stale revision {} (the hub was at {} when this node joined)",
+                desired.revision, self.revision_floor
+            );
             return self.reject(Some(desired.revision), reason, now_ms);
         }
         // The site's own limits: checked before anything is pinned,

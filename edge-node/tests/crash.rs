@@ -212,8 +212,12 @@ async fn sigkill_at_random_moments_loses_only_the_documented_window() {
         assert_eq!(s.seq, i as u64 + 1, "gap or duplicate at position {i}");
     }
 
-    // Loss is never silent: the node reported one loss window per kill, each
-    // reaching from before the kill to the restart.
+    // Loss is never silent: every kill lies inside a reported loss window,
+    // and each window ends while a run was up (the run that recorded it, at
+    // its start). The agent records the window right after opening its
+    // store, so a window per kill is the rule; a kill that lands before the
+    // restarted agent had opened its store (nothing sampled in that run) is
+    // covered by the next run's window, which then spans both kills.
     let reported = hub
         .registry
         .get("crash-1")
@@ -221,12 +225,29 @@ async fn sigkill_at_random_moments_loses_only_the_documented_window() {
         .and_then(|r| r.reported)
         .unwrap();
     let lw = &reported.loss_windows;
-    assert_eq!(lw.len(), KILLS, "one loss window per kill: {lw:?}");
-    for (w, &(k, r)) in lw.iter().zip(&windows) {
-        assert!(w.from_ms <= k, "loss window {w:?} starts after kill {k}");
+    let merged = KILLS.saturating_sub(lw.len());
+    assert!(
+        lw.len() <= KILLS && lw.len() >= KILLS / 2,
+        "{} loss windows for {KILLS} kills: {lw:?}",
+        lw.len()
+    );
+    for &(k, r) in &windows {
         assert!(
-            w.to_ms >= k && w.to_ms <= r + 1_000,
-            "window {w:?} vs kill {k}, restart {r}"
+            lw.iter().any(|w| w.from_ms <= k && k <= w.to_ms),
+            "kill at {k} (restart {r}) is inside no reported loss window: {lw:?}"
+        );
+    }
+    // (start, end) of every run: each killed one, then the last.
+    let runs: Vec<(u64, u64)> = starts
+        .iter()
+        .zip(&windows)
+        .map(|(&s, &(k, _))| (s, k))
+        .chain(std::iter::once((windows.last().unwrap().1, end)))
+        .collect();
+    for w in lw {
+        assert!(
+            runs.iter().any(|&(s, e)| s <= w.to_ms && w.to_ms <= e),
+            "window {w:?} ends while no run was up; runs {runs:?}"
         );
     }
 
@@ -294,7 +315,7 @@ async fn sigkill_at_random_moments_loses_only_the_documented_window() {
     }
     println!(
         "{KILLS} SIGKILLs ({during_drain} during a drain): hub holds {} samples, seq gap-free and \
-         duplicate-free; {} loss windows reported; samples lost in them ≈ {lost_estimate}, \
+         duplicate-free; {} loss windows reported ({merged} kills before the store opened shared the next window); samples lost in them ≈ {lost_estimate}, \
          worst {max_lost_ms} ms before a kill (documented bound {WINDOW_MS} ms); \
          {jitter_gaps} polling-jitter gaps outside kills",
         stored.len(),

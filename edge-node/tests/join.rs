@@ -134,5 +134,36 @@ async fn a_joined_node_runs_on_its_identity_and_applies_signed_desired_state() {
     let blob = edge_dir.join("artifacts").join(&art.sha256);
     assert_eq!(std::fs::read(&blob).unwrap(), model, "{}", blob.display());
     edge.stop().await.unwrap();
+    assert_eq!(edge_node::identity::revision_floor(&edge_dir).unwrap(), 0);
+
+    rejoin_after_a_wipe_learns_the_hub_revision_as_floor(&hub, &edge_dir).await;
     hub.stop().await.unwrap();
+}
+
+/// L7: a node whose disk was wiped joins again and learns the hub's
+/// current revision as its floor (an older signed document replayed to it
+/// is then refused by the session; `session::tests` shows the refusal).
+async fn rejoin_after_a_wipe_learns_the_hub_revision_as_floor(
+    hub: &HubHarness,
+    edge_dir: &std::path::Path,
+) {
+    hub.client
+        .put_desired_json(
+            "j1",
+            &json!({
+                "node": "j1",
+                "config": {"batch_max_samples": 50, "batch_max_age_ms": 200, "report_interval_ms": 200, "raw_stream": "raw"}
+            }),
+        )
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(edge_dir).unwrap();
+    let t = hub.client.bootstrap("j1").await.unwrap();
+    let out = join_cli(hub.base(), &t.token, edge_dir).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(edge_node::identity::revision_floor(edge_dir).unwrap(), 2);
 }

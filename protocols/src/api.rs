@@ -258,6 +258,11 @@ pub struct JoinAnswer {
     pub hub_public_key: String,
     /// The broker to connect to, when the hub advertises one.
     pub mqtt_url: Option<String>,
+    /// The node's current desired revision at the hub when it joined (0:
+    /// none). The node refuses any document older than this, so an old
+    /// signed document replayed to a wiped, re-joined node is not applied.
+    #[serde(default)]
+    pub min_revision: u64,
 }
 
 /// `POST /v1/renew`.

@@ -311,7 +311,10 @@ async fn session<S>(
         Acl::Node(ref node) => {
             let identity = Identity::node(&node.name);
             let revoked = || shared.hub.ca.is_revoked(&identity);
-            forward_checked(client, upstream, buf, node, revoked).await
+            // Not a violation: the message goes on, only the broker does
+            // not keep it; counted under `retain`.
+            let unretained = || m.broker_refused(BrokerRefusal::Retain);
+            forward_checked(client, upstream, buf, node, revoked, unretained).await
         }
     };
     if let Err(why) = outcome {
@@ -394,7 +397,10 @@ fn admit(connect: &Connect, peer: Peer, shared: &Shared) -> Result<Acl, Refused>
         IdentityKind::Hub => Acl::Hub {
             name: identity.name,
         },
-        _ => Acl::Node(NodeAcl::new(topics, &identity.name)),
+        _ => Acl::Node(
+            NodeAcl::new(topics, &identity.name)
+                .with_max_retained_reported(shared.hub.limits.max_reported_bytes),
+        ),
     };
     if let Acl::Node(node) = &acl {
         if client_id != node.name || client_id == shared.reserved_client_id {
@@ -437,6 +443,7 @@ async fn forward_checked<S>(
     mut buf: BytesMut,
     acl: &NodeAcl,
     revoked: impl Fn() -> bool,
+    unretained: impl Fn(),
 ) -> Result<(), BrokerRefusal>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -456,9 +463,16 @@ where
             let mut violation = None;
             loop {
                 match next_frame(&mut buf) {
-                    Ok(Some((header, frame))) => match acl.check(header, &frame) {
-                        Ok(()) => {
-                            if up_tx.write_all(&frame).await.is_err() {
+                    Ok(Some((header, frame))) => match acl.filter(header, &frame) {
+                        Ok(fwd) => {
+                            let out = match &fwd {
+                                Forward::AsIs => &frame,
+                                Forward::Unretained(f) => {
+                                    unretained();
+                                    f
+                                }
+                            };
+                            if up_tx.write_all(out).await.is_err() {
                                 return Ok(());
                             }
                         }
@@ -526,6 +540,25 @@ pub struct NodeAcl {
     status: String,
     publish: [String; 4],
     subscribe: [String; 2],
+    max_retained_reported: usize,
+}
+
+/// Largest retained `status` message the broker keeps (a node's status is
+/// well under 1 KiB).
+pub const MAX_RETAINED_STATUS_BYTES: usize = 4096;
+
+/// What the gate sends on for a packet it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// The packet as it came.
+    AsIs,
+    /// The same PUBLISH without its retain flag (re-encoded): a retained
+    /// message the broker must not keep, because only `status` and
+    /// `reported` are retained topics and each has a size bound
+    /// ([`MAX_RETAINED_STATUS_BYTES`], the hub's `limits.max_reported_bytes`).
+    /// The message still reaches the hub; the broker's retained store
+    /// stays bounded per identity (security review M4).
+    Unretained(Bytes),
 }
 
 impl NodeAcl {
@@ -542,7 +575,22 @@ impl NodeAcl {
                 t(TopicKind::Events),
             ],
             subscribe: [t(TopicKind::Desired), t(TopicKind::Ack)],
+            max_retained_reported: crate::config::LimitsConfig::default().max_reported_bytes,
         }
+    }
+
+    /// Retained `reported` messages above `bytes` are passed on unretained.
+    #[must_use]
+    pub fn with_max_retained_reported(mut self, bytes: usize) -> Self {
+        self.max_retained_reported = bytes;
+        self
+    }
+
+    /// Whether the broker may keep a retained message of `len` bytes on
+    /// `topic` for this node.
+    pub fn may_retain(&self, topic: &str, len: usize) -> bool {
+        (topic == self.status && len <= MAX_RETAINED_STATUS_BYTES)
+            || (topic == self.publish[1] && len <= self.max_retained_reported)
     }
 
     /// Whether the node may publish on `topic`.
@@ -560,23 +608,37 @@ impl NodeAcl {
         topic == self.status
     }
 
-    /// Checks one packet the node sent (after its CONNECT).
+    /// Checks one packet the node sent (after its CONNECT): `Ok` when it
+    /// may pass (see [`NodeAcl::filter`] for what passes).
     pub fn check(&self, header: FixedHeader, frame: &Bytes) -> Result<(), BrokerRefusal> {
+        self.filter(header, frame).map(|_| ())
+    }
+
+    /// Checks one packet the node sent and says what to send on: a
+    /// publish outside the node's topics, a subscription outside its own,
+    /// or a packet only a broker sends is refused; a retained publish the
+    /// broker must not keep goes on without its retain flag.
+    pub fn filter(&self, header: FixedHeader, frame: &Bytes) -> Result<Forward, BrokerRefusal> {
         match header.packet_type() {
             Ok(PacketType::Publish) => {
-                let p =
+                let mut p =
                     Publish::read(header, frame.clone()).map_err(|_| BrokerRefusal::BadPacket)?;
-                if self.may_publish(&p.topic) {
-                    Ok(())
-                } else {
-                    Err(BrokerRefusal::PublishAcl)
+                if !self.may_publish(&p.topic) {
+                    return Err(BrokerRefusal::PublishAcl);
                 }
+                if p.retain && !self.may_retain(&p.topic, p.payload.len()) {
+                    p.retain = false;
+                    let mut out = BytesMut::with_capacity(frame.len());
+                    p.write(&mut out).map_err(|_| BrokerRefusal::BadPacket)?;
+                    return Ok(Forward::Unretained(out.freeze()));
+                }
+                Ok(Forward::AsIs)
             }
             Ok(PacketType::Subscribe) => {
                 let s =
                     Subscribe::read(header, frame.clone()).map_err(|_| BrokerRefusal::BadPacket)?;
                 if s.filters.iter().all(|f| self.may_subscribe(&f.path)) {
-                    Ok(())
+                    Ok(Forward::AsIs)
                 } else {
                     Err(BrokerRefusal::SubscribeAcl)
                 }
@@ -589,7 +651,7 @@ impl NodeAcl {
                 | PacketType::PubComp
                 | PacketType::PingReq
                 | PacketType::Disconnect,
-            ) => Ok(()),
+            ) => Ok(Forward::AsIs),
             // A second CONNECT, or packets only a broker sends.
             Ok(
                 PacketType::Connect
@@ -605,7 +667,7 @@ impl NodeAcl {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "test code")]
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "test code")]
     use super::*;
     use rumqttc::{QoS, SubscribeFilter, Unsubscribe};
 
@@ -613,6 +675,52 @@ mod tests {
         let mut b = BytesMut::new();
         write(&mut b);
         next_frame(&mut b).unwrap().unwrap()
+    }
+
+    fn retained(topic: &str, len: usize) -> (FixedHeader, Bytes) {
+        frame(|b| {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, vec![7; len]);
+            p.pkid = 9;
+            p.retain = true;
+            p.write(b).unwrap();
+        })
+    }
+
+    #[test]
+    fn only_status_and_reported_are_retained_and_each_within_its_bound() {
+        let topics = Topics::default();
+        let a = NodeAcl::new(&topics, "a").with_max_retained_reported(1000);
+        let t = |k| topics.node("a", k);
+        let keep = [
+            (t(TopicKind::Status), MAX_RETAINED_STATUS_BYTES),
+            (t(TopicKind::Reported), 1000),
+            (t(TopicKind::Reported), 0), // clearing a retained message
+        ];
+        for (topic, len) in keep {
+            let (h, f) = retained(&topic, len);
+            assert_eq!(a.filter(h, &f), Ok(Forward::AsIs), "{topic} {len}");
+        }
+        let strip = [
+            (t(TopicKind::Status), MAX_RETAINED_STATUS_BYTES + 1),
+            (t(TopicKind::Reported), 1001),
+            (t(TopicKind::Telemetry), 10),
+            (t(TopicKind::Events), 10),
+        ];
+        for (topic, len) in strip {
+            let (h, f) = retained(&topic, len);
+            let Ok(Forward::Unretained(out)) = a.filter(h, &f) else {
+                panic!("{topic} {len}: kept retained");
+            };
+            // The same message, QoS and packet id, only not retained.
+            let (h2, f2) = frame(|b| b.extend_from_slice(&out));
+            let p = Publish::read(h2, f2).unwrap();
+            assert!(!p.retain, "{topic}");
+            assert_eq!(
+                (p.topic.as_str(), p.pkid, p.qos),
+                (topic.as_str(), 9, QoS::AtLeastOnce)
+            );
+            assert_eq!(p.payload.len(), len);
+        }
     }
 
     fn publish(topic: &str) -> (FixedHeader, Bytes) {

@@ -40,28 +40,50 @@ pub(super) struct Control {
     pub(super) fetcher: Arc<ArtifactFetcher>,
 }
 
+/// Reads what the session needs from the store at start: the key to trust
+/// (`configured_key`, else the pinned one), the desired documents, whether
+/// the last stop was clean (clearing the marker) and the last commit.
+pub(super) fn read_restored(
+    store: &crate::store::Store,
+    configured_key: Option<String>,
+) -> Result<Restored, AgentError> {
+    let hub_key = match configured_key {
+        Some(k) => Some(k),
+        None => store.hub_key()?,
+    };
+    Ok(Restored {
+        hub_key,
+        previous: store.desired_previous()?,
+        current: store.desired_current()?,
+        clean_stop: store.take_clean_stop()?,
+        last_commit_ms: store.last_commit_time()?,
+        last_commit_lag_ms: store.last_commit_lag()?,
+        loss_windows: store.loss_windows()?,
+    })
+}
+
+/// Records a loss window durably and says so in the log.
+pub(super) fn record_loss_window(
+    store: &crate::store::Store,
+    w: protocols::LossWindow,
+) -> Result<(), AgentError> {
+    store.record_loss_window(w)?;
+    warn!(
+        from_ms = w.from_ms,
+        to_ms = w.to_ms,
+        "restarted after an unclean stop: samples in this window that no group commit covered may be missing"
+    );
+    Ok(())
+}
+
 impl Control {
-    /// Reads what the session needs from the store and lets it trust the
-    /// key, re-apply the last accepted desired state and record a loss
-    /// window after an unclean stop.
-    pub(super) async fn restore(
-        &mut self,
-        configured_key: Option<String>,
-    ) -> Result<(), AgentError> {
-        let hub_key = match configured_key {
-            Some(k) => Some(k),
-            None => self.ctx.store.hub_key()?,
-        };
-        let restored = Restored {
-            hub_key,
-            previous: self.ctx.store.desired_previous()?,
-            current: self.ctx.store.desired_current()?,
-            clean_stop: self.ctx.store.take_clean_stop()?,
-            last_commit_ms: self.ctx.store.last_commit_time()?,
-            last_commit_lag_ms: self.ctx.store.last_commit_lag()?,
-            loss_windows: self.ctx.store.loss_windows()?,
-        };
-        self.handle(Input::Restore(&restored)).await
+    /// Executes outputs the session returned before this driver existed
+    /// (the restore at start, see `Agent::start_with`), in order.
+    pub(super) async fn execute_all(&mut self, outputs: Vec<Output>) -> Result<(), AgentError> {
+        for out in outputs {
+            self.execute(out).await?;
+        }
+        Ok(())
     }
 
     pub(super) async fn run(
@@ -150,14 +172,7 @@ impl Control {
             }
             Output::PersistDesired(doc) => self.ctx.store.put_desired(&doc).await?,
             Output::Apply { desired, previous } => self.apply(&desired, previous),
-            Output::RecordLossWindow(w) => {
-                self.ctx.store.record_loss_window(w)?;
-                warn!(
-                    from_ms = w.from_ms,
-                    to_ms = w.to_ms,
-                    "restarted after an unclean stop: samples in this window that no group commit covered may be missing"
-                );
-            }
+            Output::RecordLossWindow(w) => record_loss_window(&self.ctx.store, w)?,
             Output::Ack { stream, up_to } => {
                 let c = &self.ctx.counters;
                 // Only streams that exist: an ack never creates an outbox (H6).

@@ -2,8 +2,10 @@
 //! named tasks around one shared [`AgentContext`].
 //!
 //! Start here: [`Agent::start`] opens the store, builds the context, lets the
-//! sync session re-apply the last accepted desired revision from disk (so a
-//! restart with no link keeps working), and spawns every task into one
+//! sync session restore from disk first (a loss window after an unclean stop
+//! is recorded before anything else starts; the last accepted desired
+//! revision is re-applied, so a restart with no link keeps working), and
+//! spawns every task into one
 //! `JoinSet`; [`Agent::run`] waits for the first task to fail or for
 //! cancellation, then drains.
 //!
@@ -46,7 +48,7 @@ use crate::functions::{FunctionError, FunctionHost, FunctionsView};
 use crate::link::{self, Conn, LinkError, LinkReceiver};
 use crate::metrics::Counters;
 use crate::pipeline::{Pipeline, Routing};
-use crate::session::Session;
+use crate::session::{Input, Output, Session};
 use crate::store::{Store, StoreError};
 use crate::uplink;
 use control::Control;
@@ -138,6 +140,35 @@ impl Agent {
             topics: Topics::new(&cfg.hub.topic_root),
         };
         let identity = crate::identity::Identity::load(&cfg.data_dir)?;
+        let policy =
+            Arc::new(crate::policy::Policy::from_config(&cfg.policy).map_err(AgentError::Policy)?);
+        // The session restores first, and a loss window after an unclean
+        // stop is on disk before any other part starts: a kill during the
+        // rest of the start-up then finds it recorded and adds its own,
+        // instead of one window silently covering two kills. What else the
+        // restore asks for (re-apply, events) waits for the control task.
+        let mut session = Session::new(
+            ctx.node.clone(),
+            ctx.topics.clone(),
+            ctx.counters.clone(),
+            clock.now_ms(),
+        )
+        .with_policy(policy)
+        .with_revision_floor(crate::identity::revision_floor(&cfg.data_dir)?);
+        // The configured key, else the one `edge-node join` wrote.
+        let hub_key = cfg
+            .hub
+            .public_key
+            .clone()
+            .or_else(|| identity.as_ref().map(|i| i.hub_public_key.clone()));
+        let restored = control::read_restored(&store, hub_key)?;
+        let mut restore_outputs = Vec::new();
+        for out in session.handle(Input::Restore(&restored), clock.now_ms()) {
+            match out {
+                Output::RecordLossWindow(w) => control::record_loss_window(&store, w)?,
+                out => restore_outputs.push(out),
+            }
+        }
         // One slot of the node's key and certificate for every TLS config
         // of the agent, so a renewal swaps them everywhere at once.
         let slot = identity
@@ -160,8 +191,6 @@ impl Agent {
             .await??;
             Arc::new(f)
         };
-        let policy =
-            Arc::new(crate::policy::Policy::from_config(&cfg.policy).map_err(AgentError::Policy)?);
         let functions = FunctionsView::default();
         let mut tasks = JoinSet::new();
         let (desired_tx, _) = watch::channel(DesiredPair::default());
@@ -202,13 +231,7 @@ impl Agent {
         );
         let counters = ctx.counters.clone();
         let mut control = Control {
-            session: Session::new(
-                ctx.node.clone(),
-                ctx.topics.clone(),
-                ctx.counters.clone(),
-                clock.now_ms(),
-            )
-            .with_policy(policy),
+            session,
             ctx,
             client,
             conn: uplink.conn,
@@ -218,13 +241,7 @@ impl Agent {
             functions: functions.clone(),
             fetcher: fetcher.clone(),
         };
-        // The configured key, else the one `edge-node join` wrote.
-        let hub_key = cfg
-            .hub
-            .public_key
-            .clone()
-            .or_else(|| identity.as_ref().map(|i| i.hub_public_key.clone()));
-        control.restore(hub_key).await?;
+        control.execute_all(restore_outputs).await?;
         let stages = Stages {
             pipeline: data.pipeline,
             host: data.host,

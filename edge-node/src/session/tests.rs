@@ -444,3 +444,22 @@ fn a_lagging_pipeline_widens_the_loss_window_and_a_wild_clock_is_capped() {
         })
     );
 }
+
+#[test]
+fn a_rejoined_node_refuses_documents_older_than_its_join_floor() {
+    let hub = key(1);
+    // Wiped store (nothing applied), joined while the hub was at revision 5.
+    let mut s = session(&hub).with_revision_floor(5);
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 4, &hub), 10);
+    assert!(
+        matches!(&out[0], Output::Rejected { revision: Some(4), reason } if reason.contains("when this node joined")),
+        "{out:?}"
+    );
+    assert_eq!(counter(&s, "desired_applied"), 0);
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 5, &hub), 20);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Applied { revision: 5 })),
+        "{out:?}"
+    );
+}

@@ -14,6 +14,8 @@
 //! - [`rollout`]: [`RolloutSpec`], [`RolloutStatus`] (bounded) and the
 //!   per-node [`RolloutProgress`] map.
 //! - [`gate`]: the health verdict of one node after its bake.
+//! - [`render`]: one node's merged content from every deployment that
+//!   selects it, by priority per named item, with a content digest.
 //!
 //! # Invariants
 //! - Validation errors name the field path (`rollout.strategy.waves[2]`).
@@ -23,12 +25,14 @@
 pub mod deployment;
 pub mod gate;
 pub mod node;
+pub mod render;
 pub mod rollout;
 pub mod selector;
 
 pub use deployment::{Deployment, NodeConfigPatch, Template};
 pub use gate::{HealthVerdict, judge};
 pub use node::{FunctionHealth, Node, NodeView};
+pub use render::{ItemKind, MergeConflict, RenderError, Rendered, Renderer, render};
 pub use rollout::{
     AbortCriterion, FailureKind, FailureRecord, HealthGate, NodeProgress, NodeRolloutState,
     OfflinePolicy, OnAbort, RolloutCounts, RolloutPhase, RolloutProgress, RolloutSpec,

@@ -25,6 +25,7 @@
 pub mod deployment;
 pub mod gate;
 pub mod node;
+pub mod planner;
 pub mod render;
 pub mod rollout;
 pub mod selector;
@@ -32,6 +33,10 @@ pub mod selector;
 pub use deployment::{Deployment, NodeConfigPatch, Template};
 pub use gate::{HealthVerdict, judge};
 pub use node::{FunctionHealth, Node, NodeView};
+pub use planner::{
+    Action, Command, CommandError, Folded, Observation, apply, command, observe, plan, tick,
+    wave_sizes,
+};
 pub use render::{ItemKind, MergeConflict, RenderError, Rendered, Renderer, render};
 pub use rollout::{
     AbortCriterion, FailureKind, FailureRecord, HealthGate, NodeProgress, NodeRolloutState,

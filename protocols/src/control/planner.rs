@@ -1,0 +1,773 @@
+//! The rollout planner: pure functions from a rollout's state to the next
+//! actions, and folds of what happened back into that state.
+//!
+//! The hub's loop is: [`plan`] → perform each [`Action`] (publish, count,
+//! persist) → [`apply`] it; when the fleet answers, [`observe`] the
+//! [`Observation`]; operator requests go through [`command`]. [`tick`] is
+//! `plan` followed by `apply` of every action. Nothing here reads a clock
+//! (`now_ms` is passed in) or does I/O, so every rule below is
+//! property-tested (`protocols/tests/control_props.rs`).
+//!
+//! # Invariants
+//! - Never more than `max_concurrent` nodes delivering, applying or baking:
+//!   only [`Action::Deliver`] puts a node in flight, and `plan` emits at most
+//!   the free slots. An acknowledgement from a node that is not in flight is
+//!   ignored (it is delivered again when its turn comes).
+//! - A wave advances only when every node in it is settled and its gate
+//!   passed (failed ≤ `health.max_failed_percent` of those that ran);
+//!   otherwise the rollout aborts.
+//! - An offline node never counts as failed unless the policy is `fail`.
+//!   `skip` marks it skipped and delivers when it is back (also after the
+//!   rollout finished `succeeded_with_skipped`); `wait` holds its wave up to
+//!   `max_ms`, then skips it.
+//! - The apply timeout starts at the node's acknowledgement, never at
+//!   delivery or creation.
+//! - Paused, cancelled, superseded, failed and succeeded rollouts emit
+//!   nothing; a rolled-back one emits only [`Action::RollBack`], each to the
+//!   node's last healthy revision before the rollout, once per node it ever
+//!   delivered to.
+//! - Restart-safe: state is the (status, progress) pair the hub persists
+//!   after each `apply`/`observe`. If the hub dies between performing an
+//!   action and persisting it, `plan` emits it again; delivery is a retained,
+//!   revision-numbered document, so a repeat changes no outcome.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::gate::HealthVerdict;
+use super::node::NodeView;
+use super::rollout::{
+    FailureKind, NodeProgress, NodeRolloutState as S, OfflinePolicy, OnAbort, RolloutPhase,
+    RolloutProgress, RolloutSpec, RolloutStatus, Strategy, WaveSize,
+};
+
+/// What the planner asks the hub to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Start wave `wave` with the next `size` nodes (in name order).
+    AdvanceWave {
+        /// The wave's index.
+        wave: u32,
+        /// Nodes in it.
+        size: u32,
+    },
+    /// Publish the rollout's revision to the node.
+    Deliver {
+        /// The node.
+        node: String,
+        /// The deployment revision.
+        revision: u64,
+    },
+    /// The node's bake is over: judge it ([`super::gate::judge`]) and
+    /// observe the verdict. Repeated each plan until the verdict arrives.
+    JudgeHealth {
+        /// The node.
+        node: String,
+    },
+    /// The node is offline and its wave waits for it (policy `wait`).
+    MarkOffline {
+        /// The node.
+        node: String,
+    },
+    /// The node is skipped (offline or paused); it is caught up later.
+    MarkSkipped {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node failed.
+    MarkFailed {
+        /// The node.
+        node: String,
+        /// How.
+        kind: FailureKind,
+        /// For people.
+        reason: String,
+    },
+    /// Send the node back to its last healthy revision.
+    RollBack {
+        /// The node.
+        node: String,
+        /// The deployment revision to render for it.
+        to_revision: u64,
+    },
+    /// Stop the rollout (then roll back or halt, per `on_abort`).
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// The rollout is done, in this phase.
+    Complete {
+        /// `succeeded` or `succeeded_with_skipped`.
+        phase: RolloutPhase,
+    },
+}
+
+/// What the hub learned about a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "observed", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Observation {
+    /// The node acknowledged the delivered revision.
+    Acked {
+        /// The node.
+        node: String,
+    },
+    /// The node reports it applied the revision.
+    Applied {
+        /// The node.
+        node: String,
+    },
+    /// The node refused or failed to apply the revision.
+    ApplyFailed {
+        /// The node.
+        node: String,
+        /// Its error.
+        reason: String,
+    },
+    /// The verdict of a [`Action::JudgeHealth`] (an `unhealthy` verdict may
+    /// also come early, e.g. on a trap during the bake).
+    Health {
+        /// The node.
+        node: String,
+        /// Healthy or not, and why.
+        verdict: HealthVerdict,
+    },
+    /// The node's session went down.
+    Offline {
+        /// The node.
+        node: String,
+    },
+    /// The node's session came up.
+    Online {
+        /// The node.
+        node: String,
+    },
+    /// The node is back on its rollback revision.
+    RolledBack {
+        /// The node.
+        node: String,
+    },
+}
+
+/// An operator's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Stop sending until resumed.
+    Pause,
+    /// Continue a paused rollout.
+    Resume,
+    /// Stop for good; always accepted.
+    Cancel,
+    /// A newer rollout of the same deployment replaces this one; always
+    /// accepted.
+    Supersede {
+        /// The newer rollout.
+        by: String,
+    },
+}
+
+/// A command that does not apply to the rollout's phase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {command} a rollout that is {phase:?}")]
+pub struct CommandError {
+    /// `pause` or `resume`.
+    pub command: &'static str,
+    /// The rollout's phase.
+    pub phase: RolloutPhase,
+}
+
+/// What folding an action or observation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folded {
+    /// The state changed.
+    Changed,
+    /// Nothing changed, and why (the hub counts these; e.g. a late
+    /// acknowledgement, an unknown node).
+    Unchanged(&'static str),
+}
+
+/// The next actions. Pure; call [`apply`] for each after performing it.
+pub fn plan(
+    spec: &RolloutSpec,
+    status: &RolloutStatus,
+    progress: &RolloutProgress,
+    nodes: &BTreeMap<String, NodeView>,
+    now_ms: u64,
+) -> Vec<Action> {
+    match status.phase {
+        RolloutPhase::RolledBack => rollbacks(progress),
+        RolloutPhase::Progressing | RolloutPhase::SucceededWithSkipped => {
+            plan_active(spec, status, progress, nodes, now_ms)
+        }
+        RolloutPhase::Paused
+        | RolloutPhase::Succeeded
+        | RolloutPhase::Failed
+        | RolloutPhase::Superseded
+        | RolloutPhase::Cancelled => Vec::new(),
+    }
+}
+
+/// [`plan`], then [`apply`] of every action it returned.
+pub fn tick(
+    spec: &RolloutSpec,
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    nodes: &BTreeMap<String, NodeView>,
+    now_ms: u64,
+) -> Vec<Action> {
+    let actions = plan(spec, status, progress, nodes, now_ms);
+    for a in &actions {
+        apply(spec, status, progress, a, now_ms);
+    }
+    actions
+}
+
+fn rollbacks(progress: &RolloutProgress) -> Vec<Action> {
+    progress
+        .iter()
+        .filter(|(_, p)| {
+            p.delivered_ms.is_some() && !matches!(p.state, S::RollingBack | S::RolledBack)
+        })
+        .filter_map(|(n, p)| {
+            p.rollback_to.map(|to| Action::RollBack {
+                node: n.clone(),
+                to_revision: to,
+            })
+        })
+        .collect()
+}
+
+fn abort(spec: &RolloutSpec, progress: &RolloutProgress, reason: String) -> Vec<Action> {
+    let mut out = vec![Action::Abort { reason }];
+    if spec.on_abort == OnAbort::Rollback {
+        out.extend(rollbacks(progress));
+    }
+    out
+}
+
+fn plan_active(
+    spec: &RolloutSpec,
+    status: &RolloutStatus,
+    progress: &RolloutProgress,
+    nodes: &BTreeMap<String, NodeView>,
+    now_ms: u64,
+) -> Vec<Action> {
+    let progressing = status.phase == RolloutPhase::Progressing;
+    if progressing && let Some(reason) = abort_reason(spec, status) {
+        return abort(spec, progress, reason);
+    }
+    let mut actions = Vec::new();
+    let mut eligible = Vec::new();
+    let mut marked = false;
+    for (name, p) in progress {
+        if p.wave.is_none() {
+            continue;
+        }
+        match node_step(spec, name, p, nodes.get(name), now_ms) {
+            Step::Nothing => {}
+            Step::Eligible => eligible.push(name),
+            Step::Act(a) => {
+                marked |= !matches!(a, Action::JudgeHealth { .. });
+                actions.push(a);
+            }
+        }
+    }
+    let free = spec.max_concurrent.saturating_sub(status.counts.in_flight) as usize;
+    let delivered = eligible.len().min(free);
+    actions.extend(eligible.into_iter().take(free).map(|n| Action::Deliver {
+        node: n.clone(),
+        revision: spec.revision,
+    }));
+    if marked || delivered > 0 {
+        return actions;
+    }
+    if progressing {
+        actions.extend(wave_control(spec, status, progress));
+    } else if progress.values().all(|p| done(p.state)) {
+        actions.push(Action::Complete {
+            phase: RolloutPhase::Succeeded,
+        });
+    }
+    actions
+}
+
+/// Healthy, failed or rolled back: nothing more will happen to the node.
+fn done(s: S) -> bool {
+    matches!(s, S::Healthy | S::Failed | S::RollingBack | S::RolledBack)
+}
+
+enum Step {
+    Nothing,
+    Eligible,
+    Act(Action),
+}
+
+fn node_step(
+    spec: &RolloutSpec,
+    name: &str,
+    p: &NodeProgress,
+    view: Option<&NodeView>,
+    now: u64,
+) -> Step {
+    let connected = view.is_some_and(|v| v.connected);
+    let paused = view.is_some_and(|v| v.paused);
+    let since = |t: Option<u64>| now.saturating_sub(t.unwrap_or(now));
+    match p.state {
+        S::Pending | S::Offline | S::Skipped if paused => {
+            if p.state == S::Skipped {
+                Step::Nothing
+            } else {
+                Step::Act(Action::MarkSkipped {
+                    node: name.to_owned(),
+                    reason: "the node is paused".to_owned(),
+                })
+            }
+        }
+        S::Pending | S::Offline | S::Skipped if connected => Step::Eligible,
+        S::Pending | S::Offline | S::Skipped => offline_step(spec, name, p, now),
+        S::Delivering if !connected || since(p.delivered_ms) > spec.ack_timeout_ms => {
+            offline_step(spec, name, p, now)
+        }
+        S::Applying | S::Baking if !connected => offline_step(spec, name, p, now),
+        S::Applying if p.acked_ms.is_some() && since(p.acked_ms) > spec.node_timeout_ms => {
+            Step::Act(Action::MarkFailed {
+                node: name.to_owned(),
+                kind: FailureKind::ApplyTimeout,
+                reason: format!(
+                    "acknowledged but not applied within {} ms",
+                    spec.node_timeout_ms
+                ),
+            })
+        }
+        S::Baking if p.applied_ms.is_some() && since(p.applied_ms) >= spec.health.bake_ms => {
+            Step::Act(Action::JudgeHealth {
+                node: name.to_owned(),
+            })
+        }
+        S::Delivering
+        | S::Applying
+        | S::Baking
+        | S::Healthy
+        | S::Failed
+        | S::RollingBack
+        | S::RolledBack => Step::Nothing,
+    }
+}
+
+fn offline_step(spec: &RolloutSpec, name: &str, p: &NodeProgress, now: u64) -> Step {
+    let node = name.to_owned();
+    match spec.offline {
+        OfflinePolicy::Skip if p.state == S::Skipped => Step::Nothing,
+        OfflinePolicy::Skip => Step::Act(Action::MarkSkipped {
+            node,
+            reason: "offline when its turn came".to_owned(),
+        }),
+        OfflinePolicy::Fail => Step::Act(Action::MarkFailed {
+            node,
+            kind: FailureKind::Offline,
+            reason: "offline when its turn came (offline policy: fail)".to_owned(),
+        }),
+        OfflinePolicy::Wait { max_ms } => match p.state {
+            S::Skipped => Step::Nothing,
+            S::Offline => {
+                let since = p.offline_since_ms.unwrap_or(now);
+                if now.saturating_sub(since) > max_ms {
+                    Step::Act(Action::MarkSkipped {
+                        node,
+                        reason: format!("offline for more than {max_ms} ms"),
+                    })
+                } else {
+                    Step::Nothing
+                }
+            }
+            _ => Step::Act(Action::MarkOffline { node }),
+        },
+    }
+}
+
+fn abort_reason(spec: &RolloutSpec, status: &RolloutStatus) -> Option<String> {
+    let c = &status.counts;
+    let executed = c.healthy + c.failed;
+    spec.abort.iter().enumerate().find_map(|(i, a)| {
+        let failed = c.failed_by_kind.get(a.kind);
+        let hit = executed >= a.min_executed
+            && failed > 0
+            && u64::from(failed) * 100 >= u64::from(a.threshold_percent) * u64::from(executed);
+        hit.then(|| {
+            let kind = a.kind.map(|k| format!(" ({k:?})")).unwrap_or_default();
+            format!(
+                "abort[{i}]: {failed} of {executed} executed nodes failed{kind}, at or above {} %",
+                a.threshold_percent
+            )
+        })
+    })
+}
+
+fn wave_control(
+    spec: &RolloutSpec,
+    status: &RolloutStatus,
+    progress: &RolloutProgress,
+) -> Vec<Action> {
+    let Some(k) = status.current_wave else {
+        return match next_wave(spec, status, progress) {
+            Some((wave, size)) => vec![Action::AdvanceWave { wave, size }],
+            None => vec![Action::Complete {
+                phase: RolloutPhase::Succeeded,
+            }],
+        };
+    };
+    let in_wave = || progress.values().filter(move |p| p.wave == Some(k));
+    if !in_wave().all(|p| p.state.settled()) {
+        return Vec::new();
+    }
+    let failed = in_wave().filter(|p| p.failure.is_some()).count() as u64;
+    let ran = failed + in_wave().filter(|p| p.state == S::Healthy).count() as u64;
+    if failed * 100 > u64::from(spec.health.max_failed_percent) * ran {
+        return abort(
+            spec,
+            progress,
+            format!(
+                "wave {k} failed its gate: {failed} of {ran} nodes failed, more than {} %",
+                spec.health.max_failed_percent
+            ),
+        );
+    }
+    if let Some((wave, size)) = next_wave(spec, status, progress) {
+        return vec![Action::AdvanceWave { wave, size }];
+    }
+    let phase = if progress.values().all(|p| done(p.state)) {
+        RolloutPhase::Succeeded
+    } else {
+        RolloutPhase::SucceededWithSkipped
+    };
+    vec![Action::Complete { phase }]
+}
+
+/// The waves of a waves strategy over `targeted` nodes: (wave index, size),
+/// every size ≥ 1, sizes summing to `targeted`. Entries that add no node
+/// (rounding) are left out; if the entries do not reach every node, a last
+/// wave (index `waves.len()`) takes the rest.
+pub fn wave_sizes(waves: &[WaveSize], targeted: u32) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut reached = 0;
+    for (i, w) in waves.iter().enumerate() {
+        let cum = w.resolve(targeted).max(reached);
+        if cum > reached {
+            out.push((i as u32, cum - reached));
+            reached = cum;
+        }
+    }
+    if reached < targeted {
+        out.push((waves.len() as u32, targeted - reached));
+    }
+    out
+}
+
+fn next_wave(
+    spec: &RolloutSpec,
+    status: &RolloutStatus,
+    progress: &RolloutProgress,
+) -> Option<(u32, u32)> {
+    let n = status.counts.targeted;
+    let assigned = progress.values().filter(|p| p.wave.is_some()).count() as u32;
+    if assigned >= n {
+        return None;
+    }
+    match &spec.strategy {
+        Strategy::Waves { waves } => wave_sizes(waves, n)
+            .into_iter()
+            .find(|(i, _)| status.current_wave.is_none_or(|k| *i > k)),
+        Strategy::Exponential {
+            base,
+            factor,
+            after_succeeded,
+            max,
+        } => {
+            let size = match status.current_wave {
+                None => *base,
+                Some(_) if status.counts.healthy >= *after_succeeded => {
+                    ((f64::from(status.wave_size) * factor).ceil() as u32).min(*max)
+                }
+                Some(_) => status.wave_size,
+            };
+            let wave = status.current_wave.map_or(0, |k| k + 1);
+            Some((wave, size.clamp(1, n - assigned)))
+        }
+    }
+}
+
+/// Changes one node's progress, keeping `status.counts` its sum.
+fn update(
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    node: &str,
+    f: impl FnOnce(&mut NodeProgress) -> Folded,
+) -> Folded {
+    let Some(p) = progress.get_mut(node) else {
+        return Folded::Unchanged("the node is not part of this rollout");
+    };
+    status.counts.add(&p.contribution(), -1);
+    let r = f(p);
+    status.counts.add(&p.contribution(), 1);
+    r
+}
+
+fn fail(
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    node: &str,
+    kind: FailureKind,
+    reason: &str,
+    now: u64,
+) -> Folded {
+    let r = update(status, progress, node, |p| {
+        p.state = S::Failed;
+        p.failure = Some(kind);
+        Folded::Changed
+    });
+    if r == Folded::Changed {
+        status.record_failure(node, kind, reason, now);
+    }
+    r
+}
+
+/// Records that the hub performed `action`.
+pub fn apply(
+    spec: &RolloutSpec,
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    action: &Action,
+    now_ms: u64,
+) -> Folded {
+    let running = matches!(
+        status.phase,
+        RolloutPhase::Progressing | RolloutPhase::SucceededWithSkipped
+    );
+    match action {
+        Action::AdvanceWave { wave, size } if status.phase == RolloutPhase::Progressing => {
+            start_wave(status, progress, *wave, *size, now_ms);
+            Folded::Changed
+        }
+        Action::Deliver { node, .. } if running => update(status, progress, node, |p| {
+            if !matches!(p.state, S::Pending | S::Offline | S::Skipped) {
+                return Folded::Unchanged("the node is not waiting for a delivery");
+            }
+            p.state = S::Delivering;
+            p.delivered_ms = Some(now_ms);
+            p.acked_ms = None;
+            p.applied_ms = None;
+            p.offline_since_ms = None;
+            Folded::Changed
+        }),
+        Action::MarkOffline { node } if running => update(status, progress, node, |p| {
+            p.state = S::Offline;
+            p.offline_since_ms = Some(p.offline_since_ms.unwrap_or(now_ms));
+            Folded::Changed
+        }),
+        Action::MarkSkipped { node, .. } if running => update(status, progress, node, |p| {
+            p.state = S::Skipped;
+            p.offline_since_ms = None;
+            Folded::Changed
+        }),
+        Action::MarkFailed { node, kind, reason } if running => {
+            fail(status, progress, node, *kind, reason, now_ms)
+        }
+        Action::RollBack { node, .. } => update(status, progress, node, |p| {
+            p.state = S::RollingBack;
+            Folded::Changed
+        }),
+        Action::Abort { reason } if status.phase == RolloutPhase::Progressing => {
+            status.phase = match spec.on_abort {
+                OnAbort::Halt => RolloutPhase::Failed,
+                OnAbort::Rollback => RolloutPhase::RolledBack,
+            };
+            finish(status, Some(reason.clone()), now_ms);
+            Folded::Changed
+        }
+        Action::Complete { phase } if running => {
+            status.phase = *phase;
+            finish(status, None, now_ms);
+            Folded::Changed
+        }
+        Action::JudgeHealth { .. } => Folded::Unchanged("a request; the verdict is observed"),
+        _ => Folded::Unchanged("the rollout's phase does not allow this action"),
+    }
+}
+
+fn finish(status: &mut RolloutStatus, reason: Option<String>, now: u64) {
+    status.finished_ms = Some(now);
+    if reason.is_some() {
+        status.reason = reason;
+    }
+}
+
+fn start_wave(
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    wave: u32,
+    size: u32,
+    now: u64,
+) {
+    status.current_wave = Some(wave);
+    status.wave_size = size;
+    status.wave_started_ms = now;
+    for p in progress
+        .values_mut()
+        .filter(|p| p.wave.is_none())
+        .take(size as usize)
+    {
+        p.wave = Some(wave);
+    }
+}
+
+/// Folds what the hub learned about a node into the rollout.
+pub fn observe(
+    spec: &RolloutSpec,
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    observation: &Observation,
+    now_ms: u64,
+) -> Folded {
+    match observation {
+        Observation::Acked { node } => update(status, progress, node, |p| {
+            if p.state != S::Delivering {
+                return Folded::Unchanged("not waiting for an acknowledgement");
+            }
+            p.state = S::Applying;
+            p.acked_ms = Some(now_ms);
+            Folded::Changed
+        }),
+        Observation::Applied { node } => update(status, progress, node, |p| {
+            if !matches!(p.state, S::Delivering | S::Applying) {
+                return Folded::Unchanged("not waiting for the node to apply");
+            }
+            p.state = S::Baking;
+            p.acked_ms = Some(p.acked_ms.unwrap_or(now_ms));
+            p.applied_ms = Some(now_ms);
+            Folded::Changed
+        }),
+        Observation::ApplyFailed { node, reason } => {
+            if !progress.get(node).is_some_and(|p| p.state.in_flight()) {
+                return Folded::Unchanged("not in flight");
+            }
+            fail(
+                status,
+                progress,
+                node,
+                FailureKind::ApplyFailed,
+                reason,
+                now_ms,
+            )
+        }
+        Observation::Health { node, verdict } => {
+            health(spec, status, progress, node, verdict, now_ms)
+        }
+        Observation::Offline { node } => update(status, progress, node, |p| {
+            if p.wave.is_none() || !(p.state == S::Pending || p.state.in_flight()) {
+                return Folded::Unchanged("the node has nothing pending or in flight");
+            }
+            p.state = S::Offline;
+            p.offline_since_ms = Some(now_ms);
+            Folded::Changed
+        }),
+        Observation::Online { node } => update(status, progress, node, |p| {
+            if !matches!(p.state, S::Offline | S::Skipped) {
+                return Folded::Unchanged("the node was not offline or skipped");
+            }
+            p.state = S::Pending;
+            p.offline_since_ms = None;
+            Folded::Changed
+        }),
+        Observation::RolledBack { node } => update(status, progress, node, |p| {
+            if p.state != S::RollingBack {
+                return Folded::Unchanged("the node is not rolling back");
+            }
+            p.state = S::RolledBack;
+            Folded::Changed
+        }),
+    }
+}
+
+fn health(
+    spec: &RolloutSpec,
+    status: &mut RolloutStatus,
+    progress: &mut RolloutProgress,
+    node: &str,
+    verdict: &HealthVerdict,
+    now: u64,
+) -> Folded {
+    let Some(p) = progress.get(node) else {
+        return Folded::Unchanged("the node is not part of this rollout");
+    };
+    if p.state != S::Baking {
+        return Folded::Unchanged("the node is not baking");
+    }
+    match verdict {
+        HealthVerdict::Unhealthy { reason } => {
+            fail(status, progress, node, FailureKind::Unhealthy, reason, now)
+        }
+        HealthVerdict::Healthy => {
+            let baked = p
+                .applied_ms
+                .is_some_and(|t| now.saturating_sub(t) >= spec.health.bake_ms);
+            if !baked {
+                return Folded::Unchanged("the bake is not over");
+            }
+            update(status, progress, node, |p| {
+                p.state = S::Healthy;
+                Folded::Changed
+            })
+        }
+    }
+}
+
+/// Applies an operator's request. Cancel and supersede are always accepted
+/// (a finished rollout stays as it is: `Ok(false)`); pause and resume apply
+/// to a progressing or paused rollout. `Ok(true)` when the phase changed.
+pub fn command(
+    status: &mut RolloutStatus,
+    command: &Command,
+    now_ms: u64,
+) -> Result<bool, CommandError> {
+    let phase = status.phase;
+    let (to, reason) = match command {
+        Command::Pause => match phase {
+            RolloutPhase::Progressing => (RolloutPhase::Paused, None),
+            RolloutPhase::Paused => return Ok(false),
+            _ => {
+                return Err(CommandError {
+                    command: "pause",
+                    phase,
+                });
+            }
+        },
+        Command::Resume => match phase {
+            RolloutPhase::Paused => (RolloutPhase::Progressing, None),
+            RolloutPhase::Progressing => return Ok(false),
+            _ => {
+                return Err(CommandError {
+                    command: "resume",
+                    phase,
+                });
+            }
+        },
+        _ if phase.is_final() => return Ok(false),
+        Command::Cancel => (
+            RolloutPhase::Cancelled,
+            Some("cancelled by the operator".to_owned()),
+        ),
+        Command::Supersede { by } => (
+            RolloutPhase::Superseded,
+            Some(format!("superseded by rollout {by:?}")),
+        ),
+    };
+    status.phase = to;
+    if reason.is_some() {
+        finish(status, reason, now_ms);
+    }
+    Ok(true)
+}

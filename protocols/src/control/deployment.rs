@@ -3,7 +3,7 @@
 //!
 //! A template reuses the item types of [`crate::desired`]: functions,
 //! devices, models, and node-config overrides ([`NodeConfigPatch`], one item
-//! per key). Several deployments may select one node; [`super::render`]
+//! per key). Several deployments may select one node; [`render`](fn@super::render)
 //! merges them by priority per named item.
 
 use std::collections::BTreeSet;

@@ -14,7 +14,10 @@
 //! - [`rollout`]: [`RolloutSpec`], [`RolloutStatus`] (bounded) and the
 //!   per-node [`RolloutProgress`] map.
 //! - [`gate`]: the health verdict of one node after its bake.
-//! - [`render`]: one node's merged content from every deployment that
+//! - [`planner`]: the pure rollout planner — [`plan`] the next actions,
+//!   [`apply`] them once performed, [`observe`] what the fleet says,
+//!   [`command`] pause/resume/cancel/supersede.
+//! - [`render`](mod@render): one node's merged content from every deployment that
 //!   selects it, by priority per named item, with a content digest.
 //!
 //! # Invariants

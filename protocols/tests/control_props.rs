@@ -431,6 +431,31 @@ proptest! {
     }
 
     #[test]
+    fn no_rollout_gets_stuck_on_offline_silent_or_bad_nodes(
+        spec in arb_spec(),
+        n in 1usize..25,
+        kinds in prop::collection::vec(0u8..6, 25),
+    ) {
+        // 0: offline, 1: online but silent, 2: unhealthy, else good.
+        let connected: Vec<bool> = kinds.iter().map(|k| *k != 0).collect();
+        let mut w = World::new(spec, n, &connected);
+        let settled = [P::Succeeded, P::SucceededWithSkipped, P::Failed, P::RolledBack];
+        let mut steps = 0;
+        while !settled.contains(&w.status.phase) {
+            prop_assert!(steps < 10_000, "stuck {:?} {:?}", w.status.phase, w.status.counts);
+            steps += 1;
+            w.now += 500;
+            w.checked_tick();
+            for (i, kind) in kinds.iter().enumerate().take(n) {
+                if *kind != 1 {
+                    let node = w.names[i].clone();
+                    w.respond(node, *kind != 2);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn waves_partition_every_node_and_the_last_is_100_percent(waves in arb_waves(), n in 0u32..500) {
         let plan = wave_sizes(&waves, n);
         prop_assert_eq!(plan.iter().map(|(_, s)| *s).sum::<u32>(), n);

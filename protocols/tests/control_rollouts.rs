@@ -299,3 +299,38 @@ fn exponential_waves_grow_after_enough_successes() {
     assert_eq!(sizes, [1, 1, 2, 4, 8, 8, 1]);
     assert_eq!(sizes.iter().sum::<u32>(), 25);
 }
+
+#[test]
+fn an_online_node_that_never_answers_cannot_hold_a_wave_forever() {
+    let mut f = Fleet::new(
+        spec(
+            r#"{"deployment":"d","revision":7,"strategy":{"kind":"waves","waves":[{"count":2}]},
+        "ack_timeout_ms":5000,"health":{"bake_ms":1000},"offline":{"policy":"wait","max_ms":30000}}"#,
+        ),
+        4,
+    );
+    f.silent.insert(name(1));
+    f.run_until(&[P::SucceededWithSkipped], 500);
+    // Done without it; it keeps being offered the revision (caught up).
+    assert!(matches!(
+        f.node(&name(1)).state,
+        S::Skipped | S::Delivering | S::Offline
+    ));
+    assert_eq!(f.status.counts.failed, 0);
+    assert_eq!(f.in_state(S::Healthy), 3);
+    assert_eq!(f.waves(), [(0, 2), (1, 2)]);
+    let skipped_at = f
+        .log
+        .iter()
+        .find_map(|(t, a)| {
+            matches!(a, Action::MarkSkipped { node, .. } if *node == name(1)).then_some(*t)
+        })
+        .unwrap();
+    assert!(
+        (30_000..45_000).contains(&skipped_at),
+        "skipped after max_ms: {skipped_at}"
+    );
+    // Once it answers again it is caught up.
+    f.silent.clear();
+    f.run_until(&[P::Succeeded], 500);
+}

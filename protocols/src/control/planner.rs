@@ -19,7 +19,9 @@
 //! - An offline node never counts as failed unless the policy is `fail`.
 //!   `skip` marks it skipped and delivers when it is back (also after the
 //!   rollout finished `succeeded_with_skipped`); `wait` holds its wave up to
-//!   `max_ms`, then skips it.
+//!   `max_ms`, then skips it. A node that is online but leaves a delivery
+//!   unacknowledged for `ack_timeout_ms` is handled the same way (with
+//!   `skip` it is delivered again, at most once per `ack_timeout_ms`).
 //! - The apply timeout starts at the node's acknowledgement, never at
 //!   delivery or creation.
 //! - Paused, cancelled, superseded, failed and succeeded rollouts emit
@@ -267,21 +269,36 @@ fn plan_active(
         if p.wave.is_none() {
             continue;
         }
-        match node_step(spec, name, p, nodes.get(name), now_ms) {
+        // A skipped node is caught up once its wave is behind (or the
+        // rollout is done); until then only an `online` observation (which
+        // makes it pending) brings it back, so it never holds its own wave.
+        let catch_up = !progressing || p.wave < status.current_wave;
+        match node_step(spec, name, p, nodes.get(name), catch_up, now_ms) {
             Step::Nothing => {}
-            Step::Eligible => eligible.push(name),
+            Step::Eligible => eligible.push((catch_up, p.delivered_ms, name)),
             Step::Act(a) => {
-                marked |= !matches!(a, Action::JudgeHealth { .. });
+                // Only what changes the current wave defers its gate;
+                // catch-ups of earlier waves never hold it.
+                marked |= !catch_up && !matches!(a, Action::JudgeHealth { .. });
                 actions.push(a);
             }
         }
     }
     let free = spec.max_concurrent.saturating_sub(status.counts.in_flight) as usize;
-    let delivered = eligible.len().min(free);
-    actions.extend(eligible.into_iter().take(free).map(|n| Action::Deliver {
-        node: n.clone(),
-        revision: spec.revision,
-    }));
+    // The current wave first, then catch-ups least recently tried first,
+    // so neither a node that never answers nor a backlog of catch-ups
+    // starves the rest.
+    eligible.sort();
+    let delivered = eligible.iter().take(free).filter(|(c, _, _)| !c).count();
+    actions.extend(
+        eligible
+            .into_iter()
+            .take(free)
+            .map(|(_, _, n)| Action::Deliver {
+                node: n.clone(),
+                revision: spec.revision,
+            }),
+    );
     if marked || delivered > 0 {
         return actions;
     }
@@ -311,6 +328,7 @@ fn node_step(
     name: &str,
     p: &NodeProgress,
     view: Option<&NodeView>,
+    catch_up: bool,
     now: u64,
 ) -> Step {
     let connected = view.is_some_and(|v| v.connected);
@@ -327,6 +345,10 @@ fn node_step(
                 })
             }
         }
+        S::Pending | S::Offline if connected && wait_expired(spec, p, now) => {
+            offline_step(spec, name, p, now)
+        }
+        S::Skipped if connected && !catch_up => Step::Nothing,
         S::Pending | S::Offline | S::Skipped if connected => Step::Eligible,
         S::Pending | S::Offline | S::Skipped => offline_step(spec, name, p, now),
         S::Delivering if !connected || since(p.delivered_ms) > spec.ack_timeout_ms => {
@@ -373,19 +395,26 @@ fn offline_step(spec: &RolloutSpec, name: &str, p: &NodeProgress, now: u64) -> S
         }),
         OfflinePolicy::Wait { max_ms } => match p.state {
             S::Skipped => Step::Nothing,
-            S::Offline => {
-                let since = p.offline_since_ms.unwrap_or(now);
-                if now.saturating_sub(since) > max_ms {
-                    Step::Act(Action::MarkSkipped {
-                        node,
-                        reason: format!("offline for more than {max_ms} ms"),
-                    })
-                } else {
-                    Step::Nothing
-                }
-            }
+            _ if wait_expired(spec, p, now) => Step::Act(Action::MarkSkipped {
+                node,
+                reason: format!("unreachable for more than {max_ms} ms"),
+            }),
+            S::Offline => Step::Nothing,
             _ => Step::Act(Action::MarkOffline { node }),
         },
+    }
+}
+
+/// Policy `wait` and the node has been unreachable (offline, or online but
+/// silent) for longer than `max_ms`. The clock starts when it was first
+/// found unreachable and survives re-deliveries, so a node that is online
+/// but never answers cannot hold its wave forever.
+fn wait_expired(spec: &RolloutSpec, p: &NodeProgress, now: u64) -> bool {
+    match spec.offline {
+        OfflinePolicy::Wait { max_ms } => p
+            .offline_since_ms
+            .is_some_and(|t| now.saturating_sub(t) > max_ms),
+        OfflinePolicy::Skip | OfflinePolicy::Fail => false,
     }
 }
 
@@ -560,7 +589,6 @@ pub fn apply(
             p.delivered_ms = Some(now_ms);
             p.acked_ms = None;
             p.applied_ms = None;
-            p.offline_since_ms = None;
             Folded::Changed
         }),
         Action::MarkOffline { node } if running => update(status, progress, node, |p| {

@@ -25,6 +25,8 @@ pub struct Fleet {
     pub views: BTreeMap<String, NodeView>,
     /// Nodes that fail their health gate.
     pub bad: BTreeSet<String>,
+    /// Nodes that are online but never answer a delivery.
+    pub silent: BTreeSet<String>,
     pub now: u64,
     /// Every action the planner emitted, with its time.
     pub log: Vec<(u64, Action)>,
@@ -58,6 +60,7 @@ impl Fleet {
             progress,
             views,
             bad: BTreeSet::new(),
+            silent: BTreeSet::new(),
             now: 0,
             log: Vec::new(),
             max_in_flight: 0,
@@ -121,7 +124,9 @@ impl Fleet {
     fn respond(&mut self, a: &Action) {
         let now = self.now;
         match a {
-            Action::Deliver { node, .. } if self.views[node].connected => {
+            Action::Deliver { node, .. }
+                if self.views[node].connected && !self.silent.contains(node) =>
+            {
                 self.queue
                     .push((now + STEP_MS, Observation::Acked { node: node.clone() }));
                 self.queue.push((

@@ -154,7 +154,10 @@ pub enum Observation {
     },
 }
 
-/// An operator's request.
+/// An operator's request, e.g. `{"command":"supersede","by":"r2"}`. Extra
+/// fields are refused on `supersede`; on the tag-only commands (`pause`,
+/// `resume`, `cancel`) serde cannot refuse them (internally tagged unit
+/// variants), so the REST layer should check the body has only `command`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
@@ -889,6 +892,42 @@ mod tests {
             Folded::Unchanged(_)
         ));
         assert_eq!(st.counts.delivered, 0);
+    }
+
+    #[test]
+    fn actions_observations_and_commands_have_a_tagged_json_form() {
+        let a = Action::MarkFailed {
+            node: "n1".into(),
+            kind: FailureKind::ApplyTimeout,
+            reason: "late".into(),
+        };
+        let j = serde_json::to_string(&a).unwrap();
+        assert_eq!(
+            j,
+            r#"{"action":"mark_failed","node":"n1","kind":"apply_timeout","reason":"late"}"#
+        );
+        assert_eq!(serde_json::from_str::<Action>(&j).unwrap(), a);
+        let o: Observation = serde_json::from_str(
+            r#"{"observed":"health","node":"n1","verdict":{"verdict":"unhealthy","reason":"trap"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            o,
+            Observation::Health {
+                verdict: HealthVerdict::Unhealthy { .. },
+                ..
+            }
+        ));
+        let c: Command = serde_json::from_str(r#"{"command":"supersede","by":"r2"}"#).unwrap();
+        assert_eq!(c, Command::Supersede { by: "r2".into() });
+        assert!(
+            serde_json::from_str::<Command>(r#"{"command":"supersede","by":"r2","at":1}"#).is_err()
+        );
+        assert!(
+            serde_json::from_str::<Action>(r#"{"action":"deliver","node":"n","revision":1,"x":0}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<Command>(r#"{"command":"restart"}"#).is_err());
     }
 
     #[test]

@@ -257,6 +257,7 @@ impl World {
             }
         }
         self.check_state();
+        self.check_reload();
     }
 
     fn check_state(&self) {
@@ -271,6 +272,15 @@ impl World {
             assert_eq!(c.failed_by_kind.offline, 0, "offline counted as failed");
         }
         assert_eq!(self.status.failures.len(), (c.failed as usize).min(20));
+    }
+
+    /// What the hub persists reloads to the same state (restart-safe).
+    fn check_reload(&self) {
+        let status: RolloutStatus =
+            serde_json::from_str(&serde_json::to_string(&self.status).unwrap()).unwrap();
+        let progress: RolloutProgress =
+            serde_json::from_str(&serde_json::to_string(&self.progress).unwrap()).unwrap();
+        assert_eq!((&status, &progress), (&self.status, &self.progress));
     }
 
     fn checked_tick(&mut self) {

@@ -18,6 +18,8 @@
 //! - [`signing`]: Ed25519 signatures over desired-state documents.
 //! - [`record`]: the stored record of a run of samples (edge outbox and hub sink).
 //! - [`api`]: the hub's REST API as data (what each endpoint takes and answers).
+//! - [`control`]: the control plane as data: nodes, label selectors,
+//!   deployments, rollouts, rendering and the pure rollout planner.
 //! - [`validate`]: semantic checks whose errors name the field, e.g.
 //!   `devices[3].points[7].address: 70000 is out of range 0..=65535`.
 //!
@@ -33,6 +35,7 @@ pub mod api;
 pub mod backoff;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod desired;
 pub mod device;
 pub mod event;

@@ -47,7 +47,7 @@ impl fmt::Display for ValidationErrors {
 
 /// Collects field errors while walking a document.
 ///
-/// Paths are built with [`Collector::field`] / [`Collector::index`], which return
+/// Paths are built with [`Path::field`] / [`Path::index`], which return
 /// a child collector sharing the same error list.
 #[derive(Debug, Default)]
 pub struct Collector {

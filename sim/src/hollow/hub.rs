@@ -139,25 +139,36 @@ impl HubProcess {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), HollowError> {
-        let client = cloud_hub::client::HubClient::with_options(
-            self.endpoint.http_base.clone(),
-            &cloud_hub::client::ClientOptions {
-                ca_pem: std::fs::read_to_string(cfg_ca(&self.endpoint)).ok(),
-                ..cloud_hub::client::ClientOptions::default()
-            },
-        )
-        .map_err(|e| HollowError::Hub(e.to_string()))?;
-        let url = format!("{}/healthz", client.base());
+        let url = format!("{}/healthz", self.endpoint.http_base);
         let deadline = tokio::time::Instant::now() + timeout;
+        // The hub creates its CA at first start (unless fleet-sim made it
+        // beforehand for Mosquitto): the client trusts it once it exists.
+        let mut client = None;
         loop {
+            if client.is_none() {
+                if let Ok(ca_pem) = std::fs::read_to_string(cfg_ca(&self.endpoint)) {
+                    client = Some(
+                        cloud_hub::client::HubClient::with_options(
+                            self.endpoint.http_base.clone(),
+                            &cloud_hub::client::ClientOptions {
+                                ca_pem: Some(ca_pem),
+                                ..cloud_hub::client::ClientOptions::default()
+                            },
+                        )
+                        .map_err(|e| HollowError::Hub(e.to_string()))?,
+                    );
+                }
+            }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(HollowError::Hub(format!(
                     "hub exited during start-up ({status}); see {}",
                     self.log.display()
                 )));
             }
-            if client.healthy().await.is_ok() {
-                return Ok(());
+            if let Some(c) = &client {
+                if c.healthy().await.is_ok() {
+                    return Ok(());
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(HollowError::Hub(format!(

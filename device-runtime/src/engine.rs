@@ -12,6 +12,8 @@ use wasmtime::{
 };
 
 use crate::backoff::BackoffConfig;
+use crate::budget::CpuBudget;
+use crate::cache::CacheLimits;
 use crate::error::{RuntimeError, boxed};
 use crate::throttle::LogLimits;
 
@@ -61,6 +63,10 @@ pub struct RuntimeConfig {
     pub backoff: BackoffConfig,
     /// Guest log rate limit, per function.
     pub log: LogLimits,
+    /// Bounds of the in-memory compiled-component cache.
+    pub component_cache: CacheLimits,
+    /// Call time each function may use before it is held back.
+    pub cpu: CpuBudget,
 }
 
 impl Default for RuntimeConfig {
@@ -71,6 +77,8 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             backoff: BackoffConfig::default(),
             log: LogLimits::default(),
+            component_cache: CacheLimits::default(),
+            cpu: CpuBudget::default(),
         }
     }
 }

@@ -76,6 +76,11 @@ pub(crate) struct HostState {
     log: LogThrottle,
     /// Log lines dropped by the rate limit since last taken.
     pub(crate) log_dropped: u64,
+    /// Bytes of all the instance's linear memories together (a component
+    /// may have more than one; the cap applies to their sum).
+    memory_total: u64,
+    /// Bytes the last permitted growth added (undone if it then failed).
+    last_growth: u64,
 }
 
 impl std::fmt::Debug for HostState {
@@ -107,6 +112,8 @@ impl HostState {
             now_ms,
             log: LogThrottle::new(log, now_ms),
             log_dropped: 0,
+            memory_total: 0,
+            last_growth: 0,
         }
     }
 
@@ -319,19 +326,31 @@ impl metrics::Host for HostState {
     }
 }
 
+/// The memory cap applies to the sum of all linear memories of an instance:
+/// wasmtime calls `memory_growing` when each memory is created (from 0) and
+/// on every growth, so the sum of the growths is the total.
 impl ResourceLimiter for HostState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let limit = self.spec.limits.memory_bytes;
-        let requested = u64::try_from(desired).unwrap_or(u64::MAX);
+        let growth = u64::try_from(desired.saturating_sub(current)).unwrap_or(u64::MAX);
+        let requested = self.memory_total.saturating_add(growth);
         if requested > limit {
             return Err(self.fail(Fault::Memory { limit, requested }));
         }
+        self.memory_total = requested;
+        self.last_growth = growth;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_total = self.memory_total.saturating_sub(self.last_growth);
+        self.last_growth = 0;
+        Ok(())
     }
 
     fn table_growing(

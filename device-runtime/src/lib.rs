@@ -16,6 +16,8 @@
 
 mod backoff;
 pub mod bindings;
+mod budget;
+mod cache;
 mod capability;
 mod engine;
 mod error;
@@ -28,6 +30,8 @@ mod throttle;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use bindings::edgefleet::device::types::Batch;
+pub use budget::CpuBudget;
+pub use cache::{CacheLimits, CacheStats};
 pub use capability::{
     Capabilities, CapabilityError, DeviceReader, KvStore, ModelSource, PointValue, RegisterKind,
 };

@@ -19,6 +19,8 @@ use crate::bindings::DeviceFunctionPre;
 use crate::bindings::edgefleet::device::{
     devices, kv, log, metrics, models, output, points, types,
 };
+use crate::budget::Throttle;
+use crate::cache::{CacheStats, ComponentCache};
 use crate::capability::Capabilities;
 use crate::engine::{EpochTicker, RuntimeConfig, build_engine};
 use crate::error::{BoxError, CallError, LoadError, RuntimeError, boxed};
@@ -143,6 +145,19 @@ pub enum RuntimeEvent {
         /// Consecutive failures before this restart.
         failures: u32,
     },
+    /// A function overdrew its CPU budget ([`RuntimeConfig::cpu`]) and is
+    /// held back: its calls return [`CallError::Unavailable`] until
+    /// `until_ms`; the instance and its state stay.
+    Throttled {
+        /// Function name.
+        function: String,
+        /// Wall-clock time of the call that overdrew the budget (ms).
+        call_ms: u64,
+        /// Times it was held back so far.
+        times: u64,
+        /// When it is released (ms, caller's clock).
+        until_ms: u64,
+    },
     /// A function asked for something it was not granted.
     CapabilityDenied {
         /// Function name.
@@ -185,6 +200,13 @@ pub enum FunctionState {
         /// The error that caused it.
         last_error: String,
     },
+    /// Live, but held back for overdrawing its CPU budget until `until_ms`.
+    Throttled {
+        /// When it is released.
+        until_ms: u64,
+        /// Consecutive overdraws.
+        strikes: u32,
+    },
 }
 
 /// Status of one function, for reported state.
@@ -208,6 +230,8 @@ pub struct FunctionStatus {
     pub denied: u64,
     /// Guest log lines dropped by the rate limit ([`RuntimeConfig::log`](crate::RuntimeConfig)).
     pub log_dropped: u64,
+    /// Times it was held back for overdrawing its CPU budget.
+    pub throttled: u64,
     /// Guest counters (`metrics.counter-add`).
     pub counters: BTreeMap<String, u64>,
 }
@@ -236,6 +260,7 @@ struct Slot {
     pre: DeviceFunctionPre<HostState>,
     state: SlotState,
     backoff: Backoff,
+    throttle: Throttle,
     restarts: u64,
     samples_in: u64,
     samples_out: u64,
@@ -256,7 +281,10 @@ pub struct DeviceRuntime {
     cache: Option<Cache>,
     config: RuntimeConfig,
     caps: Capabilities,
-    components: HashMap<String, Component>,
+    components: ComponentCache,
+    /// Module digests of the last two applied desired states (current,
+    /// previous): pinned in the component cache.
+    desired_digests: [HashSet<String>; 2],
     functions: BTreeMap<String, Slot>,
     events: Vec<RuntimeEvent>,
     _ticker: EpochTicker,
@@ -278,11 +306,12 @@ impl DeviceRuntime {
         let (engine, cache) = build_engine(&config)?;
         let ticker = EpochTicker::start(&engine, config.epoch_tick)?;
         Ok(Self {
+            components: ComponentCache::new(config.component_cache),
+            desired_digests: [HashSet::new(), HashSet::new()],
             engine,
             cache,
             config,
             caps,
-            components: HashMap::new(),
             functions: BTreeMap::new(),
             events: Vec::new(),
             _ticker: ticker,
@@ -301,9 +330,22 @@ impl DeviceRuntime {
             .map(|c| (c.cache_hits(), c.cache_misses()))
     }
 
+    /// Statistics of the in-memory compiled-component cache.
+    pub fn component_cache_stats(&self) -> CacheStats {
+        self.components.stats()
+    }
+
+    /// Whether the component of `digest` is in the in-memory cache.
+    pub fn is_component_cached(&self, digest: &str) -> bool {
+        self.components.contains(digest)
+    }
+
     /// Verifies `bytes` against `digest` and compiles them (or loads the
     /// compiled code from the disk cache). Compiled components are also kept
-    /// in memory, keyed by digest, for later loads.
+    /// in memory, keyed by digest, for later loads, within
+    /// [`RuntimeConfig::component_cache`]; what neither the running
+    /// functions nor the current or previous desired state use is evicted,
+    /// least recently used first.
     pub fn compile(&mut self, digest: &str, bytes: &[u8]) -> Result<Component, LoadError> {
         if let Some(component) = self.components.get(digest) {
             return Ok(component.clone());
@@ -318,8 +360,23 @@ impl DeviceRuntime {
         check_component_header(bytes)?;
         let component =
             Component::new(&self.engine, bytes).map_err(|e| LoadError::Malformed(boxed(e)))?;
-        self.components.insert(digest.to_owned(), component.clone());
+        let pinned = self.pinned_digests();
+        self.components.insert(digest, component.clone(), &pinned);
         Ok(component)
+    }
+
+    /// Digests the cache must keep: running functions' and those of the
+    /// current and previous desired state.
+    fn pinned_digests(&self) -> HashSet<String> {
+        let mut pinned: HashSet<String> = self
+            .functions
+            .values()
+            .map(|slot| slot.spec.module_digest.clone())
+            .collect();
+        for set in &self.desired_digests {
+            pinned.extend(set.iter().cloned());
+        }
+        pinned
     }
 
     /// Makes the running set equal `desired`: loads new functions, hot-swaps
@@ -338,6 +395,11 @@ impl DeviceRuntime {
         now_ms: u64,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let digests: HashSet<String> = desired.iter().map(|s| s.module_digest.clone()).collect();
+        if digests != self.desired_digests[0] {
+            let previous = std::mem::replace(&mut self.desired_digests[0], digests);
+            self.desired_digests[1] = previous;
+        }
         let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
         let stale: Vec<String> = self
             .functions
@@ -387,6 +449,8 @@ impl DeviceRuntime {
                 Err(err) => report.failed.push((spec.name.clone(), err)),
             }
         }
+        let pinned = self.pinned_digests();
+        self.components.evict(&pinned);
         report
     }
 
@@ -475,6 +539,13 @@ impl DeviceRuntime {
                     continue;
                 }
             }
+            if self
+                .functions
+                .get_mut(&name)
+                .is_some_and(|slot| slot.throttle.held_until(now_ms).is_some())
+            {
+                continue;
+            }
             let result = self.call(&name, now_ms, |instance| instance.tick(now_ms));
             results.push((name, result));
         }
@@ -494,7 +565,13 @@ impl DeviceRuntime {
                 name: name.clone(),
                 digest: slot.spec.module_digest.clone(),
                 state: match &slot.state {
-                    SlotState::Running(_) => FunctionState::Running,
+                    SlotState::Running(_) => match slot.throttle.until_ms() {
+                        Some(until_ms) => FunctionState::Throttled {
+                            until_ms,
+                            strikes: slot.throttle.strikes(),
+                        },
+                        None => FunctionState::Running,
+                    },
                     SlotState::Restarting { due_ms, last_error } => FunctionState::Restarting {
                         due_ms: *due_ms,
                         last_error: last_error.clone(),
@@ -506,6 +583,7 @@ impl DeviceRuntime {
                 samples_out: slot.samples_out,
                 denied: slot.denied,
                 log_dropped: slot.log_dropped,
+                throttled: slot.throttle.times,
                 counters: slot.counters.clone(),
             })
             .collect()
@@ -546,6 +624,7 @@ impl DeviceRuntime {
             pre,
             state: SlotState::Running(Box::new(instance)),
             backoff,
+            throttle: Throttle::new(&self.config.cpu, now_ms),
             restarts: 0,
             samples_in: 0,
             samples_out: 0,
@@ -682,8 +761,28 @@ impl DeviceRuntime {
                 attempt: slot.backoff.failures(),
             });
         };
+        if let Some(until_ms) = slot.throttle.held_until(now_ms) {
+            return Err(CallError::Unavailable {
+                function: name.to_owned(),
+                until_ms,
+                attempt: slot.throttle.strikes(),
+            });
+        }
         instance.set_now(now_ms);
+        let started = std::time::Instant::now();
         let result = f(instance);
+        let used = started.elapsed();
+        if let Some(until_ms) = slot.throttle.record(&self.config.cpu, now_ms, used) {
+            let call_ms = u64::try_from(used.as_millis()).unwrap_or(u64::MAX);
+            let times = slot.throttle.times;
+            tracing::warn!(function = %name, call_ms, times, until_ms, "function over its CPU budget; held back");
+            self.events.push(RuntimeEvent::Throttled {
+                function: name.to_owned(),
+                call_ms,
+                times,
+                until_ms,
+            });
+        }
         slot.log_dropped = slot.log_dropped.saturating_add(instance.take_log_dropped());
         for (counter, delta) in instance.take_counters() {
             let value = slot.counters.entry(counter).or_default();

@@ -427,18 +427,19 @@ impl EdgeConfig {
     /// Driver settings derived from this config: the OPC UA client PKI in
     /// `{data_dir}/opcua-pki` (created 0700 by [`crate::datadir::prepare`]),
     /// never in a shared temporary directory (L4).
-    /// MQTT devices' secrets come from `[devices] secrets_dir` (default
-    /// `{data_dir}/device-secrets`).
+    /// MQTT and OPC UA devices' secrets come from `[devices] secrets_dir`
+    /// (default `{data_dir}/device-secrets`).
     pub fn driver_options(&self) -> crate::drivers::DriverOptions {
         let mut o = crate::drivers::DriverOptions::default();
         o.opcua.pki_dir = self.data_dir.join(crate::datadir::OPCUA_PKI);
         o.mqtt.max_future_skew = self.devices.mqtt_max_future_skew;
-        o.mqtt.secrets_dir = Some(
-            self.devices
-                .secrets_dir
-                .clone()
-                .unwrap_or_else(|| self.data_dir.join(DevicesConfig::SECRETS_DIR)),
-        );
+        let secrets = self
+            .devices
+            .secrets_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(DevicesConfig::SECRETS_DIR));
+        o.opcua.secrets_dir = Some(secrets.clone());
+        o.mqtt.secrets_dir = Some(secrets);
         o
     }
 
@@ -465,6 +466,11 @@ impl EdgeConfig {
 /// kv_max_bytes = 67108864      # keys + values per function (64 MiB)
 /// log_lines_per_second = 20    # sustained guest log rate per function
 /// log_burst = 100              # guest log lines allowed at once
+/// component_cache_entries = 32 # compiled modules kept in memory
+/// component_cache_bytes = 268435456   # their compiled code at most (256 MiB)
+/// cpu_share_percent = 25       # share of wall time one function may spend in calls
+/// cpu_burst = "2s"             # call time allowed at once beyond that share
+/// cpu_backoff_max = "5m"       # longest hold of a function over its budget
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -480,6 +486,27 @@ pub struct FunctionsConfig {
     /// Guest log lines one function may write at once (bucket size).
     /// Default 100.
     pub log_burst: u32,
+    /// Compiled components kept in memory at most. Modules the current or
+    /// the previous desired state uses are always kept; others are evicted
+    /// least recently used first (counted: `function_modules_evicted`).
+    /// Default 32.
+    pub component_cache_entries: usize,
+    /// Bytes of compiled code kept in memory at most, under the same rule.
+    /// Default 256 MiB.
+    pub component_cache_bytes: u64,
+    /// Percentage (1..=100) of wall-clock time one function may spend in
+    /// its calls, sustained. Calls run one at a time, so a function over
+    /// it is held back (1 s, doubling up to `cpu_backoff_max`; reported as
+    /// `backoff`, counted: `throttled`, `function_throttled`) and the
+    /// others keep their time. Default 25.
+    pub cpu_share_percent: u32,
+    /// Call time a function may use at once beyond its share. Default 2 s
+    /// (two calls at the longest deadline desired state allows).
+    #[serde(with = "humantime_serde")]
+    pub cpu_burst: Duration,
+    /// Longest hold of a function over its budget. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub cpu_backoff_max: Duration,
 }
 
 impl Default for FunctionsConfig {
@@ -489,6 +516,11 @@ impl Default for FunctionsConfig {
             kv_max_bytes: 64 * 1024 * 1024,
             log_lines_per_second: 20,
             log_burst: 100,
+            component_cache_entries: 32,
+            component_cache_bytes: 256 * 1024 * 1024,
+            cpu_share_percent: 25,
+            cpu_burst: Duration::from_secs(2),
+            cpu_backoff_max: Duration::from_mins(5),
         }
     }
 }
@@ -496,6 +528,8 @@ impl Default for FunctionsConfig {
 impl FunctionsConfig {
     /// Smallest accepted `kv_max_bytes`.
     pub const MIN_KV_BYTES: u64 = 4096;
+    /// Smallest accepted `component_cache_bytes` (1 MiB).
+    pub const MIN_COMPONENT_CACHE_BYTES: u64 = 1 << 20;
 
     fn validate_at(&self, c: &mut Collector, f: &Path<'_>) {
         if !(1..=10_000_000).contains(&self.kv_max_keys) {
@@ -520,6 +554,36 @@ impl FunctionsConfig {
             c.push(
                 &f.field("log_burst"),
                 format!("{} is out of range 1..=100000", self.log_burst),
+            );
+        }
+        if !(1..=4096).contains(&self.component_cache_entries) {
+            c.push(
+                &f.field("component_cache_entries"),
+                format!("{} is out of range 1..=4096", self.component_cache_entries),
+            );
+        }
+        if !(1..=100).contains(&self.cpu_share_percent) {
+            c.push(
+                &f.field("cpu_share_percent"),
+                format!("{} is out of range 1..=100", self.cpu_share_percent),
+            );
+        }
+        if self.cpu_burst < Duration::from_millis(10) || self.cpu_burst > Duration::from_mins(1) {
+            c.push(&f.field("cpu_burst"), "must be between 10ms and 1m");
+        }
+        if self.cpu_backoff_max < Duration::from_secs(1)
+            || self.cpu_backoff_max > Duration::from_secs(3600)
+        {
+            c.push(&f.field("cpu_backoff_max"), "must be between 1s and 1h");
+        }
+        if self.component_cache_bytes < Self::MIN_COMPONENT_CACHE_BYTES {
+            c.push(
+                &f.field("component_cache_bytes"),
+                format!(
+                    "{} is less than {}",
+                    self.component_cache_bytes,
+                    Self::MIN_COMPONENT_CACHE_BYTES
+                ),
             );
         }
     }
@@ -733,6 +797,13 @@ mod tests {
             (c.functions.log_lines_per_second, c.functions.log_burst),
             (20, 100)
         );
+        assert_eq!(
+            (
+                c.functions.component_cache_entries,
+                c.functions.component_cache_bytes
+            ),
+            (32, 256 << 20)
+        );
         let mut c = EdgeConfig {
             hub: HubConfig {
                 insecure_trust_first_use: true,
@@ -746,6 +817,11 @@ mod tests {
             kv_max_bytes: 10,
             log_lines_per_second: 0,
             log_burst: 0,
+            component_cache_entries: 0,
+            component_cache_bytes: 1000,
+            cpu_share_percent: 0,
+            cpu_burst: Duration::ZERO,
+            cpu_backoff_max: Duration::ZERO,
         };
         let e = c.validate().unwrap_err().to_string();
         for want in [
@@ -753,6 +829,11 @@ mod tests {
             "functions.kv_max_bytes: 10",
             "functions.log_lines_per_second: 0",
             "functions.log_burst: 0",
+            "functions.component_cache_entries: 0",
+            "functions.component_cache_bytes: 1000",
+            "functions.cpu_share_percent: 0",
+            "functions.cpu_burst: must be",
+            "functions.cpu_backoff_max: must be",
         ] {
             assert!(e.contains(want), "{want} not in {e}");
         }

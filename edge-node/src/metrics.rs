@@ -77,6 +77,12 @@ counters! {
     /// Guest kv puts refused: the function's quota (`[functions]
     /// kv_max_keys`, `kv_max_bytes`) is full (per function: `kv_refused`).
     function_kv_refused,
+    /// Compiled device-function modules evicted from the in-memory cache
+    /// (`[functions] component_cache_entries`, `component_cache_bytes`).
+    function_modules_evicted,
+    /// Times a device function was held back for exceeding its CPU budget
+    /// (per function: `throttled`).
+    function_throttled,
     /// Node certificates renewed and swapped in ([`crate::renewal`]).
     cert_renewals,
     /// Renewal attempts that failed (retried with backoff).

@@ -22,6 +22,11 @@
 //!   matched against the networks, a name against the name globs (names are
 //!   matched as written, not resolved: the site controls its DNS). Without a
 //!   port part any port matches. Default: loopback only (`127.0.0.0/8`, `::1`).
+//! - `opcua_insecure_endpoints`: where an OPC UA device may use security
+//!   `none` or an anonymous session (no `username`), in the same syntax.
+//!   Anywhere else it must use `sign` or `sign-and-encrypt` and log in,
+//!   so neither its traffic nor the session is open to anyone on the plant
+//!   network (L4). Default: loopback only.
 //!
 //! Synthetic devices need nothing and are always allowed.
 
@@ -30,6 +35,7 @@ use std::ops::RangeInclusive;
 use std::path::{Component, Path};
 
 use ipnet::IpNet;
+use protocols::device::OpcUaSecurity;
 use protocols::{DesiredState, DeviceProtocol};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +47,9 @@ pub struct PolicyConfig {
     pub serial_devices: Vec<String>,
     /// Networks, host names and ports devices may connect to.
     pub device_endpoints: Vec<String>,
+    /// Networks, host names and ports where OPC UA devices may use
+    /// security `none` or an anonymous session.
+    pub opcua_insecure_endpoints: Vec<String>,
 }
 
 impl Default for PolicyConfig {
@@ -48,6 +57,7 @@ impl Default for PolicyConfig {
         Self {
             serial_devices: Vec::new(),
             device_endpoints: vec!["127.0.0.0/8".into(), "[::1]".into()],
+            opcua_insecure_endpoints: vec!["127.0.0.0/8".into(), "[::1]".into()],
         }
     }
 }
@@ -59,6 +69,8 @@ pub struct Policy {
     endpoints: Vec<Endpoint>,
     /// The config lines, for error messages.
     endpoints_text: Vec<String>,
+    insecure: Vec<Endpoint>,
+    insecure_text: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +92,8 @@ impl Default for Policy {
             serial: Vec::new(),
             endpoints: Vec::new(),
             endpoints_text: Vec::new(),
+            insecure: Vec::new(),
+            insecure_text: Vec::new(),
         })
     }
 }
@@ -96,18 +110,19 @@ impl Policy {
                 ));
             }
         }
-        let mut endpoints = Vec::new();
-        for (i, e) in cfg.device_endpoints.iter().enumerate() {
-            match parse_endpoint(e) {
-                Ok(ep) => endpoints.push(ep),
-                Err(msg) => errors.push((format!("device_endpoints[{i}]"), msg)),
-            }
-        }
+        let endpoints = parse_list("device_endpoints", &cfg.device_endpoints, &mut errors);
+        let insecure = parse_list(
+            "opcua_insecure_endpoints",
+            &cfg.opcua_insecure_endpoints,
+            &mut errors,
+        );
         if errors.is_empty() {
             Ok(Self {
                 serial: cfg.serial_devices.clone(),
                 endpoints,
                 endpoints_text: cfg.device_endpoints.clone(),
+                insecure,
+                insecure_text: cfg.opcua_insecure_endpoints.clone(),
             })
         } else {
             Err(errors)
@@ -148,10 +163,24 @@ impl Policy {
                         bad.push(self.endpoint_refusal(&field("host"), host, *port));
                     }
                 }
-                DeviceProtocol::OpcUa { endpoint, .. } => match opcua_host_port(endpoint) {
-                    Some((host, port)) if self.endpoint_allowed(&host, port) => {}
+                DeviceProtocol::OpcUa {
+                    endpoint,
+                    security,
+                    username,
+                    ..
+                } => match opcua_host_port(endpoint) {
                     Some((host, port)) => {
-                        bad.push(self.endpoint_refusal(&field("endpoint"), &host, port));
+                        if !self.endpoint_allowed(&host, port) {
+                            bad.push(self.endpoint_refusal(&field("endpoint"), &host, port));
+                        }
+                        let secure = *security != OpcUaSecurity::None;
+                        bad.extend(self.insecure_refusal(
+                            &field,
+                            &host,
+                            port,
+                            secure,
+                            username.as_ref(),
+                        ));
                     }
                     None => bad.push(format!(
                         "{}: {endpoint:?} is not an opc.tcp://host:port URL",
@@ -183,17 +212,41 @@ impl Policy {
         )
     }
 
+    /// Refusals of an OPC UA session without security or without a login
+    /// to `host:port` outside `opcua_insecure_endpoints`.
+    fn insecure_refusal(
+        &self,
+        field: &dyn Fn(&str) -> String,
+        host: &str,
+        port: u16,
+        secure: bool,
+        username: Option<&String>,
+    ) -> Vec<String> {
+        if list_matches(&self.insecure, host, port) {
+            return Vec::new();
+        }
+        let mut bad = Vec::new();
+        let only = format!(
+            "allowed only to policy.opcua_insecure_endpoints {:?}",
+            self.insecure_text
+        );
+        if !secure {
+            bad.push(format!(
+                "{}: none to {host}:{port} is {only}; use sign or sign-and-encrypt",
+                field("security")
+            ));
+        }
+        if username.is_none() {
+            bad.push(format!(
+                "{}: an anonymous session to {host}:{port} is {only}; set username and password_file",
+                field("username")
+            ));
+        }
+        bad
+    }
+
     fn endpoint_allowed(&self, host: &str, port: u16) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let ip: Option<IpAddr> = host.parse().ok();
-        self.endpoints.iter().any(|e| {
-            e.ports.contains(&port)
-                && match (&e.host, ip) {
-                    (HostMatch::Net(n), Some(ip)) => n.contains(&ip),
-                    (HostMatch::Name(g), None) => glob_match(g, &host.to_ascii_lowercase()),
-                    _ => false,
-                }
-        })
+        list_matches(&self.endpoints, host, port)
     }
 
     fn serial_allowed(&self, path: &str) -> Result<(), String> {
@@ -220,6 +273,32 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// Whether `host:port` matches an entry of `list`.
+fn list_matches(list: &[Endpoint], host: &str, port: u16) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: Option<IpAddr> = host.parse().ok();
+    list.iter().any(|e| {
+        e.ports.contains(&port)
+            && match (&e.host, ip) {
+                (HostMatch::Net(n), Some(ip)) => n.contains(&ip),
+                (HostMatch::Name(g), None) => glob_match(g, &host.to_ascii_lowercase()),
+                _ => false,
+            }
+    })
+}
+
+/// Parses the entries of list `name`, pushing each bad one to `errors`.
+fn parse_list(name: &str, entries: &[String], errors: &mut Vec<(String, String)>) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        match parse_endpoint(e) {
+            Ok(ep) => out.push(ep),
+            Err(msg) => errors.push((format!("{name}[{i}]"), msg)),
+        }
+    }
+    out
 }
 
 fn parse_endpoint(e: &str) -> Result<Endpoint, String> {
@@ -337,6 +416,7 @@ mod tests {
         Policy::parse(&PolicyConfig {
             serial_devices: serial.iter().map(|s| (*s).to_owned()).collect(),
             device_endpoints: endpoints.iter().map(|s| (*s).to_owned()).collect(),
+            ..PolicyConfig::default()
         })
         .unwrap()
     }
@@ -358,6 +438,94 @@ mod tests {
             models: Vec::new(),
             config: protocols::NodeConfig::default(),
         }
+    }
+
+    fn opcua(endpoint: &str, security: OpcUaSecurity, username: Option<&str>) -> DeviceProtocol {
+        DeviceProtocol::OpcUa {
+            endpoint: endpoint.into(),
+            security,
+            username: username.map(Into::into),
+            password_file: username.map(|_| "ua.pw".into()),
+        }
+    }
+
+    #[test]
+    fn opcua_without_security_or_login_only_to_the_insecure_endpoints() {
+        let p = policy(&[], &["0.0.0.0/0", "[::]/0"]);
+        // Loopback (the default insecure list): anything goes, as the
+        // simulators in fleet-sim and the tests use it.
+        for (sec, user) in [
+            (OpcUaSecurity::None, None),
+            (OpcUaSecurity::Sign, None),
+            (OpcUaSecurity::None, Some("edge")),
+        ] {
+            p.check(&desired(vec![opcua(
+                "opc.tcp://127.0.0.1:4840/",
+                sec,
+                user,
+            )]))
+            .unwrap();
+            p.check(&desired(vec![opcua("opc.tcp://[::1]:4840/", sec, user)]))
+                .unwrap();
+        }
+        // Elsewhere: refused, naming each field.
+        let e = p
+            .check(&desired(vec![opcua(
+                "opc.tcp://10.0.0.6:4840/",
+                OpcUaSecurity::None,
+                None,
+            )]))
+            .unwrap_err();
+        assert!(
+            e.contains("devices[0].protocol.security: none to 10.0.0.6:4840 is allowed only to policy.opcua_insecure_endpoints"),
+            "{e}"
+        );
+        assert!(
+            e.contains("devices[0].protocol.username: an anonymous session to 10.0.0.6:4840"),
+            "{e}"
+        );
+        let e = p
+            .check(&desired(vec![opcua(
+                "opc.tcp://10.0.0.6:4840/",
+                OpcUaSecurity::SignAndEncrypt,
+                None,
+            )]))
+            .unwrap_err();
+        assert!(e.contains("protocol.username"), "{e}");
+        assert!(!e.contains("protocol.security"), "{e}");
+        p.check(&desired(vec![opcua(
+            "opc.tcp://10.0.0.6:4840/",
+            OpcUaSecurity::SignAndEncrypt,
+            Some("edge"),
+        )]))
+        .unwrap();
+        // The site can allow its own lab network.
+        let lab = Policy::parse(&PolicyConfig {
+            device_endpoints: vec!["0.0.0.0/0".into()],
+            opcua_insecure_endpoints: vec!["10.9.0.0/16:4840".into()],
+            ..PolicyConfig::default()
+        })
+        .unwrap();
+        lab.check(&desired(vec![opcua(
+            "opc.tcp://10.9.1.2:4840/",
+            OpcUaSecurity::None,
+            None,
+        )]))
+        .unwrap();
+        assert!(
+            lab.check(&desired(vec![opcua(
+                "opc.tcp://10.9.1.2:4841/",
+                OpcUaSecurity::None,
+                None
+            )]))
+            .is_err()
+        );
+        let errs = Policy::parse(&PolicyConfig {
+            opcua_insecure_endpoints: vec!["not a host!".into()],
+            ..PolicyConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(errs[0].0, "opcua_insecure_endpoints[0]");
     }
 
     fn tcp(host: &str, port: u16) -> DeviceProtocol {
@@ -426,16 +594,18 @@ mod tests {
                 .is_err()
         );
         p.check(&desired(vec![tcp("fd12::7", 502)])).unwrap();
-        p.check(&desired(vec![DeviceProtocol::OpcUa {
-            endpoint: "opc.tcp://192.168.7.9:4841/UA/Server".into(),
-            security: protocols::device::OpcUaSecurity::default(),
-        }]))
+        p.check(&desired(vec![opcua(
+            "opc.tcp://192.168.7.9:4841/UA/Server",
+            OpcUaSecurity::SignAndEncrypt,
+            Some("edge"),
+        )]))
         .unwrap();
         let e = p
-            .check(&desired(vec![DeviceProtocol::OpcUa {
-                endpoint: "opc.tcp://192.168.7.9/UA".into(),
-                security: protocols::device::OpcUaSecurity::default(),
-            }]))
+            .check(&desired(vec![opcua(
+                "opc.tcp://192.168.7.9/UA",
+                OpcUaSecurity::Sign,
+                Some("edge"),
+            )]))
             .unwrap_err();
         assert!(
             e.contains("devices[0].protocol.endpoint: 192.168.7.9:4840"),
@@ -488,6 +658,7 @@ mod tests {
         let errs = Policy::parse(&PolicyConfig {
             serial_devices: vec!["ttyUSB*".into()],
             device_endpoints: vec!["10.0.0.0/8".into(), "10.0.0.0/8:70000".into(), "a b".into()],
+            ..PolicyConfig::default()
         })
         .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|(f, _)| f.as_str()).collect();

@@ -127,10 +127,14 @@ impl Rig {
 /// A WAT fixture of `tests/fixtures`, componentized against the
 /// `device-function` world.
 fn fixture(name: &str) -> Vec<u8> {
+    fixture_in("tests/fixtures", name)
+}
+
+/// A WAT fixture of `dir` (relative to this crate), componentized.
+fn fixture_in(dir: &str, name: &str) -> Vec<u8> {
     use wit_component::{ComponentEncoder, StringEncoding, embed_component_metadata};
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let wat =
-        std::fs::read_to_string(root.join("tests/fixtures").join(format!("{name}.wat"))).unwrap();
+    let wat = std::fs::read_to_string(root.join(dir).join(format!("{name}.wat"))).unwrap();
     let mut resolve = wit_parser::Resolve::default();
     let (pkg, _) = resolve
         .push_dir(root.join("../device-runtime/wit"))
@@ -440,5 +444,82 @@ async fn a_hostile_guest_is_bounded_by_the_gateway() {
         page.samples.iter().all(|s| s.point == 1),
         "only declared points on the function's stream"
     );
+    rig.stop().await;
+}
+
+/// A function that burns a long stretch of CPU in every call without ever
+/// trapping (M8) runs beside a normal one: the gateway's CPU budget holds
+/// the hog back (reported as `backoff`, counted), and the normal function
+/// keeps processing all of its input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_hog_is_held_back_and_the_other_function_keeps_its_input_flowing() {
+    let rig = Rig::start_with(|cfg| {
+        cfg.functions.cpu_share_percent = 5;
+        cfg.functions.cpu_burst = Duration::from_millis(50);
+    })
+    .await;
+    let normal = rig
+        .upload(fixture_in(
+            "../device-runtime/tests/fixtures",
+            "passthrough",
+        ))
+        .await;
+    let hog = rig
+        .upload(fixture_in("../device-runtime/tests/fixtures", "busy_loop"))
+        .await;
+    let mut body = desired(1, &normal, "");
+    body["functions"] = json!([
+        {"name": "f", "module_sha256": normal.sha256, "module_size": normal.size,
+         "inputs": [0, 1], "outputs": ["filtered"]},
+        {"name": "hog", "module_sha256": hog.sha256, "module_size": hog.size,
+         "inputs": [2], "outputs": ["hogged"],
+         "limits": {"fuel_per_call": 5_000_000_000_u64}},
+    ]);
+    rig.put_desired(body).await;
+    let (f, h, node) = eventually("the hog held back, f busy", DEADLINE, || async {
+        let n = rig.node().await?;
+        let r = n.reported.as_ref()?;
+        let f = r.functions.get("f")?.clone();
+        let h = r.functions.get("hog")?.clone();
+        (r.applied_revision == 1
+            && counter(&h, "throttled") >= 2
+            && h.state == FunctionState::Backoff
+            && counter(&f, "samples_in") >= 1_000)
+            .then(|| (f, h, r.counters.clone()))
+    })
+    .await;
+    assert!(
+        h.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("CPU budget")),
+        "{h:?}"
+    );
+    assert_eq!(counter(&h, "restarts"), 0, "held back, not crashed: {h:?}");
+    assert!(node["function_throttled"] >= 2, "{node:?}");
+    // The normal function lost nothing and keeps up with its input: the
+    // synthetic device makes as many samples of each of its three points,
+    // so f's two points are two thirds of what the drivers delivered, less
+    // what is still in flight (at most a few batches).
+    assert_eq!(f.state, FunctionState::Running, "{f:?}");
+    assert_eq!(counter(&f, "input_dropped"), 0, "{f:?}");
+    assert_eq!(counter(&f, "samples_failed"), 0, "{f:?}");
+    assert_eq!(
+        counter(&f, "samples_out"),
+        counter(&f, "samples_in"),
+        "passthrough emits all its input: {f:?}"
+    );
+    let fed = counter(&f, "samples_in") + counter(&f, "input_buffered");
+    let routed = node["samples_in"] * 2 / 3;
+    assert!(
+        fed + 300 >= routed,
+        "f got {fed} of the {routed} samples of its points: {f:?} {node:?}"
+    );
+    eventually("a CPU-budget event for the hog", DEADLINE, || async {
+        rig.events().await.into_iter().find(|e| {
+            matches!(&e.kind, EventKind::FunctionFailed { function } if function == "hog")
+                && e.message.contains("CPU budget")
+        })
+    })
+    .await;
     rig.stop().await;
 }

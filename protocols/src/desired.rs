@@ -72,7 +72,8 @@ pub struct FunctionLimits {
     pub memory_bytes: u64,
     /// Fuel (roughly, wasm instructions) per call.
     pub fuel_per_call: u64,
-    /// Wall-clock budget per call in milliseconds (epoch watchdog).
+    /// Wall-clock budget per call in milliseconds (epoch watchdog),
+    /// 1..=[`limits::MAX_FUNCTION_DEADLINE_MS`] (1 s).
     pub deadline_ms: u64,
 }
 
@@ -310,10 +311,14 @@ impl DesiredState {
                     ),
                 );
             }
-            if !(1..=60_000).contains(&f.limits.deadline_ms) {
+            if !(1..=limits::MAX_FUNCTION_DEADLINE_MS).contains(&f.limits.deadline_ms) {
                 c.push(
                     &lp.field("deadline_ms"),
-                    format!("{} is out of range 1..=60000", f.limits.deadline_ms),
+                    format!(
+                        "{} is out of range 1..={} (limits::MAX_FUNCTION_DEADLINE_MS)",
+                        f.limits.deadline_ms,
+                        limits::MAX_FUNCTION_DEADLINE_MS
+                    ),
                 );
             }
         }

@@ -52,9 +52,22 @@ pub enum DeviceProtocol {
     OpcUa {
         /// Endpoint URL, `opc.tcp://host:port/path`.
         endpoint: String,
-        /// Security mode: none, sign, sign-and-encrypt.
+        /// Security mode: none, sign, sign-and-encrypt (policy
+        /// Basic256Sha256). The gateway's `[policy]
+        /// opcua_insecure_endpoints` (default loopback only) says where
+        /// `none` or an anonymous login is allowed.
         #[serde(default)]
         security: OpcUaSecurity,
+        /// User name to activate the session with; absent: anonymous.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        username: Option<String>,
+        /// The password: the name of a file in the gateway's
+        /// device-secrets directory (edge config `[devices] secrets_dir`)
+        /// whose first line it is; a plain file name, so the document can
+        /// only pick among files the gateway's operator put there. Needs
+        /// `username`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        password_file: Option<String>,
     },
     /// An MQTT-native device: it publishes its values to a broker (the
     /// device-side broker, not necessarily the hub's) as JSON
@@ -440,13 +453,19 @@ impl DeviceProtocol {
                     c.push(&path.field("baud"), "must be greater than 0");
                 }
             }
-            Self::OpcUa { endpoint, .. } => {
+            Self::OpcUa {
+                endpoint,
+                username,
+                password_file,
+                ..
+            } => {
                 if !endpoint.starts_with("opc.tcp://") {
                     c.push(
                         &path.field("endpoint"),
                         format!("{endpoint:?} must start with opc.tcp://"),
                     );
                 }
+                check_login(c, path, username.as_deref(), password_file.as_deref());
             }
             Self::Mqtt {
                 host,
@@ -475,27 +494,41 @@ impl DeviceProtocol {
                 {
                     c.push(&path.field("client_id"), "must be 1..=128 bytes");
                 }
-                for (field, name) in [("ca_file", ca_file), ("password_file", password_file)] {
-                    if let Some(name) = name
-                        && let Some(e) = secret_name_error(name)
-                    {
-                        c.push(&path.field(field), format!("{name:?}: {e}"));
-                    }
-                }
-                if let Some(u) = username
-                    && (u.is_empty() || u.len() > 256 || u.contains('\0'))
+                if let Some(name) = ca_file
+                    && let Some(e) = secret_name_error(name)
                 {
-                    c.push(&path.field("username"), "must be 1..=256 bytes without NUL");
+                    c.push(&path.field("ca_file"), format!("{name:?}: {e}"));
                 }
-                if password_file.is_some() && username.is_none() {
-                    c.push(
-                        &path.field("password_file"),
-                        "needs username (MQTT sends a password only with a user name)",
-                    );
-                }
+                check_login(c, path, username.as_deref(), password_file.as_deref());
             }
             Self::Synthetic => {}
         }
+    }
+}
+
+/// Checks a device login: a user name of 1..=256 bytes without NUL and a
+/// password file that is a plain secret name and comes with a user name.
+fn check_login(
+    c: &mut Collector,
+    path: &Path<'_>,
+    username: Option<&str>,
+    password_file: Option<&str>,
+) {
+    if let Some(name) = password_file
+        && let Some(e) = secret_name_error(name)
+    {
+        c.push(&path.field("password_file"), format!("{name:?}: {e}"));
+    }
+    if let Some(u) = username
+        && (u.is_empty() || u.len() > 256 || u.contains('\0'))
+    {
+        c.push(&path.field("username"), "must be 1..=256 bytes without NUL");
+    }
+    if password_file.is_some() && username.is_none() {
+        c.push(
+            &path.field("password_file"),
+            "needs username (a password is sent only with a user name)",
+        );
     }
 }
 

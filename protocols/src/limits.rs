@@ -67,3 +67,10 @@ pub const MAX_FUNCTION_MEMORY_BYTES: u64 = 64 << 20;
 /// Most fuel (roughly wasm instructions) one call may be given: about ten
 /// seconds of work, so one function cannot starve the others for minutes.
 pub const MAX_FUEL_PER_CALL: u64 = 10_000_000_000;
+
+/// Longest wall-clock deadline one call may be given, in milliseconds. The
+/// edge calls every function in turn each 100 ms tick, so a call is at most
+/// ten ticks: a function that uses its whole deadline delays the others by
+/// at most a second before the edge's CPU budget (`[functions]
+/// cpu_share_percent`) backs it off.
+pub const MAX_FUNCTION_DEADLINE_MS: u64 = 1_000;

@@ -120,6 +120,8 @@ pub fn sample_desired() -> DesiredState {
                 protocol: DeviceProtocol::OpcUa {
                     endpoint: "opc.tcp://10.0.0.6:4840/".into(),
                     security: OpcUaSecurity::SignAndEncrypt,
+                    username: None,
+                    password_file: None,
                 },
                 groups: vec![PointGroup {
                     name: "slow".into(),

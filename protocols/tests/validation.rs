@@ -228,7 +228,7 @@ fn desired_documents_are_bounded_and_the_bound_is_named() {
     let doc = serde_json::json!({"node": "n", "revision": 1, "devices": devices,
         "models": [{"name": "m", "sha256": "a".repeat(64), "size": protocols::limits::MAX_ARTIFACT_BYTES + 1}],
         "functions": [{"name": "f", "module_sha256": "b".repeat(64), "module_size": 10, "inputs": [0], "outputs": (0..17).map(|i| format!("s{i}")).collect::<Vec<_>>(),
-            "limits": {"memory_bytes": 128 << 20, "fuel_per_call": u64::MAX, "deadline_ms": 100}}]});
+            "limits": {"memory_bytes": 128 << 20, "fuel_per_call": u64::MAX, "deadline_ms": 1001}}]});
     let e = decode_desired(&serde_json::to_vec(&doc).unwrap())
         .unwrap_err()
         .to_string();
@@ -238,6 +238,7 @@ fn desired_documents_are_bounded_and_the_bound_is_named() {
         "functions[0].outputs: 17 streams, more than the limit of 16 (limits::MAX_FUNCTION_OUTPUTS)",
         "functions[0].limits.memory_bytes: 134217728 is out of range 65536..=67108864",
         "functions[0].limits.fuel_per_call: 18446744073709551615 is out of range",
+        "functions[0].limits.deadline_ms: 1001 is out of range 1..=1000 (limits::MAX_FUNCTION_DEADLINE_MS)",
     ] {
         assert!(e.contains(want), "missing {want:?} in:\n{e}");
     }

@@ -104,6 +104,8 @@ fn main() -> anyhow::Result<()> {
             protocol: DeviceProtocol::OpcUa {
                 endpoint,
                 security: OpcUaSecurity::None,
+                username: None,
+                password_file: None,
             },
             groups: vec![PointGroup {
                 name: "g".into(),

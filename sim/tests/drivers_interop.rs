@@ -271,6 +271,8 @@ fn opc_device(port: u16, ns: &str, n: u32, security: OpcUaSecurity) -> Device {
         protocol: DeviceProtocol::OpcUa {
             endpoint: format!("opc.tcp://127.0.0.1:{port}/"),
             security,
+            username: None,
+            password_file: None,
         },
         groups: vec![PointGroup {
             name: "g".into(),

@@ -618,6 +618,12 @@ async fn a_device_broker_with_tls_and_a_login_is_reached_with_the_gateways_secre
     let _ = rustls::crypto::ring::default_provider().install_default();
     let secrets = tempfile::tempdir().unwrap();
     let broker = start_tls_broker(secrets.path(), "edge", "s3cret");
+    // A site's secrets directory: only the gateway's user may enter (M10).
+    std::fs::set_permissions(
+        secrets.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     std::fs::write(secrets.path().join("broker.pw"), "s3cret\n").unwrap();
     std::fs::write(secrets.path().join("wrong.pw"), "guess\n").unwrap();
     let clock = Clock::system();

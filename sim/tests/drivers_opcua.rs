@@ -103,6 +103,8 @@ fn opc_device(sim: &OpcUaSim, security: OpcUaSecurity, groups: Vec<PointGroup>) 
         protocol: DeviceProtocol::OpcUa {
             endpoint: sim.endpoint(),
             security,
+            username: None,
+            password_file: None,
         },
         groups,
     }

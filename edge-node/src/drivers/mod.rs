@@ -33,6 +33,7 @@ pub mod health;
 pub mod modbus;
 pub mod mqtt;
 pub mod opcua;
+mod secrets;
 pub mod synthetic;
 pub mod transport;
 
@@ -124,6 +125,10 @@ pub struct OpcUaOptions {
     pub queue_size: u32,
     /// Application URI of this client (must match its certificate).
     pub application_uri: String,
+    /// Where the `password_file` a device names is looked up (the agent
+    /// uses `[devices] secrets_dir`). `None`: a device that names one
+    /// cannot connect.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl Default for OpcUaOptions {
@@ -136,6 +141,7 @@ impl Default for OpcUaOptions {
             keep_alive_count: 10,
             queue_size: 10,
             application_uri: "urn:edgefleet:edge-node".to_owned(),
+            secrets_dir: None,
         }
     }
 }

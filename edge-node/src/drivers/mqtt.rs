@@ -45,14 +45,16 @@
 //! gateway's device-secrets directory
 //! ([`MqttDeviceOptions::secrets_dir`](super::MqttDeviceOptions)), so
 //! desired state can only pick among files the site put there. A file that
-//! cannot be read is a connect failure naming the field; the driver retries
-//! with backoff (the file may be added later).
+//! cannot be read, or a password file group or others can read or replace
+//! (see `secrets`), is a connect failure naming the field; the driver
+//! retries with backoff (the file may be added or fixed later). A password
+//! sent over plain TCP to a broker that is not on loopback is logged as a
+//! warning at every connect.
 //!
 //! Reconnects use [`Backoff`] with the driver options' backoff settings.
 
 use protocols::limits::MAX_DEVICE_MESSAGE_BYTES;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +68,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::decode;
 use super::health::{Health, counter};
+use super::secrets::{is_loopback, read_password, secret_path};
 use super::{DriverOptions, MqttDeviceOptions};
 use crate::burst::Burst;
 use crate::clock::Clock;
@@ -420,46 +423,22 @@ fn connect_options(
     mqtt.set_keep_alive(Duration::from_secs(10));
     mqtt.set_clean_session(false);
     mqtt.set_max_packet_size(MAX_DEVICE_MESSAGE_BYTES, MAX_DEVICE_MESSAGE_BYTES);
+    let dir = options.secrets_dir.as_deref();
     if let Some(name) = ca_file {
-        let path = secret_path(options, "ca_file", name)?;
+        let path = secret_path(dir, "ca_file", name)?;
         mqtt.set_transport(Transport::tls_with_config(tls_config(&path)?));
     }
     if let Some(user) = username {
         let password = match password_file {
-            Some(name) => {
-                let path = secret_path(options, "password_file", name)?;
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("protocol.password_file {}: {e}", path.display()))?;
-                text.lines().next().unwrap_or_default().to_owned()
-            }
+            Some(name) => read_password(dir, "password_file", name)?,
             None => String::new(),
         };
-        if ca_file.is_none() {
-            tracing::warn!(%host, port, "logging in to a device broker over plain TCP (no ca_file): the credentials travel in clear text");
+        if ca_file.is_none() && password_file.is_some() && !is_loopback(host) {
+            tracing::warn!(%host, port, "sending a password to a non-loopback device broker over plain TCP (no ca_file): it travels in clear text");
         }
         mqtt.set_credentials(user.clone(), password);
     }
     Ok(mqtt)
-}
-
-/// `{secrets_dir}/{name}` for a plain file name (checked again here: the
-/// driver may be started without desired-state validation).
-fn secret_path(options: &MqttDeviceOptions, field: &str, name: &str) -> Result<PathBuf, String> {
-    let plain = matches!(
-        std::path::Path::new(name).components().collect::<Vec<_>>()[..],
-        [std::path::Component::Normal(_)]
-    ) && !name.starts_with('.');
-    if !plain {
-        return Err(format!(
-            "protocol.{field}: {name:?} is not a plain file name in the device secrets directory"
-        ));
-    }
-    let dir = options.secrets_dir.as_ref().ok_or_else(|| {
-        format!(
-            "protocol.{field}: this gateway has no device secrets directory ([devices] secrets_dir)"
-        )
-    })?;
-    Ok(dir.join(name))
 }
 
 /// TLS trusting only the CA certificates in `ca` (PEM).
@@ -641,6 +620,12 @@ mod tests {
         assert!(plain.credentials().is_none());
 
         std::fs::write(dir.path().join("broker.pw"), "s3cret\nignored\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            // Only the owner may enter: a 0644 password file inside is private.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
         let key = rcgen::KeyPair::generate().unwrap();
         let ca = rcgen::CertificateParams::new(vec!["broker.local".into()])
             .unwrap()

@@ -19,6 +19,16 @@
 //!
 //! Timestamps: the source timestamp when the server sends one, else the server
 //! timestamp, else the gateway clock.
+//!
+//! Security (L4): the device's `security` picks the endpoint (none, or
+//! Basic256Sha256 sign / sign-and-encrypt, with the client key pair in
+//! [`OpcUaOptions::pki_dir`](super::OpcUaOptions)); with `username` the
+//! session is activated with a user name and the first line of
+//! `password_file`, a plain name in the gateway's device-secrets directory
+//! (refused, naming the field, if group or others can read or replace it).
+//! Without `username` the session is anonymous. Where `none` or anonymous
+//! sessions are allowed at all is the gateway's `[policy]
+//! opcua_insecure_endpoints` (default loopback only).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -212,6 +222,92 @@ enum SessionEvent {
     Ended(StatusCode),
 }
 
+/// The points of `device` with their parsed node ids (a point without a
+/// usable one is reported bad).
+fn point_table(device: &Device) -> PointTable {
+    let mut points = Vec::new();
+    let mut invalid = 0usize;
+    for (gi, g) in device.groups.iter().enumerate() {
+        for p in &g.points {
+            let (node, deadband) = match &p.address {
+                PointAddress::OpcUa { node_id, deadband } => {
+                    (NodeId::from_str(node_id).ok(), *deadband)
+                }
+                _ => (None, None),
+            };
+            if node.is_none() {
+                invalid += 1;
+            }
+            points.push(OpcPoint {
+                index: p.index,
+                node,
+                scale: p.scale,
+                offset: p.offset,
+                deadband,
+                group: gi,
+            });
+        }
+    }
+    if invalid > 0 {
+        tracing::warn!(
+            invalid,
+            "points without a usable OPC UA node id are reported bad"
+        );
+    }
+    PointTable { points }
+}
+
+/// The session identity of a device (see [`identity`]); warns when a
+/// password would travel in clear text to a non-loopback server.
+fn login(
+    endpoint: &str,
+    sec: OpcUaSecurity,
+    username: Option<&str>,
+    password_file: Option<&str>,
+    o: &super::OpcUaOptions,
+) -> Result<IdentityToken, String> {
+    let identity = identity(username, password_file, o)?;
+    if sec == OpcUaSecurity::None
+        && password_file.is_some()
+        && !opcua_endpoint_is_loopback(endpoint)
+    {
+        tracing::warn!(%endpoint, "sending an OPC UA password to a non-loopback server with security none: it travels in clear text");
+    }
+    Ok(identity)
+}
+
+/// The session identity: a user name with the password from the secrets
+/// directory, or anonymous. `Err` names the field.
+fn identity(
+    username: Option<&str>,
+    password_file: Option<&str>,
+    o: &super::OpcUaOptions,
+) -> Result<IdentityToken, String> {
+    let Some(user) = username else {
+        return Ok(IdentityToken::Anonymous);
+    };
+    let password = match password_file {
+        Some(name) => {
+            super::secrets::read_password(o.secrets_dir.as_deref(), "password_file", name)?
+        }
+        None => String::new(),
+    };
+    Ok(IdentityToken::new_user_name(user, password))
+}
+
+/// Whether the host of `opc.tcp://host[:port]/…` is loopback.
+fn opcua_endpoint_is_loopback(endpoint: &str) -> bool {
+    let authority = endpoint
+        .strip_prefix("opc.tcp://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    super::secrets::is_loopback(host)
+}
+
 fn security(s: OpcUaSecurity) -> (SecurityPolicy, MessageSecurityMode) {
     match s {
         OpcUaSecurity::None => (SecurityPolicy::None, MessageSecurityMode::None),
@@ -256,42 +352,32 @@ pub(crate) async fn run(
     let DeviceProtocol::OpcUa {
         endpoint,
         security: sec,
+        username,
+        password_file,
     } = &device.protocol
     else {
         health.disconnected("not an OPC UA device");
         cancel.cancelled().await;
         return;
     };
-    let mut points = Vec::new();
-    let mut invalid = 0usize;
-    for (gi, g) in device.groups.iter().enumerate() {
-        for p in &g.points {
-            let (node, deadband) = match &p.address {
-                PointAddress::OpcUa { node_id, deadband } => {
-                    (NodeId::from_str(node_id).ok(), *deadband)
-                }
-                _ => (None, None),
-            };
-            if node.is_none() {
-                invalid += 1;
-            }
-            points.push(OpcPoint {
-                index: p.index,
-                node,
-                scale: p.scale,
-                offset: p.offset,
-                deadband,
-                group: gi,
-            });
+    let identity = match login(
+        endpoint,
+        *sec,
+        username.as_deref(),
+        password_file.as_deref(),
+        &options.opcua,
+    ) {
+        Ok(identity) => identity,
+        Err(e) => {
+            // A missing or loose password file: say so and wait for a fix
+            // (a new desired state or a restart restarts the driver).
+            tracing::warn!(error = %e, "opc ua device cannot log in");
+            health.connect_failed(e);
+            cancel.cancelled().await;
+            return;
         }
-    }
-    if invalid > 0 {
-        tracing::warn!(
-            invalid,
-            "points without a usable OPC UA node id are reported bad"
-        );
-    }
-    let table = Arc::new(PointTable { points });
+    };
+    let table = Arc::new(point_table(&device));
     let intervals: Vec<Duration> = device
         .groups
         .iter()
@@ -304,7 +390,14 @@ pub(crate) async fn run(
     let mut down_announced = false;
     loop {
         let ended = session(
-            endpoint, *sec, &options, &table, &intervals, &out, clock, &health, &cancel,
+            (endpoint, *sec, &identity),
+            &options,
+            &table,
+            &intervals,
+            &out,
+            clock,
+            &health,
+            &cancel,
         )
         .await;
         let Ended::Failed {
@@ -343,8 +436,7 @@ pub(crate) async fn run(
     reason = "one session's life cycle, read top to bottom"
 )]
 async fn session(
-    endpoint: &str,
-    sec: OpcUaSecurity,
+    (endpoint, sec, identity): (&str, OpcUaSecurity, &IdentityToken),
     options: &DriverOptions,
     table: &Arc<PointTable>,
     intervals: &[Duration],
@@ -385,7 +477,7 @@ async fn session(
             mode,
             UserTokenPolicy::anonymous(),
         ),
-        IdentityToken::Anonymous,
+        identity.clone(),
     );
     let connected = tokio::select! {
         () = cancel.cancelled() => return Ended::Cancelled,
@@ -831,6 +923,62 @@ async fn poll(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_identity_comes_from_the_secrets_dir_and_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ua.pw"), "s3cret\nignored\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let o = super::super::OpcUaOptions {
+            secrets_dir: Some(dir.path().to_owned()),
+            ..super::super::OpcUaOptions::default()
+        };
+        assert!(matches!(
+            identity(None, None, &o).unwrap(),
+            IdentityToken::Anonymous
+        ));
+        match identity(Some("edge"), Some("ua.pw"), &o).unwrap() {
+            IdentityToken::UserName(user, password) => {
+                assert_eq!((user.as_str(), password.0.as_str()), ("edge", "s3cret"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for (file, want) in [
+            ("missing.pw", "protocol.password_file"),
+            (
+                "../node.key",
+                "protocol.password_file: \"../node.key\" is not a plain file name",
+            ),
+        ] {
+            let e = identity(Some("edge"), Some(file), &o).unwrap_err();
+            assert!(e.contains(want), "{want} not in {e}");
+        }
+        let none = super::super::OpcUaOptions::default();
+        let e = identity(Some("edge"), Some("ua.pw"), &none).unwrap_err();
+        assert!(e.contains("no device secrets directory"), "{e}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = |m| std::fs::Permissions::from_mode(m);
+            std::fs::set_permissions(dir.path(), mode(0o755)).unwrap();
+            std::fs::set_permissions(dir.path().join("ua.pw"), mode(0o644)).unwrap();
+            let e = identity(Some("edge"), Some("ua.pw"), &o).unwrap_err();
+            assert!(e.contains("lets group or others read the password"), "{e}");
+        }
+    }
+
+    #[test]
+    fn loopback_endpoints() {
+        assert!(opcua_endpoint_is_loopback("opc.tcp://127.0.0.1:4840/"));
+        assert!(opcua_endpoint_is_loopback("opc.tcp://[::1]:4840/UA"));
+        assert!(opcua_endpoint_is_loopback("opc.tcp://localhost/"));
+        assert!(!opcua_endpoint_is_loopback("opc.tcp://10.0.0.6:4840/"));
+        assert!(!opcua_endpoint_is_loopback("http://127.0.0.1/"));
+    }
 
     #[test]
     fn unix_ms_of_datetime() {

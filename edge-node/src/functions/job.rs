@@ -35,6 +35,7 @@ struct JobResult {
     ticks: Vec<(String, Result<CallOutput, CallError>)>,
     events: Vec<RuntimeEvent>,
     status: Vec<device_runtime::FunctionStatus>,
+    cache: device_runtime::CacheStats,
 }
 
 impl Job {
@@ -56,7 +57,9 @@ impl Job {
         };
         let events = rt.drain_events();
         let status = rt.status();
+        let cache = rt.component_cache_stats();
         JobResult {
+            cache,
             rt,
             apply: report,
             calls: results,
@@ -165,6 +168,9 @@ impl FunctionHost {
             .await
             .map_err(|e| FunctionError::Task(e.to_string()))?;
         st.rt = Some(r.rt);
+        let evicted = r.cache.evictions.saturating_sub(st.evictions_seen);
+        st.evictions_seen = r.cache.evictions;
+        crate::metrics::Counters::add(&self.ctx.counters.function_modules_evicted, evicted);
         let mut report = r.apply;
         // Outputs of outgoing versions first.
         if let Some(rep) = &mut report {
@@ -323,6 +329,19 @@ impl FunctionHost {
                 }
                 info!(%function, failures, "device function restarted");
                 let m = format!("function {function} restarted after {failures} failure(s)");
+                (function, m)
+            }
+            RuntimeEvent::Throttled {
+                function,
+                call_ms,
+                times,
+                until_ms,
+            } => {
+                crate::metrics::Counters::add(&self.ctx.counters.function_throttled, 1);
+                warn!(%function, call_ms, times, until_ms, "device function over its CPU budget; held back");
+                let m = format!(
+                    "function {function} is over its CPU budget (a call took {call_ms} ms): held back until {until_ms} ms, {times} time(s) so far; its input stays buffered"
+                );
                 (function, m)
             }
             RuntimeEvent::Loaded { function, digest } => {

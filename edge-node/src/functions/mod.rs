@@ -164,6 +164,7 @@ impl FunctionHost {
             batch_max_samples: 1_000,
             batch_max_age_ms: 1_000,
             runtime_error: None,
+            evictions_seen: 0,
         };
         let mut current = desired.borrow_and_update().clone();
         ready.borrow_and_update();

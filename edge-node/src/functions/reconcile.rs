@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 
-use device_runtime::{ApplyReport, Capabilities, DeviceRuntime, LogLimits, RuntimeConfig};
+use device_runtime::{
+    ApplyReport, BackoffConfig, CacheLimits, Capabilities, CpuBudget, DeviceRuntime, LogLimits,
+    RuntimeConfig,
+};
 use protocols::{Event, EventKind};
 use tracing::{info, warn};
 
@@ -98,6 +101,18 @@ impl FunctionHost {
             log: LogLimits {
                 lines_per_second: self.limits.log_lines_per_second,
                 burst: self.limits.log_burst,
+            },
+            component_cache: CacheLimits {
+                max_entries: self.limits.component_cache_entries,
+                max_bytes: self.limits.component_cache_bytes,
+            },
+            cpu: CpuBudget {
+                share_percent: self.limits.cpu_share_percent,
+                burst: self.limits.cpu_burst,
+                backoff: BackoffConfig {
+                    max: self.limits.cpu_backoff_max,
+                    ..CpuBudget::default().backoff
+                },
             },
             ..RuntimeConfig::default()
         };

@@ -59,6 +59,8 @@ pub(super) struct HostState {
     pub(super) batch_max_samples: usize,
     pub(super) batch_max_age_ms: u64,
     pub(super) runtime_error: Option<String>,
+    /// Cache evictions the runtime reported so far (for the counter delta).
+    pub(super) evictions_seen: u64,
 }
 
 impl FunctionHost {

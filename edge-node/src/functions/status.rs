@@ -76,6 +76,12 @@ fn reported_state(
         Some(RuntimeState::Restarting { last_error, .. }) => {
             (FunctionState::Backoff, Some(last_error.clone()))
         }
+        Some(RuntimeState::Throttled { until_ms, strikes }) => (
+            FunctionState::Backoff,
+            Some(format!(
+                "over its CPU budget ([functions] cpu_share_percent): held back until {until_ms} ms (overdraw {strikes} in a row); input stays buffered"
+            )),
+        ),
         Some(RuntimeState::Running) => (FunctionState::Running, None),
         // No fresh runtime status: keep the last one we published.
         None if !fresh && loaded => match previous {
@@ -115,6 +121,7 @@ fn counters(
     if let Some(rs) = runtime {
         counters.insert("denied".to_owned(), rs.denied);
         counters.insert("log_dropped".to_owned(), rs.log_dropped);
+        counters.insert("throttled".to_owned(), rs.throttled);
         for (k, v) in &rs.counters {
             counters.insert(format!("guest.{k}"), *v);
         }
@@ -149,6 +156,17 @@ mod tests {
             assert_eq!(
                 reported_state(Some(&RuntimeState::Running), fresh, prev, true, true),
                 (FunctionState::Running, None)
+            );
+            let held = RuntimeState::Throttled {
+                until_ms: 900,
+                strikes: 2,
+            };
+            let (state, error) = reported_state(Some(&held), fresh, None, true, false);
+            assert_eq!(state, FunctionState::Backoff);
+            let error = error.unwrap_or_default();
+            assert!(
+                error.contains("CPU budget") && error.contains("900 ms"),
+                "{error}"
             );
         }
     }

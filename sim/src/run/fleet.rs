@@ -313,6 +313,8 @@ impl DeviceBuilder<'_> {
                     protocol: DeviceProtocol::OpcUa {
                         endpoint: sim.endpoint(),
                         security: OpcUaSecurity::None,
+                        username: None,
+                        password_file: None,
                     },
                     groups: vec![group],
                 });

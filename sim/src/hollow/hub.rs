@@ -145,19 +145,19 @@ impl HubProcess {
         // beforehand for Mosquitto): the client trusts it once it exists.
         let mut client = None;
         loop {
-            if client.is_none() {
-                if let Ok(ca_pem) = std::fs::read_to_string(cfg_ca(&self.endpoint)) {
-                    client = Some(
-                        cloud_hub::client::HubClient::with_options(
-                            self.endpoint.http_base.clone(),
-                            &cloud_hub::client::ClientOptions {
-                                ca_pem: Some(ca_pem),
-                                ..cloud_hub::client::ClientOptions::default()
-                            },
-                        )
-                        .map_err(|e| HollowError::Hub(e.to_string()))?,
-                    );
-                }
+            if client.is_none()
+                && let Ok(ca_pem) = std::fs::read_to_string(cfg_ca(&self.endpoint))
+            {
+                client = Some(
+                    cloud_hub::client::HubClient::with_options(
+                        self.endpoint.http_base.clone(),
+                        &cloud_hub::client::ClientOptions {
+                            ca_pem: Some(ca_pem),
+                            ..cloud_hub::client::ClientOptions::default()
+                        },
+                    )
+                    .map_err(|e| HollowError::Hub(e.to_string()))?,
+                );
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(HollowError::Hub(format!(
@@ -165,10 +165,10 @@ impl HubProcess {
                     self.log.display()
                 )));
             }
-            if let Some(c) = &client {
-                if c.healthy().await.is_ok() {
-                    return Ok(());
-                }
+            if let Some(c) = &client
+                && c.healthy().await.is_ok()
+            {
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(HollowError::Hub(format!(

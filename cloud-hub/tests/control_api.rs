@@ -474,3 +474,56 @@ async fn a_change_stored_but_not_published_before_a_crash_is_published_at_start(
     assert_eq!((r.revision, r.deployments), (1, vec!["late".to_owned()]));
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_owner_that_hides_a_tie_is_refused_and_a_paused_node_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start(dir.path()).await;
+    let c = &hub.client;
+    c.put_labels("n1", &labels("lyon")).await.unwrap();
+    for (name, p, digest) in [("top", 2, 'c'), ("a", 1, 'a'), ("b", 1, 'b')] {
+        c.put_deployment(
+            name,
+            &deployment(p, None, &json!({"models": [model("m", digest)]})),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(signed_desired(&hub, "n1").models[0].sha256, sha('c'));
+    let e = c.delete_deployment("top").await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("\"a\" and \"b\""), "{e}");
+    assert!(c.deployment("top").await.unwrap().is_some());
+    c.delete_deployment("b").await.unwrap();
+    assert_eq!(revision(&hub, "n1"), 1, "top still wins");
+
+    // Cordoned: checked, stored, not published until resumed.
+    c.put_labels("n1", &json!({"labels": {"site": "lyon"}, "paused": true}))
+        .await
+        .unwrap();
+    c.put_deployment(
+        "top",
+        &deployment(2, None, &json!({"models": [model("m", 'd')]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(revision(&hub, "n1"), 1);
+    let a = c.put_labels("n1", &labels("lyon")).await.unwrap();
+    assert_eq!(outcome(&a, "n1"), (2, true));
+    assert_eq!(signed_desired(&hub, "n1").models[0].sha256, sha('d'));
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_nodes_are_bounded_by_max_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_with(dir.path(), |cfg| cfg.limits.max_nodes = 1).await;
+    let c = &hub.client;
+    c.put_labels("n1", &labels("lyon")).await.unwrap();
+    let e = c.put_labels("n2", &labels("lyon")).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("limits.max_nodes"), "{e}");
+    assert_eq!(hub.hub.metrics.refused("max_nodes"), 1);
+    c.put_labels("n1", &labels("turin")).await.unwrap();
+    hub.stop().await.unwrap();
+}

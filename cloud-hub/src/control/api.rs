@@ -13,7 +13,7 @@
 //! PUTs and DELETE answer `{"nodes": [{node, revision, published}]}` for
 //! every node the change affected. Refusals: 400 (bad body, naming the
 //! field), 409 (same-priority conflict naming both deployments and the
-//! item, or `limits.max_deployments` reached), 404 (no such deployment).
+//! item, or `limits.max_deployments` / `limits.max_nodes` reached), 404 (no such deployment).
 
 use std::sync::Arc;
 
@@ -62,7 +62,9 @@ pub struct RenderedView {
 
 fn change_error(hub: &Hub, e: &ChangeError) -> ApiError {
     let status = match e {
-        ChangeError::Conflict { .. } | ChangeError::TooMany { .. } => StatusCode::CONFLICT,
+        ChangeError::Conflict { .. }
+        | ChangeError::TooMany { .. }
+        | ChangeError::TooManyNodes { .. } => StatusCode::CONFLICT,
         ChangeError::Render(_) => StatusCode::BAD_REQUEST,
         ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -45,6 +45,16 @@ pub enum ChangeError {
         /// The limit.
         limit: usize,
     },
+    /// `limits.max_nodes` nodes are labelled already.
+    #[error(
+        "node: the hub holds labels of {limit} nodes (limits.max_nodes); node {node:?} refused"
+    )]
+    TooManyNodes {
+        /// The refused node.
+        node: String,
+        /// The limit.
+        limit: usize,
+    },
     /// No deployment of that name.
     #[error("name: no deployment {0:?}")]
     NotFound(String),
@@ -160,6 +170,13 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Vec<NodeOutcome>, Change
     let mut affected = BTreeSet::new();
     match &change {
         Change::Node(n) => {
+            if !nodes.contains_key(&n.name) && nodes.len() >= hub.limits.max_nodes {
+                hub.metrics.refuse("max_nodes");
+                return Err(ChangeError::TooManyNodes {
+                    node: n.name.clone(),
+                    limit: hub.limits.max_nodes,
+                });
+            }
             affected.insert(n.name.clone());
             nodes.insert(n.name.clone(), n.clone());
         }

@@ -286,6 +286,22 @@ async fn bad_input_is_400_naming_the_field_and_a_viewer_cannot_change_anything()
         .await
         .unwrap_err();
     assert!(e.to_string().contains("name:"), "{e}");
+    // A merged document that does not validate names the field and the
+    // deployment it came from, and is not stored.
+    c.put_labels("n1", &labels("lyon")).await.unwrap();
+    let f = json!({"name": "f", "module_sha256": sha('a'), "module_size": 10,
+                   "inputs": [7], "outputs": ["f-out"]});
+    let e = c
+        .put_deployment("fns", &deployment(0, None, &json!({"functions": [f]})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        e.to_string()
+            .contains("functions[0].inputs[0] (from deployment \"fns\")"),
+        "{e}"
+    );
+    assert_eq!(revision(&hub, "n1"), 0);
     let e = c
         .put_labels("n1", &json!({"labels": {"x": "bad value"}}))
         .await

@@ -73,9 +73,18 @@ pub enum ChangeError {
         #[source]
         source: SetDesiredError,
     },
-    /// Artifact grants or the final commit failed.
-    #[error("{0}")]
-    Internal(String),
+    /// The node's artifact grants could not be stored.
+    #[error("node {node:?}: artifact grants not stored: {source}")]
+    Grant {
+        /// The node.
+        node: String,
+        /// What failed.
+        #[source]
+        source: crate::auth::AuthError,
+    },
+    /// The change could not be made durable.
+    #[error(transparent)]
+    Commit(#[from] crate::commit::CommitError),
 }
 
 /// One node's render in a [`Plan`].
@@ -209,9 +218,7 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Vec<NodeOutcome>, Change
         }
     }
     let out = publish(hub, &plan).await?;
-    hub.commit()
-        .await
-        .map_err(|e| ChangeError::Internal(e.to_string()))?;
+    hub.commit().await?;
     Ok(out)
 }
 
@@ -251,8 +258,12 @@ pub async fn publish(hub: &Hub, plan: &Plan) -> Result<Vec<NodeOutcome>, ChangeE
                     node: name.clone(),
                     source,
                 })?;
-            crate::api::grant_after_publish(hub, name, previous_doc.as_ref())
-                .map_err(|e| ChangeError::Internal(e.to_string()))?;
+            crate::api::grant_after_publish(hub, name, previous_doc.as_ref()).map_err(
+                |source| ChangeError::Grant {
+                    node: name.clone(),
+                    source,
+                },
+            )?;
             Metrics::inc(&hub.metrics.control_renders);
             revision
         };
@@ -279,7 +290,7 @@ fn outcome(node: &str, revision: u64, published: bool) -> NodeOutcome {
 }
 
 /// The deployments that select `node` now (empty when it is not labelled
-/// or nothing selects it). Callers hold [`super::Control::lock`].
+/// or nothing selects it). Callers hold the control lock.
 pub fn owners(hub: &Hub, node: &str) -> Result<Vec<String>, ChangeError> {
     let Some(n) = hub.control.node(node)? else {
         return Ok(Vec::new());
@@ -304,8 +315,6 @@ pub async fn reconcile(hub: &Hub) -> Result<Vec<NodeOutcome>, ChangeError> {
     let affected = nodes.keys().cloned().collect();
     let plan = plan(&nodes, &deployments, &affected)?;
     let out = publish(hub, &plan).await?;
-    hub.commit()
-        .await
-        .map_err(|e| ChangeError::Internal(e.to_string()))?;
+    hub.commit().await?;
     Ok(out)
 }

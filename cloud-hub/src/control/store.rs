@@ -47,14 +47,16 @@ pub struct RenderedRecord {
     pub sources: BTreeMap<String, String>,
 }
 
-/// The control-plane store. Changes are serialised by [`Control::lock`].
+/// The control-plane store. Changes are serialised by its
+/// internal async lock.
 #[derive(Debug)]
 pub struct Control {
     nodes: sled::Tree,
     deployments: sled::Tree,
     rendered: sled::Tree,
-    /// Held across check, store and publish of one change, so two changes
-    /// never check against the same old state.
+    /// Held across check, store and publish of one change (an async mutex,
+    /// held across `.await` on purpose), so two changes never check against
+    /// the same old state and a hand `PUT …/desired` cannot slip between.
     pub(crate) lock: tokio::sync::Mutex<()>,
     /// `limits.max_deployments`.
     pub max_deployments: usize,

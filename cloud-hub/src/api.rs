@@ -24,6 +24,11 @@
 //! | POST | `/v1/join` | join token + CSR → node certificate, CA, hub key (public) |
 //! | POST | `/v1/renew` | CSR → new certificate (node client certificate) |
 //! | GET | `/v1/audit?limit=` | newest audit records (admin) |
+//! | PUT/GET | `/v1/nodes/{node}/labels`, `/v1/nodes/{node}/rendered`, `/v1/deployments[/{name}]` | the control plane ([`crate::control::api`]) |
+//!
+//! `PUT /v1/nodes/{node}/desired` to a node that a deployment selects is
+//! refused 409 naming the deployments: deployments own the nodes they
+//! select ([`crate::control`]).
 //!
 //! Every route but `/healthz`, `/readyz` and `/v1/join` needs a credential
 //! ([`crate::auth`]): none, unknown, expired or revoked → 401; a credential
@@ -83,6 +88,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
             axum::routing::delete(delete_artifact),
         )
         .route("/v1/artifacts/gc", post(gc_artifacts))
+        .merge(crate::control::api::routes())
         .merge(artifact_router(hub.artifacts.clone()))
         .route_layer(axum::middleware::from_fn_with_state(hub.clone(), guard))
         .with_state(hub)
@@ -406,10 +412,14 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
+    /// An error with `status` and a message naming the field.
+    pub(crate) fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self(status, msg.into())
+    }
     fn bad(msg: impl Into<String>) -> Self {
         Self(StatusCode::BAD_REQUEST, msg.into())
     }
-    fn internal(e: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
         Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
     }
 }
@@ -521,6 +531,19 @@ async fn put_desired(
             desired.node
         )));
     }
+    // Deployments own the nodes they select; the lock keeps a concurrent
+    // label or deployment change from slipping in between.
+    let _control = hub.control.lock.lock().await;
+    let owners = crate::control::change::owners(&hub, &node).map_err(ApiError::internal)?;
+    if !owners.is_empty() {
+        Metrics::inc(&hub.metrics.control_refused);
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "node: {node:?} is selected by deployments {owners:?}, which own its desired state; change its labels or the deployments"
+            ),
+        ));
+    }
     let previous = hub
         .registry
         .get(&node)
@@ -528,19 +551,7 @@ async fn put_desired(
         .and_then(|r| r.desired);
     match hub.set_desired(&desired).await {
         Ok(revision) => {
-            // The edge may keep fetching the previous document's blobs.
-            let mut grant = digests(previous.as_ref());
-            grant.extend(digests(
-                hub.registry
-                    .get(&node)
-                    .ok()
-                    .flatten()
-                    .and_then(|r| r.desired)
-                    .as_ref(),
-            ));
-            hub.auth
-                .grant_artifacts(&node, &grant)
-                .map_err(ApiError::internal)?;
+            grant_after_publish(&hub, &node, previous.as_ref()).map_err(ApiError::internal)?;
             Ok(Json(
                 serde_json::json!({"node": node, "revision": revision}),
             ))
@@ -550,6 +561,26 @@ async fn put_desired(
         }
         Err(SetDesiredError::Hub(e)) => Err(ApiError::internal(e)),
     }
+}
+
+/// After a new desired document of `node` was stored: lets the node fetch
+/// the blobs of it and of `previous` (the edge may keep fetching the
+/// previous document's blobs while it swaps).
+pub(crate) fn grant_after_publish(
+    hub: &Hub,
+    node: &str,
+    previous: Option<&protocols::SignedDesired>,
+) -> Result<(), AuthError> {
+    let mut grant = digests(previous);
+    grant.extend(digests(
+        hub.registry
+            .get(node)
+            .ok()
+            .flatten()
+            .and_then(|r| r.desired)
+            .as_ref(),
+    ));
+    hub.auth.grant_artifacts(node, &grant)
 }
 
 async fn streams(

@@ -122,6 +122,14 @@ impl App {
         let http_tls = tls.is_some();
         let (mut tasks, drain) =
             spawn_tasks(&hub, &cfg, eventloop, (listener, http_addr, tls), &cancel);
+        // A change stored just before a crash may not have been published.
+        match crate::control::reconcile(&hub).await {
+            Ok(nodes) => {
+                let published = nodes.iter().filter(|n| n.published).count();
+                info!(nodes = nodes.len(), published, "control plane reconciled");
+            }
+            Err(e) => warn!(error = %e, "control plane not reconciled; stored documents kept"),
+        }
         if !server_certs.is_empty() {
             tasks.spawn(
                 "server-certs",

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::control::api::{ChangeAnswer, RenderedView};
 use protocols::api::{
     ArtifactInfo, AuditRecord, BootstrapIssued, DesiredAccepted, ErrorBody, HubInfo, JoinAnswer,
     JoinRequest, NodeView, RenewAnswer, RenewRequest, Role, SamplePage, SampleQuery, StoredSample,
@@ -486,6 +487,60 @@ impl HubClient {
             .get(self.url("/v1/audit"))
             .query(&[("limit", limit)]);
         self.json("GET", "/v1/audit", req).await
+    }
+
+    /// `PUT /v1/nodes/{node}/labels` (operator) with a JSON body of
+    /// [`protocols::control::Node`] fields (`name` may be left out).
+    pub async fn put_labels(
+        &self,
+        node: &str,
+        body: &serde_json::Value,
+    ) -> Result<ChangeAnswer, ClientError> {
+        let path = format!("/v1/nodes/{node}/labels");
+        let req = self.http.put(self.url(&path)).json(body);
+        self.json("PUT", &path, req).await
+    }
+
+    /// `GET /v1/nodes/{node}/rendered`: labels, contributing deployments,
+    /// last rendered digest and revision.
+    pub async fn rendered(&self, node: &str) -> Result<RenderedView, ClientError> {
+        self.get_json(&format!("/v1/nodes/{node}/rendered")).await
+    }
+
+    /// `PUT /v1/deployments/{name}` (operator) with a JSON body of
+    /// [`protocols::control::Deployment`] fields (`name` may be left out).
+    pub async fn put_deployment(
+        &self,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<ChangeAnswer, ClientError> {
+        let path = format!("/v1/deployments/{name}");
+        let req = self.http.put(self.url(&path)).json(body);
+        self.json("PUT", &path, req).await
+    }
+
+    /// `GET /v1/deployments/{name}`; `None` when there is none.
+    pub async fn deployment(
+        &self,
+        name: &str,
+    ) -> Result<Option<protocols::control::Deployment>, ClientError> {
+        match self.get_json(&format!("/v1/deployments/{name}")).await {
+            Ok(d) => Ok(Some(d)),
+            Err(ClientError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/deployments`.
+    pub async fn deployments(&self) -> Result<Vec<protocols::control::Deployment>, ClientError> {
+        self.get_json("/v1/deployments").await
+    }
+
+    /// `DELETE /v1/deployments/{name}` (operator).
+    pub async fn delete_deployment(&self, name: &str) -> Result<ChangeAnswer, ClientError> {
+        let path = format!("/v1/deployments/{name}");
+        let req = self.http.delete(self.url(&path));
+        self.json("DELETE", &path, req).await
     }
 
     fn url(&self, path: &str) -> String {

@@ -79,6 +79,9 @@ pub struct LimitsConfig {
     /// Unreferenced artifacts younger than this survive `POST /v1/artifacts/gc`.
     #[serde(with = "humantime_serde")]
     pub artifact_gc_grace: Duration,
+    /// Deployments the control plane holds (default 1000; one more is
+    /// refused 409 and counted as `refused_total{reason="max_deployments"}`).
+    pub max_deployments: usize,
 }
 
 impl Default for LimitsConfig {
@@ -97,6 +100,7 @@ impl Default for LimitsConfig {
             max_artifact_bytes_per_uploader: art.max_bytes_per_uploader,
             max_concurrent_uploads: art.max_concurrent_uploads,
             artifact_gc_grace: Duration::from_secs(3600),
+            max_deployments: 1_000,
         }
     }
 }
@@ -112,6 +116,7 @@ impl LimitsConfig {
             ("max_reported_bytes", self.max_reported_bytes),
             ("max_event_bytes", self.max_event_bytes),
             ("max_concurrent_uploads", self.max_concurrent_uploads),
+            ("max_deployments", self.max_deployments),
         ] {
             if v == 0 {
                 c.push(&lim.field(name), "must be greater than 0");

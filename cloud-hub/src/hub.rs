@@ -79,6 +79,9 @@ pub enum HubError {
     /// The audit log could not be opened.
     #[error("audit log: {0}")]
     Audit(sled::Error),
+    /// The control-plane store could not be opened.
+    #[error(transparent)]
+    Control(#[from] crate::control::StoreError),
     /// HTTPS could not be set up.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -153,6 +156,8 @@ pub struct Hub {
     pub security: crate::config::SecurityConfig,
     /// Bounds on what nodes can make the hub hold.
     pub limits: crate::config::LimitsConfig,
+    /// Node labels, deployments and what was rendered ([`crate::control`]).
+    pub control: crate::control::Control,
     /// Whether the MQTT session is subscribed and desired state republished
     /// (owned by [`crate::session`]).
     pub(crate) readiness: Readiness,
@@ -174,6 +179,7 @@ pub(crate) struct Stores {
     pub(crate) audit: crate::audit::AuditLog,
     pub(crate) security: crate::config::SecurityConfig,
     pub(crate) limits: crate::config::LimitsConfig,
+    pub(crate) control: crate::control::Control,
 }
 
 impl Stores {
@@ -221,7 +227,9 @@ impl Stores {
         auth.ensure_admin(&cfg.data_dir)?;
         let audit = crate::audit::AuditLog::open(&db, cfg.security.audit_capacity)
             .map_err(HubError::Audit)?;
+        let control = crate::control::Control::open(&db, cfg.limits.max_deployments)?;
         Ok(Self {
+            control,
             db,
             key,
             artifacts,
@@ -250,6 +258,7 @@ impl Hub {
             audit,
             security,
             limits,
+            control,
         } = stores;
         Self {
             key,
@@ -264,6 +273,7 @@ impl Hub {
             audit,
             security,
             limits,
+            control,
             readiness: Readiness::default(),
             client,
             commit: GroupCommit::new(db.clone()),
@@ -297,6 +307,12 @@ impl Hub {
         self.commit.commit().await.map_err(HubError::from)?;
         self.publish_desired(&desired.node, &doc).await?;
         Ok(revision)
+    }
+
+    /// Makes every write so far durable (group commit with concurrent
+    /// callers).
+    pub async fn commit(&self) -> Result<(), crate::commit::CommitError> {
+        self.commit.commit().await
     }
 
     /// Publishes `doc` as the retained desired state of `node`.

@@ -4,7 +4,8 @@
 //! registry ([`registry`]), signing ([`keys`]), the telemetry sink with dedup
 //! and cumulative acks ([`sink`]), the REST API ([`api`]) and, in standalone
 //! mode, an embedded MQTT broker ([`broker`]), and the content-addressed
-//! artifact store for WASM modules and models ([`artifacts`]).
+//! artifact store for WASM modules and models ([`artifacts`]), and the
+//! control plane: node labels, deployments and rendering ([`control`]).
 //!
 //! Start at [`app::App::start`]; configuration is [`config::HubConfig`]. The
 //! shared state of a running hub is [`hub::Hub`]; its tasks are the MQTT
@@ -23,6 +24,7 @@ pub mod ca;
 pub mod client;
 pub mod commit;
 pub mod config;
+pub mod control;
 pub mod hub;
 pub mod ingest;
 pub mod keys;

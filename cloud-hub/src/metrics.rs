@@ -133,6 +133,10 @@ pub struct Metrics {
     /// Messages the hub could not apply because its storage failed (the
     /// message is not acked, so the edge keeps it; the hub keeps running).
     pub storage_errors: AtomicU64,
+    /// Documents rendered from deployments and published (a new revision).
+    pub control_renders: AtomicU64,
+    /// Control-plane changes refused (conflict, invalid merge, limit, unknown).
+    pub control_refused: AtomicU64,
     /// Telemetry batches whose declared floor waits for the node to
     /// confirm it in its reported state.
     pub floor_held: AtomicU64,
@@ -241,6 +245,8 @@ impl Metrics {
             ("edgefleet_hub_artifact_denied_total", &self.artifact_denied),
             ("edgefleet_hub_audit_failures_total", &self.audit_failures),
             ("edgefleet_hub_storage_errors_total", &self.storage_errors),
+            ("edgefleet_hub_control_renders_total", &self.control_renders),
+            ("edgefleet_hub_control_refused_total", &self.control_refused),
             ("edgefleet_hub_floor_held_total", &self.floor_held),
         ] {
             let _ = writeln!(

@@ -199,15 +199,24 @@ mod tests {
             deployments: vec!["base".into()],
             sources: BTreeMap::new(),
         };
+        // No background flusher: it would hold the lock for a moment after
+        // the first handle is dropped, and the reopen would race it.
+        let open = |p: &std::path::Path| {
+            sled::Config::new()
+                .path(p)
+                .flush_every_ms(None)
+                .open()
+                .unwrap()
+        };
         {
-            let db_ = sled::open(dir.path()).unwrap();
+            let db_ = open(dir.path());
             let c = Control::open(&db_, 10).unwrap();
             c.put_node(&node).unwrap();
             c.put_deployment(&d).unwrap();
             c.put_rendered("n1", &rec).unwrap();
             db_.flush().unwrap();
         }
-        let db_ = sled::open(dir.path()).unwrap();
+        let db_ = open(dir.path());
         let c = Control::open(&db_, 10).unwrap();
         assert_eq!(c.node("n1").unwrap(), Some(node));
         assert_eq!(c.deployments().unwrap()["base"], d);

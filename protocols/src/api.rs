@@ -20,6 +20,14 @@
 //! | POST | `/v1/join` | [`JoinRequest`] → [`JoinAnswer`] |
 //! | POST | `/v1/renew` | [`RenewRequest`] → [`RenewAnswer`] |
 //! | GET | `/v1/audit` | `Vec<`[`AuditRecord`]`>` |
+//! | POST | `/v1/nodes/{node}/revoke` | → `{node, revoked}` |
+//! | DELETE | `/v1/tokens/{id}` | — |
+//! | GET / DELETE | `/v1/artifacts/{sha256}` | bytes (`Range` honoured) / — (409 while a desired state names it) |
+//! | POST | `/v1/artifacts/gc` | deletes unreferenced blobs older than the grace |
+//! | PUT | `/v1/nodes/{node}/labels` | [`crate::control::Node`] → `cloud_hub::control::api::ChangeAnswer` |
+//! | GET | `/v1/nodes/{node}/rendered` | `cloud_hub::control::api::RenderedView` |
+//! | GET | `/v1/deployments` | `Vec<`[`crate::control::Deployment`]`>` |
+//! | GET / PUT / DELETE | `/v1/deployments/{name}` | [`crate::control::Deployment`] (PUT, DELETE → `ChangeAnswer`) |
 //!
 //! Every error answer is an [`ErrorBody`] whose text names the offending field.
 

@@ -155,16 +155,10 @@ impl ResolvesServerCert for ServerCertSlot {
 /// (so a joining edge can check it against its pin).
 fn certified_server_key(ca: &Ca, sans: &[String]) -> Result<Arc<CertifiedKey>, TlsError> {
     let keyed = ca.issue_server(sans)?;
-    let rustls_err = |e: &dyn std::fmt::Display| TlsError::Rustls(e.to_string());
-    let chain = vec![
-        CertificateDer::from_pem_slice(keyed.cert_pem.as_bytes()).map_err(|e| rustls_err(&e))?,
-        CertificateDer::from(ca.cert_der().to_vec()),
-    ];
-    let key =
-        PrivateKeyDer::from_pem_slice(keyed.key_pem.as_bytes()).map_err(|e| rustls_err(&e))?;
-    Ok(Arc::new(
-        CertifiedKey::from_der(chain, key, &provider()).map_err(|e| rustls_err(&e))?,
-    ))
+    let rustls_err = |(part, detail): (&str, String)| TlsError::Rustls(format!("{part}: {detail}"));
+    let (mut chain, key) = parse_keyed(&keyed.cert_pem, &keyed.key_pem).map_err(rustls_err)?;
+    chain.push(CertificateDer::from(ca.cert_der().to_vec()));
+    certified(chain, key).map_err(rustls_err)
 }
 
 /// A rustls client config for MQTT (no ALPN) from PEM text: trusting the
@@ -294,9 +288,18 @@ fn stamp(cert: &Path, key: &Path) -> Stamp {
 fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, (&'static str, String)> {
     let read = |part, p: &Path| std::fs::read_to_string(p).map_err(|e| (part, e.to_string()));
     let (chain, key) = parse_keyed(&read("cert", cert)?, &read("key", key)?)?;
-    Ok(Arc::new(
-        CertifiedKey::from_der(chain, key, &provider()).map_err(|e| ("key", e.to_string()))?,
-    ))
+    certified(chain, key)
+}
+
+/// A chain and its key as rustls signs with them; refused (part `key`)
+/// when the key is not the certificate's.
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, (&'static str, String)> {
+    CertifiedKey::from_der(chain, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| ("key", e.to_string()))
 }
 
 impl ResolvesClientCert for FileClientCert {

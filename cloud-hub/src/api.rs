@@ -651,13 +651,22 @@ async fn put_artifact(
     State(store): State<Arc<ArtifactStore>>,
     principal: Option<Extension<Principal>>,
     body: axum::body::Body,
-) -> Result<Json<ArtifactInfo>, ApiError> {
+) -> Response {
     let owner = principal.map_or_else(|| "local".to_owned(), |Extension(p)| p.to_string());
-    let info = store
-        .put_stream(&owner, body.into_data_stream())
-        .await
-        .map_err(artifact_error)?;
-    Ok(Json(info))
+    match store.put_stream(&owner, body.into_data_stream()).await {
+        Ok(info) => Json::<ArtifactInfo>(info).into_response(),
+        Err(e) => {
+            // A refused upload leaves the rest of its body unread, so the
+            // connection cannot carry another request: say so, and a client
+            // does not reuse it for its next one.
+            let mut r = artifact_error(e).into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            r
+        }
+    }
 }
 
 async fn delete_artifact(

@@ -57,7 +57,8 @@ pub use device::{
 };
 pub use event::{Event, EventKind};
 pub use reported::{
-    Backlog, DeviceStatus, FunctionState, FunctionStatus, LossWindow, ReportedState,
+    Backlog, DeviceStatus, FunctionRollback, FunctionState, FunctionStatus, LossWindow, Rejection,
+    ReportedState,
 };
 pub use signing::{SignedDesired, SigningError};
 pub use status::{NodeState, NodeStatus};

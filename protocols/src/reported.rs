@@ -12,6 +12,20 @@ pub struct ReportedState {
     pub node: String,
     /// Highest desired revision the node has accepted and applied (0: none).
     pub applied_revision: u64,
+    /// Highest desired revision the node received, verified (signature,
+    /// node, revision, validation) and persisted, whether or not it is
+    /// applied yet (0: none). This is the node's acknowledgement of a
+    /// delivery: a rollout's apply timeout starts when it moves.
+    #[serde(default)]
+    pub received_revision: u64,
+    /// Highest received revision whose artifacts (modules, models) are all
+    /// downloaded and verified on local disk (0: none). Activation of a
+    /// revision never waits for the network once it is staged.
+    #[serde(default)]
+    pub staged_revision: u64,
+    /// The last desired document the node refused, if any since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Rejection>,
     /// Per-function status, by function name.
     #[serde(default)]
     pub functions: BTreeMap<String, FunctionStatus>,
@@ -34,6 +48,19 @@ pub struct ReportedState {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loss_windows: Vec<LossWindow>,
     /// When this report was made, ms since epoch.
+    pub at_ms: u64,
+}
+
+/// A desired document the node refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rejection {
+    /// The revision it claimed, if it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Why, naming the field where one is at fault.
+    pub reason: String,
+    /// When, ms since epoch.
     pub at_ms: u64,
 }
 
@@ -64,6 +91,25 @@ pub struct FunctionStatus {
     /// Samples in, samples out, errors, restarts.
     #[serde(default)]
     pub counters: BTreeMap<String, u64>,
+    /// Set when the node itself put the function back on its previous
+    /// module because the desired one failed after activation; cleared when
+    /// a new desired revision names a different module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<FunctionRollback>,
+}
+
+/// A node-level rollback of one function.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionRollback {
+    /// The desired module that failed.
+    pub from_sha256: String,
+    /// The module running instead (the previous revision's).
+    pub to_sha256: String,
+    /// What failed, e.g. the trap.
+    pub reason: String,
+    /// When, ms since epoch.
+    pub at_ms: u64,
 }
 
 /// Health of one device function, as the node reports it. On the wire it is

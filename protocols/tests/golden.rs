@@ -244,6 +244,13 @@ fn reported_state() {
     let r = ReportedState {
         node: "press-7".into(),
         applied_revision: 42,
+        received_revision: 44,
+        staged_revision: 43,
+        rejected: Some(Rejection {
+            revision: Some(45),
+            reason: "functions[0].inputs[2]: point 99 is not defined".into(),
+            at_ms: 1_764_300_001_000,
+        }),
         functions: BTreeMap::from([(
             "temp-deadband".into(),
             FunctionStatus {
@@ -251,6 +258,12 @@ fn reported_state() {
                 state: FunctionState::Running,
                 last_error: None,
                 counters: BTreeMap::from([("in".into(), 1000), ("out".into(), 95)]),
+                rolled_back: Some(FunctionRollback {
+                    from_sha256: "b".repeat(64),
+                    to_sha256: "a".repeat(64),
+                    reason: "wasm trap: unreachable".into(),
+                    at_ms: 1_764_300_000_500,
+                }),
             },
         )]),
         devices: BTreeMap::from([(

@@ -53,6 +53,7 @@ impl FunctionHost {
                         .or_else(|| slot.last_error.clone())
                         .or_else(|| st.runtime_error.clone()),
                     counters: counters(slot, rs, st.kv.stats(name)),
+                    rolled_back: None,
                 },
             );
         }

@@ -203,6 +203,7 @@ mod tests {
                 counters: [("restarts".to_owned(), 3), ("samples_in".to_owned(), 10)]
                     .into_iter()
                     .collect(),
+                rolled_back: None,
             },
         );
         r.devices.insert(

@@ -12,6 +12,7 @@
 //! | resubscribe | [`crate::session::resubscribe`] | on every connect: subscribe, republish desired state |
 //! | ingest | [`crate::ingest::run`] | telemetry → sink; reported state and status → registry; events → event log |
 //! | acks | [`crate::acks::run`] | every `ack_interval`: flush the sink, publish the acks due |
+//! | rollouts | [`crate::control::rollouts::run`] | every `rollout_tick`: observe nodes, plan, deliver, persist ([`crate::control::rollouts`]) |
 //! | http | [`crate::api::router`] | the REST API |
 //!
 //! The data path through the hub reads as file names: session → ingest →
@@ -423,6 +424,10 @@ fn spawn_tasks(
     tasks.spawn(
         "acks",
         acks::run(hub.clone(), cfg.ack_interval, cancel.clone()),
+    );
+    tasks.spawn(
+        "rollouts",
+        crate::control::rollouts::run(hub.clone(), cfg.rollout_tick, cancel.clone()),
     );
     tasks.spawn(
         "http",

@@ -36,6 +36,10 @@ pub struct HubConfig {
     /// Acks are coalesced: at most one per stream per interval, after a flush.
     #[serde(with = "humantime_serde")]
     pub ack_interval: Duration,
+    /// How often the rollout loop looks at what nodes report and moves
+    /// rollouts on (default 1 s; 50 ms to 60 s).
+    #[serde(with = "humantime_serde")]
+    pub rollout_tick: Duration,
     /// When set, telemetry is consumed through the shared subscription group
     /// `$share/{group}/…` so several hub replicas split the load.
     pub shared_group: Option<String>,
@@ -227,6 +231,7 @@ impl Default for HubConfig {
             embedded_broker: Some(EmbeddedBroker::default()),
             mqtt: MqttConfig::default(),
             ack_interval: Duration::from_millis(200),
+            rollout_tick: Duration::from_secs(1),
             shared_group: None,
             cache_capacity_bytes: 128 * 1024 * 1024,
             http: HttpConfig::default(),
@@ -401,6 +406,11 @@ impl HubConfig {
         config::check_topic_root(&mut c, &root.field("topic_root"), &self.topic_root);
         if self.ack_interval.is_zero() || self.ack_interval > Duration::from_secs(10) {
             c.push(&root.field("ack_interval"), "must be between 1ms and 10s");
+        }
+        if self.rollout_tick < Duration::from_millis(50)
+            || self.rollout_tick > Duration::from_secs(60)
+        {
+            c.push(&root.field("rollout_tick"), "must be between 50ms and 60s");
         }
         if let Some(g) = &self.shared_group {
             check_name(&mut c, &root.field("shared_group"), g);

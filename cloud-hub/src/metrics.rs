@@ -137,6 +137,20 @@ pub struct Metrics {
     pub control_renders: AtomicU64,
     /// Control-plane changes refused (conflict, invalid merge, limit, unknown).
     pub control_refused: AtomicU64,
+    /// Rollouts started.
+    pub rollouts_started: AtomicU64,
+    /// Rollouts aborted by their criteria or a failed wave gate.
+    pub rollouts_aborted: AtomicU64,
+    /// Revisions delivered to nodes by rollouts.
+    pub rollout_deliveries: AtomicU64,
+    /// Nodes sent back to their last healthy revision.
+    pub rollout_rollbacks: AtomicU64,
+    /// Nodes that failed their part of a rollout.
+    pub rollout_node_failures: AtomicU64,
+    /// Rollout ticks or deliveries that failed (retried next tick).
+    pub rollout_errors: AtomicU64,
+    /// How long the last rollout tick took, µs (a gauge).
+    pub rollout_tick_us: AtomicU64,
     /// Telemetry batches whose declared floor waits for the node to
     /// confirm it in its reported state.
     pub floor_held: AtomicU64,
@@ -214,6 +228,21 @@ impl Metrics {
             .unwrap_or_default()
     }
 
+    /// The gauges of the exposition.
+    fn render_gauges(&self, s: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            s,
+            "# TYPE edgefleet_hub_broker_connections gauge\nedgefleet_hub_broker_connections {}",
+            self.broker_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# TYPE edgefleet_hub_rollout_tick_seconds gauge\nedgefleet_hub_rollout_tick_seconds {}",
+            self.rollout_tick_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         use std::fmt::Write as _;
@@ -247,6 +276,27 @@ impl Metrics {
             ("edgefleet_hub_storage_errors_total", &self.storage_errors),
             ("edgefleet_hub_control_renders_total", &self.control_renders),
             ("edgefleet_hub_control_refused_total", &self.control_refused),
+            (
+                "edgefleet_hub_rollouts_started_total",
+                &self.rollouts_started,
+            ),
+            (
+                "edgefleet_hub_rollouts_aborted_total",
+                &self.rollouts_aborted,
+            ),
+            (
+                "edgefleet_hub_rollout_deliveries_total",
+                &self.rollout_deliveries,
+            ),
+            (
+                "edgefleet_hub_rollout_rollbacks_total",
+                &self.rollout_rollbacks,
+            ),
+            (
+                "edgefleet_hub_rollout_node_failures_total",
+                &self.rollout_node_failures,
+            ),
+            ("edgefleet_hub_rollout_errors_total", &self.rollout_errors),
             ("edgefleet_hub_floor_held_total", &self.floor_held),
         ] {
             let _ = writeln!(
@@ -264,11 +314,7 @@ impl Metrics {
         {
             let _ = writeln!(s, "edgefleet_hub_refused_total{{reason=\"{reason}\"}} {n}");
         }
-        let _ = writeln!(
-            s,
-            "# TYPE edgefleet_hub_broker_connections gauge\nedgefleet_hub_broker_connections {}",
-            self.broker_connections.load(Ordering::Relaxed)
-        );
+        self.render_gauges(&mut s);
         let _ = writeln!(s, "# TYPE edgefleet_hub_broker_refused_total counter");
         for why in BrokerRefusal::ALL {
             let _ = writeln!(

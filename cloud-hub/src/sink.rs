@@ -323,7 +323,8 @@ pub struct Sink {
 /// The streams in memory, with a count per node for the caps.
 #[derive(Debug, Default)]
 struct Streams {
-    map: HashMap<(String, String), StreamEntry>,
+    /// By (node, stream), ordered so one node's streams are a range.
+    map: BTreeMap<(String, String), StreamEntry>,
     per_node: HashMap<String, usize>,
 }
 
@@ -584,10 +585,11 @@ impl Sink {
 
     /// Streams of one node with their stats.
     pub fn streams(&self, node: &str) -> BTreeMap<String, StreamStats> {
+        let from = (node.to_owned(), String::new());
         self.lock()
             .map
-            .iter()
-            .filter(|((n, _), _)| n == node)
+            .range(from..)
+            .take_while(|((n, _), _)| n == node)
             .map(|((_, s), e)| (s.clone(), e.stats.clone()))
             .collect()
     }

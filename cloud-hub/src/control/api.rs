@@ -10,6 +10,11 @@
 //! | GET | `/v1/deployments/{name}` | one deployment |
 //! | DELETE | `/v1/deployments/{name}` | (operator) delete; nodes keep their last document |
 //!
+//! A PUT body may carry `"rollout": {…}` ([`protocols::control::RolloutSpec`]
+//! without `deployment` and `revision`, which the hub fills in): the new
+//! revision is then delivered by a staged rollout instead of to every node
+//! at once. Rollout routes are in [`super::rollout_api`].
+//!
 //! PUTs and DELETE answer `{"nodes": [{node, revision, published}]}` for
 //! every node the change affected. Refusals: 400 (bad body, naming the
 //! field), 409 (same-priority conflict naming both deployments and the
@@ -24,7 +29,7 @@ use axum::{Json, Router};
 use protocols::control::{Deployment, Node};
 use serde::{Deserialize, Serialize};
 
-use super::change::{self, Change, ChangeError, NodeOutcome};
+use super::change::{self, Applied, Change, ChangeError};
 use super::store::RenderedRecord;
 use crate::api::ApiError;
 use crate::hub::Hub;
@@ -42,14 +47,12 @@ pub fn routes() -> Router<Arc<Hub>> {
                 .get(get_deployment)
                 .delete(delete_deployment),
         )
+        .merge(super::rollout_api::routes())
 }
 
-/// The answer of a change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChangeAnswer {
-    /// Every node the change affected.
-    pub nodes: Vec<NodeOutcome>,
-}
+/// The answer of a change: every node it affected and, for a put, the
+/// deployment's revision and the rollout it started.
+pub type ChangeAnswer = Applied;
 
 /// `GET /v1/nodes/{node}/rendered`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,13 +63,14 @@ pub struct RenderedView {
     pub rendered: Option<RenderedRecord>,
 }
 
-fn change_error(hub: &Hub, e: &ChangeError) -> ApiError {
+pub(crate) fn change_error(hub: &Hub, e: &ChangeError) -> ApiError {
     let status = match e {
         ChangeError::Conflict { .. }
         | ChangeError::TooMany { .. }
-        | ChangeError::TooManyNodes { .. } => StatusCode::CONFLICT,
-        ChangeError::Render(_) => StatusCode::BAD_REQUEST,
-        ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+        | ChangeError::TooManyNodes { .. }
+        | ChangeError::Command(_) => StatusCode::CONFLICT,
+        ChangeError::Render(_) | ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ChangeError::NotFound(_) | ChangeError::NoRollout(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     if status != StatusCode::INTERNAL_SERVER_ERROR {
@@ -106,7 +110,7 @@ fn decode_named<T: serde::de::DeserializeOwned>(
     serde_json::from_value(v).map_err(|e| bad(format!("{what}: {e}")))
 }
 
-fn invalid(hub: &Hub, e: &protocols::validate::ValidationErrors) -> ApiError {
+pub(crate) fn invalid(hub: &Hub, e: &protocols::validate::ValidationErrors) -> ApiError {
     Metrics::inc(&hub.metrics.bad_documents);
     ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
 }
@@ -118,10 +122,10 @@ async fn put_labels(
 ) -> Result<Json<ChangeAnswer>, ApiError> {
     let n: Node = decode_named(&hub, "node", &node, &body)?;
     n.validate().map_err(|e| invalid(&hub, &e))?;
-    let nodes = change::apply(&hub, Change::Node(n))
+    let answer = change::apply(&hub, Change::Node(n))
         .await
         .map_err(|e| change_error(&hub, &e))?;
-    Ok(Json(ChangeAnswer { nodes }))
+    Ok(Json(answer))
 }
 
 async fn get_rendered(
@@ -168,20 +172,40 @@ async fn put_deployment(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<ChangeAnswer>, ApiError> {
-    let d: Deployment = decode_named(&hub, "deployment", &name, &body)?;
+    let mut v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        Metrics::inc(&hub.metrics.bad_documents);
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("deployment: not JSON: {e}"),
+        )
+    })?;
+    let rollout = v
+        .as_object_mut()
+        .and_then(|o| o.remove("rollout"))
+        .filter(|r| !r.is_null())
+        .map(|r| super::rollout_api::decode_spec(&hub, &name, r))
+        .transpose()?;
+    let d: Deployment = decode_named(&hub, "deployment", &name, v.to_string().as_bytes())?;
     d.validate().map_err(|e| invalid(&hub, &e))?;
-    let nodes = change::apply(&hub, Change::PutDeployment(d))
-        .await
-        .map_err(|e| change_error(&hub, &e))?;
-    Ok(Json(ChangeAnswer { nodes }))
+    let answer = change::apply(
+        &hub,
+        Change::PutDeployment {
+            deployment: d,
+            rollout: rollout.map(Box::new),
+            undo_of: None,
+        },
+    )
+    .await
+    .map_err(|e| change_error(&hub, &e))?;
+    Ok(Json(answer))
 }
 
 async fn delete_deployment(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
 ) -> Result<Json<ChangeAnswer>, ApiError> {
-    let nodes = change::apply(&hub, Change::DeleteDeployment(name))
+    let answer = change::apply(&hub, Change::DeleteDeployment(name))
         .await
         .map_err(|e| change_error(&hub, &e))?;
-    Ok(Json(ChangeAnswer { nodes }))
+    Ok(Json(answer))
 }

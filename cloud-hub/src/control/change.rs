@@ -1,11 +1,13 @@
 //! One change of the control plane: check it against every node it
 //! affects ([`plan`]), store it, and publish what changed ([`publish`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use protocols::control::{Deployment, MergeConflict, Node, RenderError, Rendered, Renderer};
+use protocols::control::{
+    Deployment, MergeConflict, Node, RenderError, Rendered, Renderer, RolloutSpec, Template,
+};
 
-use super::store::{RenderedRecord, StoreError};
+use super::store::{Control, DeploymentMeta, Pin, RenderedRecord, StoreError};
 use crate::hub::{Hub, SetDesiredError};
 use crate::metrics::Metrics;
 
@@ -14,8 +16,17 @@ use crate::metrics::Metrics;
 pub enum Change {
     /// Replace a node's labels, annotations and paused flag.
     Node(Node),
-    /// Create or replace a deployment (already validated).
-    PutDeployment(Deployment),
+    /// Create or replace a deployment (already validated): at once when
+    /// `rollout` is `None`, else as a new revision a rollout delivers.
+    PutDeployment {
+        /// The deployment.
+        deployment: Deployment,
+        /// How to roll it out (its `deployment` and `revision` are filled
+        /// in by the hub).
+        rollout: Option<Box<RolloutSpec>>,
+        /// Set when this re-issues an earlier revision (`undo`).
+        undo_of: Option<u64>,
+    },
     /// Delete the deployment of this name.
     DeleteDeployment(String),
 }
@@ -58,6 +69,16 @@ pub enum ChangeError {
     /// No deployment of that name.
     #[error("name: no deployment {0:?}")]
     NotFound(String),
+    /// A rollout spec or request that does not validate (the message
+    /// names the field).
+    #[error(transparent)]
+    Invalid(#[from] protocols::validate::ValidationErrors),
+    /// No rollout of that id.
+    #[error("id: no rollout {0:?}")]
+    NoRollout(String),
+    /// An operator command that does not apply to the rollout's phase.
+    #[error(transparent)]
+    Command(#[from] protocols::control::CommandError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -117,7 +138,10 @@ pub struct NodeOutcome {
     pub published: bool,
 }
 
-fn selected_by(d: &Deployment, nodes: &BTreeMap<String, Node>) -> Result<Vec<String>, ChangeError> {
+pub(crate) fn selected_by(
+    d: &Deployment,
+    nodes: &BTreeMap<String, Node>,
+) -> Result<Vec<String>, ChangeError> {
     let s = d.selector.compile().map_err(|errors| {
         ChangeError::Render(RenderError::InvalidDeployment {
             deployment: d.name.clone(),
@@ -131,14 +155,118 @@ fn selected_by(d: &Deployment, nodes: &BTreeMap<String, Node>) -> Result<Vec<Str
         .collect())
 }
 
-/// Renders the `affected` nodes of `nodes` from `deployments`; the first
+/// What each node renders: the latest deployments, the revision each one
+/// gives nodes no rollout pinned, and the pins of the nodes at hand.
+#[derive(Debug, Default)]
+pub struct Contents {
+    latest: BTreeMap<String, Deployment>,
+    metas: BTreeMap<String, DeploymentMeta>,
+    templates: HashMap<(String, u64), Template>,
+    pins: BTreeMap<String, BTreeMap<String, Pin>>,
+}
+
+impl Contents {
+    /// Loads what rendering `nodes` needs, with `deployments` as they will
+    /// be and `metas` overriding the stored bookkeeping.
+    pub fn load<'a>(
+        control: &Control,
+        deployments: &BTreeMap<String, Deployment>,
+        metas: &BTreeMap<String, DeploymentMeta>,
+        nodes: impl IntoIterator<Item = &'a String>,
+    ) -> Result<Self, StoreError> {
+        let mut c = Self {
+            latest: deployments.clone(),
+            ..Self::default()
+        };
+        for name in deployments.keys() {
+            let m = match metas.get(name) {
+                Some(m) => m.clone(),
+                None => control.meta(name)?.unwrap_or(DeploymentMeta {
+                    revision: 1,
+                    stable: 1,
+                    rollout: None,
+                }),
+            };
+            c.metas.insert(name.clone(), m);
+        }
+        for n in nodes {
+            let pins = control.pins_of(n)?;
+            for (d, pin) in &pins {
+                c.template(control, d, pin.revision)?;
+            }
+            c.pins.insert(n.clone(), pins);
+        }
+        let stable: Vec<(String, u64)> =
+            c.metas.iter().map(|(n, m)| (n.clone(), m.stable)).collect();
+        for (d, r) in stable {
+            c.template(control, &d, r)?;
+        }
+        Ok(c)
+    }
+
+    fn template(&mut self, control: &Control, d: &str, revision: u64) -> Result<(), StoreError> {
+        let key = (d.to_owned(), revision);
+        if revision == 0 || self.templates.contains_key(&key) {
+            return Ok(());
+        }
+        let latest = self.metas.get(d).map_or(0, |m| m.revision);
+        let t = if revision == latest {
+            self.latest.get(d).map(|x| x.template.clone())
+        } else {
+            control
+                .revision(d, revision)?
+                .map(|r| r.deployment.template)
+        };
+        if let Some(t) = t {
+            self.templates.insert(key, t);
+        }
+        Ok(())
+    }
+
+    /// The same, with no node pinned on `deployment`.
+    fn without_pins_of(mut self, deployment: &str) -> Self {
+        for p in self.pins.values_mut() {
+            p.remove(deployment);
+        }
+        self
+    }
+
+    /// The revision of `deployment` that `node` renders (0: none).
+    pub fn effective(&self, node: &str, deployment: &str) -> u64 {
+        self.pins
+            .get(node)
+            .and_then(|p| p.get(deployment))
+            .map(|p| p.revision)
+            .or_else(|| self.metas.get(deployment).map(|m| m.stable))
+            .unwrap_or(0)
+    }
+
+    /// The deployments as `node` renders them: selector and priority of the
+    /// latest revision, template of the revision it is on; deployments at
+    /// revision 0 are left out.
+    pub fn list_for(&self, node: &str) -> Vec<Deployment> {
+        self.latest
+            .values()
+            .filter_map(|d| {
+                let rev = self.effective(node, &d.name);
+                let t = self.templates.get(&(d.name.clone(), rev))?;
+                Some(Deployment {
+                    template: t.clone(),
+                    ..d.clone()
+                })
+            })
+            .collect()
+    }
+}
+
+/// Renders the `affected` nodes of `nodes` from `contents`; the first
 /// conflict or invalid document refuses the whole change.
 pub fn plan(
     nodes: &BTreeMap<String, Node>,
-    deployments: &BTreeMap<String, Deployment>,
+    contents: &Contents,
     affected: &BTreeSet<String>,
 ) -> Result<Plan, ChangeError> {
-    let list: Vec<Deployment> = deployments.values().cloned().collect();
+    let list: Vec<Deployment> = contents.latest.values().cloned().collect();
     let renderer = Renderer::new(&list).map_err(ChangeError::Render)?;
     let mut out = Plan::default();
     for name in affected {
@@ -150,16 +278,19 @@ pub fn plan(
             .iter()
             .map(|d| d.name.clone())
             .collect();
-        let rendered = if selecting.is_empty() {
-            None
-        } else {
-            Some(renderer.render(node).map_err(|e| match e {
+        let own = contents.list_for(name);
+        // Selected only by deployments that give it nothing yet (a new
+        // deployment its rollout has not reached): it keeps its document.
+        let rendered = if own.iter().any(|d| selecting.contains(&d.name)) {
+            Some(protocols::control::render(node, &own).map_err(|e| match e {
                 RenderError::Conflict(conflict) => ChangeError::Conflict {
                     node: name.clone(),
                     conflict,
                 },
                 e => ChangeError::Render(e),
             })?)
+        } else {
+            None
         };
         out.nodes.push(NodeRender {
             node: node.clone(),
@@ -170,13 +301,29 @@ pub fn plan(
     Ok(out)
 }
 
+/// What a change did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    /// Every affected node.
+    pub nodes: Vec<NodeOutcome>,
+    /// The deployment's revision after a put.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// The rollout a put started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+}
+
 /// Checks, stores and publishes `change`. Returns what happened to each
 /// affected node.
-pub async fn apply(hub: &Hub, change: Change) -> Result<Vec<NodeOutcome>, ChangeError> {
+pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
     let _serialised = hub.control.lock.lock().await;
     let mut nodes = hub.control.nodes()?;
     let mut deployments = hub.control.deployments()?;
     let mut affected = BTreeSet::new();
+    let mut metas = BTreeMap::new();
+    let mut out = Applied::default();
+    let mut same = false;
     match &change {
         Change::Node(n) => {
             if !nodes.contains_key(&n.name) && nodes.len() >= hub.limits.max_nodes {
@@ -189,8 +336,12 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Vec<NodeOutcome>, Change
             affected.insert(n.name.clone());
             nodes.insert(n.name.clone(), n.clone());
         }
-        Change::PutDeployment(d) => {
+        Change::PutDeployment { deployment: d, .. } => {
             if let Some(old) = deployments.get(&d.name) {
+                if old == d {
+                    // The same content again: no new revision, no rollout.
+                    same = true;
+                }
                 affected.extend(selected_by(old, &nodes)?);
             } else if deployments.len() >= hub.control.max_deployments {
                 hub.metrics.refuse("max_deployments");
@@ -201,6 +352,24 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Vec<NodeOutcome>, Change
             }
             affected.extend(selected_by(d, &nodes)?);
             deployments.insert(d.name.clone(), d.clone());
+            let mut m = hub.control.meta(&d.name)?.unwrap_or_default();
+            if same {
+                out.revision = Some(m.revision);
+                out.rollout = m.rollout;
+            } else {
+                m.revision += 1;
+                // Checked as if every node were on the new revision.
+                let all_new = BTreeMap::from([(
+                    d.name.clone(),
+                    DeploymentMeta {
+                        stable: m.revision,
+                        ..m.clone()
+                    },
+                )]);
+                let check = Contents::load(&hub.control, &deployments, &all_new, &affected)?;
+                plan(&nodes, &check.without_pins_of(&d.name), &affected)?;
+                metas.insert(d.name.clone(), m);
+            }
         }
         Change::DeleteDeployment(name) => {
             let old = deployments
@@ -209,15 +378,47 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Vec<NodeOutcome>, Change
             affected.extend(selected_by(&old, &nodes)?);
         }
     }
-    let plan = plan(&nodes, &deployments, &affected)?;
+    // Node and delete changes are checked whole before anything is stored.
+    let checked = match &change {
+        Change::PutDeployment { .. } => None,
+        _ => {
+            let contents = Contents::load(&hub.control, &deployments, &metas, &affected)?;
+            Some(plan(&nodes, &contents, &affected)?)
+        }
+    };
     match &change {
         Change::Node(n) => hub.control.put_node(n)?,
-        Change::PutDeployment(d) => hub.control.put_deployment(d)?,
+        Change::PutDeployment { .. } if same => {}
+        Change::PutDeployment {
+            deployment,
+            rollout,
+            undo_of,
+        } => {
+            let (revision, id) = super::rollouts::store_revision(
+                hub,
+                deployment,
+                rollout.as_deref(),
+                *undo_of,
+                &nodes,
+                &mut metas,
+            )?;
+            out.revision = Some(revision);
+            out.rollout = id;
+        }
         Change::DeleteDeployment(name) => {
+            super::rollouts::cancel_for(hub, name, "the deployment was deleted")?;
             hub.control.delete_deployment(name)?;
+            hub.control.forget_deployment(name)?;
         }
     }
-    let out = publish(hub, &plan).await?;
+    let plan = match checked {
+        Some(p) => p,
+        None => {
+            let contents = Contents::load(&hub.control, &deployments, &metas, &affected)?;
+            plan(&nodes, &contents, &affected)?
+        }
+    };
+    out.nodes = publish(hub, &plan).await?;
     hub.commit().await?;
     Ok(out)
 }
@@ -312,8 +513,9 @@ pub async fn reconcile(hub: &Hub) -> Result<Vec<NodeOutcome>, ChangeError> {
     let _serialised = hub.control.lock.lock().await;
     let nodes = hub.control.nodes()?;
     let deployments = hub.control.deployments()?;
-    let affected = nodes.keys().cloned().collect();
-    let plan = plan(&nodes, &deployments, &affected)?;
+    let affected: BTreeSet<String> = nodes.keys().cloned().collect();
+    let contents = Contents::load(&hub.control, &deployments, &BTreeMap::new(), &affected)?;
+    let plan = plan(&nodes, &contents, &affected)?;
     let out = publish(hub, &plan).await?;
     hub.commit().await?;
     Ok(out)

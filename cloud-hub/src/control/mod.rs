@@ -55,6 +55,8 @@
 
 pub mod api;
 pub mod change;
+pub mod rollout_api;
+pub mod rollouts;
 pub mod store;
 
 pub use change::{ChangeError, reconcile};

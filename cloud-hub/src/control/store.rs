@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use protocols::control::{Deployment, Node};
+use protocols::FunctionSpec;
+use protocols::control::{
+    Deployment, Node, NodeProgress, NodeView, RolloutProgress, RolloutSpec, RolloutStatus,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +50,66 @@ pub struct RenderedRecord {
     pub sources: BTreeMap<String, String>,
 }
 
+/// Revision bookkeeping of one deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentMeta {
+    /// The latest revision (what `GET /v1/deployments/{name}` shows).
+    pub revision: u64,
+    /// The revision nodes get that no rollout pins: the last one that was
+    /// applied at once or whose rollout succeeded (0: none yet, the
+    /// deployment contributes nothing to such nodes).
+    pub stable: u64,
+    /// The rollout in progress (or done with skipped nodes still to catch
+    /// up), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+}
+
+/// One stored revision of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevisionRecord {
+    /// The revision number, from 1.
+    pub revision: u64,
+    /// The deployment as it was put.
+    pub deployment: Deployment,
+    /// When it was stored, ms since epoch.
+    pub created_ms: u64,
+    /// The rollout that delivered it (absent: applied at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+    /// Set when this revision re-issues an earlier one (`undo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_of: Option<u64>,
+}
+
+/// Which revision of one deployment one node renders, when a rollout
+/// decided it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The revision rendered for the node (0: the deployment gives it
+    /// nothing).
+    pub revision: u64,
+    /// The last revision that was healthy on the node: where a rollback
+    /// sends it.
+    pub last_healthy: u64,
+}
+
+/// One rollout as stored: what was asked and where it stands. Per-node
+/// progress is stored per node beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// `{deployment}-r{revision}`.
+    pub id: String,
+    /// What the operator asked for.
+    pub spec: RolloutSpec,
+    /// Where it stands.
+    pub status: RolloutStatus,
+    /// The functions of the revision that differ from the revision it
+    /// replaces: what the health gate judges.
+    #[serde(default)]
+    pub changed: Vec<FunctionSpec>,
+}
+
 /// The control-plane store. Changes are serialised by its
 /// internal async lock.
 #[derive(Debug)]
@@ -54,12 +117,23 @@ pub struct Control {
     nodes: sled::Tree,
     deployments: sled::Tree,
     rendered: sled::Tree,
+    meta: sled::Tree,
+    revisions: sled::Tree,
+    pins: sled::Tree,
+    rollouts: sled::Tree,
+    progress: sled::Tree,
+    baselines: sled::Tree,
     /// Held across check, store and publish of one change (an async mutex,
     /// held across `.await` on purpose), so two changes never check against
     /// the same old state and a hand `PUT …/desired` cannot slip between.
     pub(crate) lock: tokio::sync::Mutex<()>,
     /// `limits.max_deployments`.
     pub max_deployments: usize,
+    /// Bumped by every change of rollouts made outside the loop (new,
+    /// superseded, commanded), so the loop reloads them.
+    pub(crate) generation: std::sync::atomic::AtomicU64,
+    /// Every stored change of a rollout's status, for watchers (SSE).
+    pub(crate) watch: tokio::sync::broadcast::Sender<RolloutRecord>,
 }
 
 fn db(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -74,8 +148,18 @@ impl Control {
             nodes: db_.open_tree("control_nodes").map_err(db("open"))?,
             deployments: db_.open_tree("control_deployments").map_err(db("open"))?,
             rendered: db_.open_tree("control_rendered").map_err(db("open"))?,
+            meta: db_
+                .open_tree("control_deployment_meta")
+                .map_err(db("open"))?,
+            revisions: db_.open_tree("control_revisions").map_err(db("open"))?,
+            pins: db_.open_tree("control_pins").map_err(db("open"))?,
+            rollouts: db_.open_tree("control_rollouts").map_err(db("open"))?,
+            progress: db_.open_tree("control_progress").map_err(db("open"))?,
+            baselines: db_.open_tree("control_baselines").map_err(db("open"))?,
             lock: tokio::sync::Mutex::new(()),
             max_deployments,
+            generation: std::sync::atomic::AtomicU64::new(0),
+            watch: tokio::sync::broadcast::channel(256).0,
         })
     }
 
@@ -129,6 +213,248 @@ impl Control {
     }
 }
 
+/// Key of `b` under `a` in a two-level tree (names never hold `/`).
+fn key2(a: &str, b: &str) -> String {
+    format!("{a}/{b}")
+}
+
+fn rev_key(name: &str, revision: u64) -> String {
+    format!("{name}/{revision:020}")
+}
+
+impl Control {
+    /// Revision bookkeeping of a deployment. A deployment stored before
+    /// revisions existed reads as revision 1, stable.
+    pub fn meta(&self, name: &str) -> Result<Option<DeploymentMeta>, StoreError> {
+        match get(&self.meta, "control_deployment_meta", name)? {
+            Some(m) => Ok(Some(m)),
+            None if self.deployments.contains_key(name).map_err(db("get"))? => {
+                Ok(Some(DeploymentMeta {
+                    revision: 1,
+                    stable: 1,
+                    rollout: None,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stores the bookkeeping of a deployment.
+    pub fn put_meta(&self, name: &str, m: &DeploymentMeta) -> Result<(), StoreError> {
+        put(&self.meta, "control_deployment_meta", name, m)
+    }
+
+    /// One revision of a deployment. Revision 1 of a deployment stored
+    /// before revisions existed is the stored deployment.
+    pub fn revision(
+        &self,
+        name: &str,
+        revision: u64,
+    ) -> Result<Option<RevisionRecord>, StoreError> {
+        let key = rev_key(name, revision);
+        if let Some(r) = get(&self.revisions, "control_revisions", &key)? {
+            return Ok(Some(r));
+        }
+        if revision == 1 && self.meta.get(name).map_err(db("get"))?.is_none() {
+            return Ok(self.deployment(name)?.map(|deployment| RevisionRecord {
+                revision: 1,
+                deployment,
+                created_ms: 0,
+                rollout: None,
+                undo_of: None,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Every stored revision of a deployment, oldest first.
+    pub fn revisions(&self, name: &str) -> Result<Vec<RevisionRecord>, StoreError> {
+        let prefix = format!("{name}/");
+        let mut out = Vec::new();
+        for kv in self.revisions.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(db("scan"))?;
+            out.push(decode(
+                "control_revisions",
+                &String::from_utf8_lossy(&k),
+                &v,
+            )?);
+        }
+        if out.is_empty()
+            && let Some(r) = self.revision(name, 1)?
+        {
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Stores a revision.
+    pub fn put_revision(&self, name: &str, r: &RevisionRecord) -> Result<(), StoreError> {
+        put(
+            &self.revisions,
+            "control_revisions",
+            &rev_key(name, r.revision),
+            r,
+        )
+    }
+
+    /// Deletes a deployment's revisions, pins and bookkeeping.
+    pub fn forget_deployment(&self, name: &str) -> Result<(), StoreError> {
+        remove_prefix(&self.revisions, &format!("{name}/"))?;
+        self.meta.remove(name).map_err(db("remove"))?;
+        let suffix = format!("/{name}");
+        for kv in &self.pins {
+            let (k, _) = kv.map_err(db("scan"))?;
+            if k.ends_with(suffix.as_bytes()) {
+                self.pins.remove(k).map_err(db("remove"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pin of `deployment` on `node`, if a rollout set one.
+    pub fn pin(&self, node: &str, deployment: &str) -> Result<Option<Pin>, StoreError> {
+        get(&self.pins, "control_pins", &key2(node, deployment))
+    }
+
+    /// Every pin of `node`, by deployment.
+    pub fn pins_of(&self, node: &str) -> Result<BTreeMap<String, Pin>, StoreError> {
+        let prefix = format!("{node}/");
+        let mut out = BTreeMap::new();
+        for kv in self.pins.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(db("scan"))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let pin = decode("control_pins", &key, &v)?;
+            out.insert(key[prefix.len()..].to_owned(), pin);
+        }
+        Ok(out)
+    }
+
+    /// Sets the pins of many nodes for one deployment in one batch.
+    pub fn put_pins<'a>(
+        &self,
+        deployment: &str,
+        pins: impl IntoIterator<Item = (&'a str, Pin)>,
+    ) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (node, pin) in pins {
+            b.insert(
+                key2(node, deployment).as_bytes(),
+                encode("control_pins", node, &pin)?,
+            );
+        }
+        self.pins.apply_batch(b).map_err(db("batch"))
+    }
+
+    /// Drops every pin of `deployment` (it is applied at once to all).
+    pub fn clear_pins(&self, deployment: &str) -> Result<(), StoreError> {
+        let suffix = format!("/{deployment}");
+        let mut b = sled::Batch::default();
+        for kv in &self.pins {
+            let (k, _) = kv.map_err(db("scan"))?;
+            if k.ends_with(suffix.as_bytes()) {
+                b.remove(k);
+            }
+        }
+        self.pins.apply_batch(b).map_err(db("batch"))
+    }
+
+    /// Tells watchers a rollout's status changed (nobody listening is fine).
+    pub fn notify(&self, r: &RolloutRecord) {
+        let _ = self.watch.send(r.clone());
+    }
+
+    /// Follows status changes of every rollout.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<RolloutRecord> {
+        self.watch.subscribe()
+    }
+
+    /// One rollout.
+    pub fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        get(&self.rollouts, "control_rollouts", id)
+    }
+
+    /// Every rollout, by id.
+    pub fn rollouts(&self) -> Result<BTreeMap<String, RolloutRecord>, StoreError> {
+        scan(&self.rollouts, "control_rollouts")
+    }
+
+    /// Stores a rollout's spec and status.
+    pub fn put_rollout(&self, r: &RolloutRecord) -> Result<(), StoreError> {
+        put(&self.rollouts, "control_rollouts", &r.id, r)
+    }
+
+    /// The per-node progress of a rollout.
+    pub fn progress(&self, id: &str) -> Result<RolloutProgress, StoreError> {
+        let prefix = format!("{id}/");
+        let mut out = RolloutProgress::new();
+        for kv in self.progress.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(db("scan"))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let p: NodeProgress = decode("control_progress", &key, &v)?;
+            out.insert(key[prefix.len()..].to_owned(), p);
+        }
+        Ok(out)
+    }
+
+    /// Stores the progress of the given nodes of a rollout in one batch.
+    pub fn put_progress<'a>(
+        &self,
+        id: &str,
+        entries: impl IntoIterator<Item = (&'a String, &'a NodeProgress)>,
+    ) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (node, p) in entries {
+            b.insert(
+                key2(id, node).as_bytes(),
+                encode("control_progress", node, p)?,
+            );
+        }
+        self.progress.apply_batch(b).map_err(db("batch"))
+    }
+
+    /// The health baselines of a rollout (what each node reported when it
+    /// applied), by node.
+    pub fn baselines(&self, id: &str) -> Result<BTreeMap<String, NodeView>, StoreError> {
+        let prefix = format!("{id}/");
+        let mut out = BTreeMap::new();
+        for kv in self.baselines.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(db("scan"))?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let b: NodeView = decode("control_baselines", &key, &v)?;
+            out.insert(key[prefix.len()..].to_owned(), b);
+        }
+        Ok(out)
+    }
+
+    /// Stores one node's health baseline.
+    pub fn put_baseline(&self, id: &str, node: &str, view: &NodeView) -> Result<(), StoreError> {
+        put(&self.baselines, "control_baselines", &key2(id, node), view)
+    }
+
+    /// Drops a finished rollout's baselines (its progress and status stay
+    /// for history).
+    pub fn drop_baselines(&self, id: &str) -> Result<(), StoreError> {
+        remove_prefix(&self.baselines, &format!("{id}/"))
+    }
+}
+
+fn remove_prefix(t: &sled::Tree, prefix: &str) -> Result<(), StoreError> {
+    let mut b = sled::Batch::default();
+    for kv in t.scan_prefix(prefix.as_bytes()) {
+        let (k, _) = kv.map_err(db("scan"))?;
+        b.remove(k);
+    }
+    t.apply_batch(b).map_err(db("batch"))
+}
+
+fn encode<T: Serialize>(tree: &'static str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, v: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         tree,
@@ -168,11 +494,7 @@ fn put<T: Serialize>(
     key: &str,
     value: &T,
 ) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
-        tree,
-        key: key.to_owned(),
-        detail: e.to_string(),
-    })?;
+    let bytes = encode(tree, key, value)?;
     t.insert(key, bytes).map_err(db("insert"))?;
     Ok(())
 }

@@ -36,6 +36,36 @@ pub fn judge(
     }
 }
 
+/// A failure that need not wait for the bake to end: a changed function
+/// the node rolled back by itself, one that failed to load, or one that
+/// trapped (restarted) since the baseline. `None` while nothing of that
+/// kind happened.
+pub fn early(
+    baseline: &NodeView,
+    now: &NodeView,
+    changed: &[FunctionSpec],
+) -> Option<HealthVerdict> {
+    changed.iter().find_map(|f| {
+        let h = now.functions.get(&f.name)?;
+        let reason = if let Some(why) = &h.rolled_back {
+            format!("function {:?}: {why}", f.name)
+        } else if h.state == FunctionState::Failed {
+            format!("function {:?} failed on the node", f.name)
+        } else {
+            let before = baseline.functions.get(&f.name).map_or(0, |b| b.restarts);
+            let restarts = h.restarts.saturating_sub(before);
+            if restarts == 0 {
+                return None;
+            }
+            format!(
+                "function {:?} restarted {restarts} times during the bake",
+                f.name
+            )
+        };
+        Some(HealthVerdict::Unhealthy { reason })
+    })
+}
+
 fn first_failure(
     gate: &HealthGate,
     baseline: &NodeView,
@@ -47,6 +77,9 @@ fn first_failure(
         let Some(h) = now.functions.get(&f.name) else {
             return Some(format!("function {:?} is not reported by the node", f.name));
         };
+        if let Some(why) = &h.rolled_back {
+            return Some(format!("function {:?}: {why}", f.name));
+        }
         if h.module_sha256 != f.module_sha256 {
             return Some(format!(
                 "function {:?} runs module {} instead of {}",
@@ -129,6 +162,7 @@ mod tests {
                 samples_out: 0,
                 errors,
                 restarts,
+                rolled_back: None,
             },
         );
         v.watermarks.insert("out".into(), wm);
@@ -171,6 +205,15 @@ mod tests {
         assert!(!reason(judge(&g, &base, &other, &[spec()])).is_empty());
         other.functions.clear();
         assert!(reason(judge(&g, &base, &other, &[spec()])).contains("not reported"));
+        assert_eq!(early(&base, &view(1, 1_100, 0, 20, 0), &[spec()]), None);
+        assert!(
+            early(&base, &view(3, 1_100, 0, 20, 0), &[spec()])
+                .is_some_and(|v| reason(v).contains("restarted 2 times"))
+        );
+        let mut back = view(1, 1_100, 0, 20, 0);
+        back.functions.get_mut("f").unwrap().rolled_back = Some("trap".into());
+        assert!(early(&base, &back, &[spec()]).is_some_and(|v| reason(v).contains("trap")));
+        assert!(reason(judge(&g, &base, &back, &[spec()])).contains("trap"));
         let lax = HealthGate {
             require_streams_advance: false,
             ..g

@@ -34,7 +34,7 @@ pub mod rollout;
 pub mod selector;
 
 pub use deployment::{Deployment, NodeConfigPatch, Template};
-pub use gate::{HealthVerdict, judge};
+pub use gate::{HealthVerdict, early, judge};
 pub use node::{FunctionHealth, Node, NodeView};
 pub use planner::{
     Action, Command, CommandError, Folded, Observation, apply, command, observe, plan, tick,

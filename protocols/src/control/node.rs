@@ -86,6 +86,16 @@ pub struct NodeView {
     pub desired_revision: u64,
     /// Revision the node says it applied (0: none).
     pub applied_revision: u64,
+    /// Revision the node says it received and verified: its acknowledgement
+    /// of a delivery (0: none, or a node that does not report it).
+    #[serde(default)]
+    pub received_revision: u64,
+    /// Revision whose artifacts the node has on disk (0: none).
+    #[serde(default)]
+    pub staged_revision: u64,
+    /// The last revision the node refused, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<(Option<u64>, String)>,
     /// Per-function health, by function name.
     pub functions: BTreeMap<String, FunctionHealth>,
     /// Devices whose driver is connected.
@@ -115,6 +125,10 @@ pub struct FunctionHealth {
     pub errors: u64,
     /// Restarts after a trap, ever (`restarts`).
     pub restarts: u64,
+    /// The node put the function back on its previous module by itself:
+    /// why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
 }
 
 impl NodeView {
@@ -141,6 +155,12 @@ impl NodeView {
                             samples_out: counter(&f.counters, "samples_out"),
                             errors: counter(&f.counters, "errors"),
                             restarts: counter(&f.counters, "restarts"),
+                            rolled_back: f.rolled_back.as_ref().map(|r| {
+                                format!(
+                                    "the node rolled it back from {} to {}: {}",
+                                    r.from_sha256, r.to_sha256, r.reason
+                                )
+                            }),
                         };
                         (name.clone(), h)
                     })
@@ -160,6 +180,11 @@ impl NodeView {
             last_seen_ms,
             desired_revision,
             applied_revision: reported.map_or(0, |r| r.applied_revision),
+            received_revision: reported.map_or(0, |r| r.received_revision),
+            staged_revision: reported.map_or(0, |r| r.staged_revision),
+            rejected: reported
+                .and_then(|r| r.rejected.as_ref())
+                .map(|r| (r.revision, r.reason.clone())),
             functions,
             devices_connected: reported.map_or(0, |r| {
                 r.devices.values().filter(|d| d.connected).count() as u32

@@ -543,6 +543,113 @@ impl HubClient {
         self.json("DELETE", &path, req).await
     }
 
+    /// `GET /v1/rollouts`.
+    pub async fn rollouts(
+        &self,
+    ) -> Result<Vec<crate::control::rollout_api::RolloutSummary>, ClientError> {
+        self.get_json("/v1/rollouts").await
+    }
+
+    /// `GET /v1/rollouts/{id}`: spec, bounded status, changed functions.
+    pub async fn rollout(
+        &self,
+        id: &str,
+    ) -> Result<crate::control::store::RolloutRecord, ClientError> {
+        self.get_json(&format!("/v1/rollouts/{id}")).await
+    }
+
+    /// `GET /v1/rollouts/{id}/nodes[?state=…]`: per-node progress (first
+    /// 1000).
+    pub async fn rollout_nodes(
+        &self,
+        id: &str,
+        state: Option<&str>,
+    ) -> Result<Vec<crate::control::rollout_api::NodeEntry>, ClientError> {
+        let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
+        self.get_json(&format!("/v1/rollouts/{id}/nodes{q}")).await
+    }
+
+    /// `POST /v1/rollouts/{id}/{pause|resume|cancel}` (operator).
+    pub async fn rollout_command(
+        &self,
+        id: &str,
+        command: &str,
+    ) -> Result<crate::control::store::RolloutRecord, ClientError> {
+        let path = format!("/v1/rollouts/{id}/{command}");
+        let req = self.http.post(self.url(&path));
+        self.json("POST", &path, req).await
+    }
+
+    /// `GET /v1/rollouts/{id}/watch`: calls `on_status` with the rollout's
+    /// status now and at every change, until it reaches a final phase (the
+    /// hub then ends the stream) or `on_status` returns `false`.
+    pub async fn watch_rollout(
+        &self,
+        id: &str,
+        mut on_status: impl FnMut(protocols::control::RolloutStatus) -> bool,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/rollouts/{id}/watch");
+        let mut resp = self
+            .send("GET", &path, self.http.get(self.url(&path)))
+            .await?;
+        let mut buf = String::new();
+        loop {
+            let chunk = resp
+                .chunk()
+                .await
+                .map_err(|source| ClientError::Transport {
+                    method: "GET",
+                    path: path.clone(),
+                    source,
+                })?;
+            let Some(chunk) = chunk else {
+                return Ok(());
+            };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            // Events end with a blank line; keep a partial one for later.
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                let is_status = event.lines().any(|l| l == "event: status");
+                let data: String = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                    .collect();
+                if !is_status || data.is_empty() {
+                    continue;
+                }
+                let status = serde_json::from_str(&data).map_err(|source| ClientError::Decode {
+                    method: "GET",
+                    path: path.clone(),
+                    source,
+                })?;
+                if !on_status(status) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// `GET /v1/deployments/{name}/history`.
+    pub async fn deployment_history(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::control::rollout_api::HistoryEntry>, ClientError> {
+        self.get_json(&format!("/v1/deployments/{name}/history"))
+            .await
+    }
+
+    /// `POST /v1/deployments/{name}/undo` (operator), body as documented
+    /// in [`crate::control::rollout_api`].
+    pub async fn undo_deployment(
+        &self,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<ChangeAnswer, ClientError> {
+        let path = format!("/v1/deployments/{name}/undo");
+        let req = self.http.post(self.url(&path)).json(body);
+        self.json("POST", &path, req).await
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

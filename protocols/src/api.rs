@@ -27,7 +27,14 @@
 //! | PUT | `/v1/nodes/{node}/labels` | [`crate::control::Node`] → `cloud_hub::control::api::ChangeAnswer` |
 //! | GET | `/v1/nodes/{node}/rendered` | `cloud_hub::control::api::RenderedView` |
 //! | GET | `/v1/deployments` | `Vec<`[`crate::control::Deployment`]`>` |
-//! | GET / PUT / DELETE | `/v1/deployments/{name}` | [`crate::control::Deployment`] (PUT, DELETE → `ChangeAnswer`) |
+//! | GET / PUT / DELETE | `/v1/deployments/{name}` | [`crate::control::Deployment`], PUT optionally with `rollout` ([`crate::control::RolloutSpec`] without `deployment`/`revision`) (PUT, DELETE → `ChangeAnswer`: nodes, revision, rollout id) |
+//! | GET | `/v1/deployments/{name}/history` | every revision: when, rollout, phase, stable |
+//! | POST | `/v1/deployments/{name}/undo` | `{to_revision?, rollout?, immediate?}` → `ChangeAnswer` |
+//! | GET | `/v1/rollouts` | id, deployment, revision, phase, counts of each rollout |
+//! | GET | `/v1/rollouts/{id}` | spec, bounded [`crate::control::RolloutStatus`], changed functions |
+//! | GET | `/v1/rollouts/{id}/nodes?state=&limit=&after=` | per-node [`crate::control::NodeProgress`] |
+//! | POST | `/v1/rollouts/{id}/pause` · `resume` · `cancel` | the rollout after the command |
+//! | GET | `/v1/rollouts/{id}/watch` | server-sent `status` events until a final phase |
 //!
 //! Every error answer is an [`ErrorBody`] whose text names the offending field.
 

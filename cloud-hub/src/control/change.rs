@@ -314,6 +314,29 @@ pub struct Applied {
     pub rollout: Option<String>,
 }
 
+/// Checks a put of `d` (already in `deployments`) as if every node were on
+/// its new revision; returns its bookkeeping with the revision bumped.
+fn check_put(
+    hub: &Hub,
+    d: &Deployment,
+    mut m: DeploymentMeta,
+    nodes: &BTreeMap<String, Node>,
+    deployments: &BTreeMap<String, Deployment>,
+    affected: &BTreeSet<String>,
+) -> Result<DeploymentMeta, ChangeError> {
+    m.revision += 1;
+    let all_new = BTreeMap::from([(
+        d.name.clone(),
+        DeploymentMeta {
+            stable: m.revision,
+            ..m.clone()
+        },
+    )]);
+    let check = Contents::load(&hub.control, deployments, &all_new, affected)?;
+    plan(nodes, &check.without_pins_of(&d.name), affected)?;
+    Ok(m)
+}
+
 /// Checks, stores and publishes `change`. Returns what happened to each
 /// affected node.
 pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
@@ -352,22 +375,12 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
             }
             affected.extend(selected_by(d, &nodes)?);
             deployments.insert(d.name.clone(), d.clone());
-            let mut m = hub.control.meta(&d.name)?.unwrap_or_default();
+            let m = hub.control.meta(&d.name)?.unwrap_or_default();
             if same {
                 out.revision = Some(m.revision);
                 out.rollout = m.rollout;
             } else {
-                m.revision += 1;
-                // Checked as if every node were on the new revision.
-                let all_new = BTreeMap::from([(
-                    d.name.clone(),
-                    DeploymentMeta {
-                        stable: m.revision,
-                        ..m.clone()
-                    },
-                )]);
-                let check = Contents::load(&hub.control, &deployments, &all_new, &affected)?;
-                plan(&nodes, &check.without_pins_of(&d.name), &affected)?;
+                let m = check_put(hub, d, m, &nodes, &deployments, &affected)?;
                 metas.insert(d.name.clone(), m);
             }
         }
@@ -379,12 +392,11 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
         }
     }
     // Node and delete changes are checked whole before anything is stored.
-    let checked = match &change {
-        Change::PutDeployment { .. } => None,
-        _ => {
-            let contents = Contents::load(&hub.control, &deployments, &metas, &affected)?;
-            Some(plan(&nodes, &contents, &affected)?)
-        }
+    let checked = if let Change::PutDeployment { .. } = &change {
+        None
+    } else {
+        let contents = Contents::load(&hub.control, &deployments, &metas, &affected)?;
+        Some(plan(&nodes, &contents, &affected)?)
     };
     match &change {
         Change::Node(n) => hub.control.put_node(n)?,
@@ -411,12 +423,11 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
             hub.control.forget_deployment(name)?;
         }
     }
-    let plan = match checked {
-        Some(p) => p,
-        None => {
-            let contents = Contents::load(&hub.control, &deployments, &metas, &affected)?;
-            plan(&nodes, &contents, &affected)?
-        }
+    let plan = if let Some(p) = checked {
+        p
+    } else {
+        let contents = Contents::load(&hub.control, &deployments, &metas, &affected)?;
+        plan(&nodes, &contents, &affected)?
     };
     out.nodes = publish(hub, &plan).await?;
     hub.commit().await?;

@@ -46,12 +46,12 @@
 //! - At start the hub re-renders every managed node ([`reconcile`]) so a
 //!   crash between storing a change and publishing it heals itself.
 //!
-//! # Rollouts (next step)
-//! Today a stored change is published to every affected node at once. The
-//! rollout loop will plug in at [`change::publish`]: instead of calling
-//! `set_desired` for every node in the [`change::Plan`], it will store the
-//! plan's renders as the deployment's new revision and let
-//! [`protocols::control::plan`] decide, tick by tick, which nodes get it.
+//! # Rollouts
+//! A put with `"rollout": {…}` does not publish the new revision to every
+//! node: it pins every selected node on what it runs and starts a rollout
+//! that the loop in [`rollouts`] moves node by node, wave by wave, gated on
+//! what the nodes report. Routes are in [`rollout_api`]. A put without
+//! `rollout` is applied at once (and supersedes a running rollout).
 
 pub mod api;
 pub mod change;

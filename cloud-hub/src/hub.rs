@@ -295,18 +295,30 @@ impl Hub {
     /// the revision the hub assigns (the next one; `desired.revision` is 0
     /// or must name exactly that one). Returns the revision.
     pub async fn set_desired(&self, desired: &DesiredState) -> Result<u64, SetDesiredError> {
-        let (revision, doc) =
-            self.registry
-                .set_desired(&desired.node, desired.revision, |revision| {
-                    let d = DesiredState {
-                        revision,
-                        ..desired.clone()
-                    };
-                    SignedDesired::sign(&d, &self.key).map_err(|e| e.to_string())
-                })?;
+        let (revision, doc) = self.store_desired(desired)?;
         self.commit.commit().await.map_err(HubError::from)?;
         self.publish_desired(&desired.node, &doc).await?;
         Ok(revision)
+    }
+
+    /// The first half of [`Hub::set_desired`]: assigns the revision, signs
+    /// and stores the document, but neither commits nor publishes. Callers
+    /// storing many documents commit once, then publish each
+    /// ([`Hub::publish_desired`]): nothing is published before it is
+    /// durable.
+    pub(crate) fn store_desired(
+        &self,
+        desired: &DesiredState,
+    ) -> Result<(u64, SignedDesired), SetDesiredError> {
+        Ok(self
+            .registry
+            .set_desired(&desired.node, desired.revision, |revision| {
+                let d = DesiredState {
+                    revision,
+                    ..desired.clone()
+                };
+                SignedDesired::sign(&d, &self.key).map_err(|e| e.to_string())
+            })?)
     }
 
     /// Makes every write so far durable (group commit with concurrent

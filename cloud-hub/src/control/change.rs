@@ -436,10 +436,12 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
 
 /// Publishes each node of `plan` whose rendered digest differs from the
 /// last one published to it (or whose revision someone else moved), and
-/// records what each node now gets. Paused nodes are skipped. This is where
-/// the rollout loop will take over from "publish to every node now".
+/// records what each node now gets. Paused nodes are skipped. Every
+/// document is signed and stored first, made durable with one commit, and
+/// only then published, so a change to many nodes costs one flush.
 pub async fn publish(hub: &Hub, plan: &Plan) -> Result<Vec<NodeOutcome>, ChangeError> {
     let mut out = Vec::with_capacity(plan.nodes.len());
+    let mut docs = Vec::new();
     for nr in &plan.nodes {
         let name = &nr.node.name;
         let prev = hub.control.rendered(name)?;
@@ -463,20 +465,20 @@ pub async fn publish(hub: &Hub, plan: &Plan) -> Result<Vec<NodeOutcome>, ChangeE
             current
         } else {
             let previous_doc = reg.and_then(|r| r.desired);
-            let revision = hub
-                .set_desired(&rendered.to_desired(name, 0))
-                .await
-                .map_err(|source| ChangeError::Publish {
-                    node: name.clone(),
-                    source,
-                })?;
+            let publish_err = |source| ChangeError::Publish {
+                node: name.clone(),
+                source,
+            };
+            let (revision, doc) = hub
+                .store_desired(&rendered.to_desired(name, 0))
+                .map_err(publish_err)?;
             crate::api::grant_after_publish(hub, name, previous_doc.as_ref()).map_err(
                 |source| ChangeError::Grant {
                     node: name.clone(),
                     source,
                 },
             )?;
-            Metrics::inc(&hub.metrics.control_renders);
+            docs.push((name.clone(), doc));
             revision
         };
         let rec = RenderedRecord {
@@ -489,6 +491,18 @@ pub async fn publish(hub: &Hub, plan: &Plan) -> Result<Vec<NodeOutcome>, ChangeE
             hub.control.put_rendered(name, &rec)?;
         }
         out.push(outcome(name, revision, !unchanged));
+    }
+    if !docs.is_empty() {
+        hub.commit().await?;
+    }
+    for (name, doc) in docs {
+        hub.publish_desired(&name, &doc)
+            .await
+            .map_err(|e| ChangeError::Publish {
+                node: name.clone(),
+                source: e.into(),
+            })?;
+        Metrics::inc(&hub.metrics.control_renders);
     }
     Ok(out)
 }

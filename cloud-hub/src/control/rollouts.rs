@@ -41,12 +41,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use protocols::FunctionSpec;
 use protocols::control::{
     Action, Command, Deployment, Folded, Node, NodeRolloutState as S, NodeView, Observation,
     RolloutPhase, RolloutProgress, RolloutSpec, RolloutStatus, apply, command, early, judge,
     observe, plan,
 };
-use protocols::{FunctionSpec, TopicKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -686,26 +686,26 @@ async fn deliver(
     let deployments = hub.control.deployments()?;
     let affected: BTreeSet<String> = renders.keys().cloned().collect();
     let contents = Contents::load(&hub.control, &deployments, &BTreeMap::new(), &affected)?;
-    let mut ok = BTreeSet::new();
+    // Rendered one by one so a node whose render fails (a conflict with a
+    // deployment changed since the rollout started) holds back only itself;
+    // published together, with one commit.
+    let mut batch = super::change::Plan::default();
     for name in &affected {
         let one = BTreeSet::from([name.clone()]);
-        let outcome = match super::change::plan(&nodes, &contents, &one) {
-            Ok(p) if p.nodes.iter().all(|n| !n.node.paused) => {
-                super::change::publish(hub, &p).await
-            }
-            Ok(_) => Err(ChangeError::NotFound(format!("{name} is paused"))),
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(o) if o.iter().all(|o: &NodeOutcome| o.revision != 0) => {
-                ok.insert(name.clone());
-            }
-            Ok(_) => {}
+        match super::change::plan(&nodes, &contents, &one) {
+            Ok(p) => batch
+                .nodes
+                .extend(p.nodes.into_iter().filter(|n| !n.node.paused)),
             Err(e) => {
                 Metrics::inc(&hub.metrics.rollout_errors);
-                warn!(node = %name, error = %e, topic = ?TopicKind::Desired, "rollout delivery failed");
+                warn!(node = %name, error = %e, "rollout delivery not rendered; planned again next tick");
             }
         }
     }
-    Ok(ok)
+    let outcomes = super::change::publish(hub, &batch).await?;
+    Ok(outcomes
+        .into_iter()
+        .filter(|o: &NodeOutcome| o.revision != 0)
+        .map(|o| o.node)
+        .collect())
 }

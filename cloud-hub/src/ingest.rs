@@ -210,6 +210,8 @@ fn on_reported(hub: &Hub, node: &str, payload: &[u8], delivery: Delivery) -> Res
         }
         rec.reported = Some(r);
     })?;
+    // A running rollout may be waiting for exactly this report.
+    hub.control.poke.notify_one();
     // The node confirms its outbox floors: declared drops up to them are final.
     for (stream, floor) in floors {
         match hub.sink.confirm_floor(node, &stream, floor) {

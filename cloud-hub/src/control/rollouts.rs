@@ -141,6 +141,7 @@ pub(crate) fn store_revision(
     let revision = m.revision;
     metas.insert(d.name.clone(), m);
     hub.control.generation.fetch_add(1, Ordering::SeqCst);
+    hub.control.poke.notify_one();
     Ok((revision, id))
 }
 
@@ -271,7 +272,11 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// Runs the loop every `tick` until `cancel`. A failed tick is logged,
+/// The shortest time between two ticks woken by reports.
+pub const MIN_TICK: Duration = Duration::from_millis(100);
+
+/// Runs the loop every `tick`, or sooner (at most every [`MIN_TICK`]) when
+/// a node reports or an operator acts, until `cancel`. A failed tick is logged,
 /// counted and retried; the loop itself never fails.
 pub async fn run(
     hub: Arc<Hub>,
@@ -282,12 +287,15 @@ pub async fn run(
         generation: u64::MAX,
         ..Engine::default()
     };
-    let mut iv = tokio::time::interval(tick);
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            _ = iv.tick() => {}
+            () = tokio::time::sleep(tick) => {}
+            () = hub.control.poke.notified() => {
+                // Let a burst of reports land, and never tick more often
+                // than MIN_TICK.
+                tokio::time::sleep(MIN_TICK.min(tick)).await;
+            }
         }
         if let Err(e) = engine.tick(&hub).await {
             Metrics::inc(&hub.metrics.rollout_errors);
@@ -464,21 +472,53 @@ fn observations(
 }
 
 /// One tick of one rollout; whether anything changed.
+/// Most plan passes in one tick: a wave that passes its gate starts the
+/// next one, and its deliveries go out, in the same tick.
+const MAX_PASSES: usize = 4;
+
+/// One tick of one rollout; whether anything changed.
 async fn step(hub: &Hub, live: &mut Live, now: u64) -> Result<bool, ChangeError> {
     if live.rec.status.phase == RolloutPhase::Paused {
         return Ok(false);
     }
-    let names = watched(&live.progress);
-    let views = views(hub, &names)?;
+    let mut views = views(hub, &watched(&live.progress))?;
     let mut dirty: BTreeSet<String> = BTreeSet::new();
     let mut status_changed = fold_observations(hub, live, &views, now, &mut dirty)?;
-    let actions = plan(
-        &live.rec.spec,
-        &live.rec.status,
-        &live.progress,
-        &views,
-        now,
-    );
+    for _ in 0..MAX_PASSES {
+        // Nodes a wave started in the previous pass need their views.
+        let missing: Vec<String> = watched(&live.progress)
+            .into_iter()
+            .filter(|n| !views.contains_key(n))
+            .collect();
+        views.extend(self::views(hub, &missing)?);
+        let (changed, again) = pass(hub, live, &views, now, &mut dirty).await?;
+        status_changed |= changed;
+        if !again {
+            break;
+        }
+    }
+    healthy_pins(hub, live, &dirty)?;
+    if status_changed {
+        hub.control.put_progress(
+            &live.rec.id,
+            dirty.iter().filter_map(|n| live.progress.get_key_value(n)),
+        )?;
+        hub.control.put_rollout(&live.rec)?;
+        hub.control.notify(&live.rec);
+    }
+    Ok(status_changed)
+}
+
+/// One plan, performed: whether anything changed, and whether a wave
+/// advanced or a node settled (so planning again may do more now).
+async fn pass(
+    hub: &Hub,
+    live: &mut Live,
+    views: &BTreeMap<String, NodeView>,
+    now: u64,
+    dirty: &mut BTreeSet<String>,
+) -> Result<(bool, bool), ChangeError> {
+    let actions = plan(&live.rec.spec, &live.rec.status, &live.progress, views, now);
     let mut renders: BTreeMap<String, u64> = BTreeMap::new();
     for a in &actions {
         match a {
@@ -492,6 +532,7 @@ async fn step(hub: &Hub, live: &mut Live, now: u64) -> Result<bool, ChangeError>
         }
     }
     let published = deliver(hub, &live.rec.spec.deployment, &renders).await?;
+    let (mut changed, mut again) = (false, false);
     for a in &actions {
         let node = action_node(a);
         if let Some(n) = node
@@ -501,7 +542,7 @@ async fn step(hub: &Hub, live: &mut Live, now: u64) -> Result<bool, ChangeError>
             // Not delivered (paused, or the publish failed): planned again.
             continue;
         }
-        if let Action::JudgeHealth { node } = a {
+        let folded = if let Action::JudgeHealth { node } = a {
             let base = live.baselines.get(node).cloned().unwrap_or_default();
             let now_view = views
                 .get(node)
@@ -513,47 +554,42 @@ async fn step(hub: &Hub, live: &mut Live, now: u64) -> Result<bool, ChangeError>
                 node: node.clone(),
                 verdict,
             };
-            if observe(
+            observe(
                 &live.rec.spec,
                 &mut live.rec.status,
                 &mut live.progress,
                 &o,
                 now,
-            ) == Folded::Changed
-            {
-                status_changed = true;
-                dirty.insert(node.clone());
-            }
+            )
+        } else {
+            apply(
+                &live.rec.spec,
+                &mut live.rec.status,
+                &mut live.progress,
+                a,
+                now,
+            )
+        };
+        if folded != Folded::Changed {
             continue;
         }
-        if apply(
-            &live.rec.spec,
-            &mut live.rec.status,
-            &mut live.progress,
+        changed = true;
+        again |= matches!(
             a,
-            now,
-        ) == Folded::Changed
-        {
-            status_changed = true;
-            if let Some(n) = node {
-                dirty.insert(n.to_owned());
-            }
-            count(hub, a);
-            if let Action::Complete { .. } = a {
-                complete(hub, &live.rec)?;
-            }
+            Action::AdvanceWave { .. }
+                | Action::JudgeHealth { .. }
+                | Action::MarkFailed { .. }
+                | Action::MarkSkipped { .. }
+        );
+        if let Some(n) = node {
+            dirty.insert(n.to_owned());
+        }
+        count(hub, a);
+        if let Action::Complete { .. } = a {
+            complete(hub, &live.rec)?;
         }
     }
-    healthy_pins(hub, live, &dirty)?;
-    if status_changed {
-        hub.control.put_progress(
-            &live.rec.id,
-            dirty.iter().filter_map(|n| live.progress.get_key_value(n)),
-        )?;
-        hub.control.put_rollout(&live.rec)?;
-        hub.control.notify(&live.rec);
-    }
-    Ok(status_changed)
+    Ok((changed, again))
 }
 
 /// Folds what the views say into the rollout; whether anything changed.

@@ -134,6 +134,9 @@ pub struct Control {
     pub(crate) generation: std::sync::atomic::AtomicU64,
     /// Every stored change of a rollout's status, for watchers (SSE).
     pub(crate) watch: tokio::sync::broadcast::Sender<RolloutRecord>,
+    /// Wakes the rollout loop early: a node reported, or an operator
+    /// changed something.
+    pub(crate) poke: tokio::sync::Notify,
 }
 
 fn db(op: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
@@ -160,6 +163,7 @@ impl Control {
             max_deployments,
             generation: std::sync::atomic::AtomicU64::new(0),
             watch: tokio::sync::broadcast::channel(256).0,
+            poke: tokio::sync::Notify::new(),
         })
     }
 

@@ -153,6 +153,16 @@ struct HollowArgs {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+    /// After the rounds, measure a staged rollout to every node in these
+    /// cumulative waves, percent (e.g. `1,10,50,100`).
+    #[arg(long, value_delimiter = ',')]
+    rollout_waves: Option<Vec<u8>>,
+    /// Bake time of each node in the rollout, ms.
+    #[arg(long, default_value_t = 2_000)]
+    rollout_bake_ms: u64,
+    /// Most nodes in flight at once in the rollout.
+    #[arg(long, default_value_t = 10_000)]
+    rollout_max_concurrent: u32,
 }
 
 /// `--broker`.
@@ -338,6 +348,15 @@ fn hollow_options(a: &HollowArgs) -> HollowOptions {
         connect_timeout: Duration::from_secs(a.connect_timeout_s),
         round_timeout: Duration::from_secs(a.round_timeout_s),
         progress: !a.quiet,
+        rollout: a
+            .rollout_waves
+            .clone()
+            .map(|waves| sim::hollow::rollout::RolloutOptions {
+                waves,
+                bake: Duration::from_millis(a.rollout_bake_ms),
+                max_concurrent: a.rollout_max_concurrent,
+                ..sim::hollow::rollout::RolloutOptions::default()
+            }),
     }
 }
 

@@ -31,6 +31,11 @@ impl Api {
         Ok(Self { client })
     }
 
+    /// The typed client itself.
+    pub(super) fn client(&self) -> &HubClient {
+        &self.client
+    }
+
     fn err(what: &str, e: impl std::fmt::Display) -> HollowError {
         HollowError::Api {
             what: what.into(),

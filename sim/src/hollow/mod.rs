@@ -54,6 +54,7 @@ pub mod hub;
 mod measure;
 mod proc;
 mod report;
+pub mod rollout;
 pub mod stack;
 
 use std::collections::HashMap;
@@ -161,6 +162,9 @@ pub struct HollowOptions {
     pub round_timeout: Duration,
     /// Print progress lines on stderr.
     pub progress: bool,
+    /// After the rounds, label every node and measure a staged rollout
+    /// ([`rollout`]).
+    pub rollout: Option<rollout::RolloutOptions>,
 }
 
 impl Default for HollowOptions {
@@ -178,6 +182,7 @@ impl Default for HollowOptions {
             connect_timeout: Duration::from_secs(600),
             round_timeout: Duration::from_secs(600),
             progress: false,
+            rollout: None,
         }
     }
 }
@@ -311,7 +316,13 @@ pub async fn run(opts: &HollowOptions, hub: &HubEndpoint) -> Result<HollowReport
     });
     let mut tasks = spawn_fleet(opts, hub, &names, &link, &fleet, &cancel)?;
 
-    let result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem).await;
+    let mut result = measure(opts, &api, &fleet, &names, &index, base_revision, &mem).await;
+    if let (Ok(report), Some(ro)) = (&mut result, &opts.rollout) {
+        match rollout::rollout(opts, ro, &api, &names, hub.pid).await {
+            Ok(r) => report.rollout = Some(r),
+            Err(e) => result = Err(e),
+        }
+    }
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
     let _ = sampler.await;

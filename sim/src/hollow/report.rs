@@ -82,6 +82,9 @@ pub struct RoundReport {
 pub struct HollowReport {
     /// Hollow nodes started.
     pub nodes: usize,
+    /// The staged rollout after the rounds, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutReport>,
     /// Nodes connected when the rounds started.
     pub connected: usize,
     /// Start → every node had its first CONNACK.
@@ -236,6 +239,9 @@ impl HollowReport {
                 "NOT every node converged"
             }
         );
+        if let Some(r) = &self.rollout {
+            r.summary(&mut s);
+        }
         s
     }
 }

@@ -352,3 +352,92 @@ async fn a_hub_restart_mid_rollout_resumes_it_and_publishes_nothing_twice() {
     }
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_deliveries_and_a_new_put_supersedes_the_running_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), |_| {}).await;
+    let c = &hub.client;
+    let nodes = names("px", 4);
+    label(c, &nodes).await;
+    let mut agents = Vec::new();
+    for n in &nodes {
+        agents.push(agent(&hub, dir.path(), n).await);
+    }
+    // A brand-new deployment, rolled out: nodes not reached get nothing.
+    let spec = waves(&json!([{"count": 1}, {"percent": 100}]), 1_500);
+    let a = c
+        .put_deployment("cfg", &cfg_deployment(300, Some(spec.clone())))
+        .await
+        .unwrap();
+    let id = a.rollout.unwrap();
+    eventually("the first node bakes", DEADLINE, || async {
+        let p = c.rollout_nodes(&id, Some("baking")).await.ok()?;
+        (p.len() == 1).then_some(())
+    })
+    .await;
+    let paused = c.rollout_command(&id, "pause").await.unwrap();
+    assert_eq!(paused.status.phase, RolloutPhase::Paused);
+    // While paused nothing moves: the others still have no document.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let r = c.rollout(&id).await.unwrap();
+    assert_eq!(r.status.phase, RolloutPhase::Paused);
+    for n in &nodes[1..] {
+        assert_eq!(
+            hub.hub
+                .registry
+                .get(n)
+                .unwrap()
+                .map_or(0, |r| r.desired_revision),
+            0,
+            "{n}"
+        );
+    }
+    c.rollout_command(&id, "resume").await.unwrap();
+    eventually("the second wave starts", DEADLINE, || async {
+        let r = c.rollout(&id).await.ok()?;
+        (r.status.current_wave == Some(1)).then_some(())
+    })
+    .await;
+    // A new revision while it runs supersedes it; the new rollout finishes.
+    let b = c
+        .put_deployment("cfg", &cfg_deployment(250, Some(spec)))
+        .await
+        .unwrap();
+    let id2 = b.rollout.unwrap();
+    assert_eq!(id2, "cfg-r2");
+    let old = c.rollout(&id).await.unwrap();
+    assert_eq!(
+        old.status.phase,
+        RolloutPhase::Superseded,
+        "{:?}",
+        old.status
+    );
+    assert!(old.status.reason.unwrap().contains("cfg-r2"));
+    eventually("the new rollout succeeds", DEADLINE, || {
+        phase_is(c, &id2, RolloutPhase::Succeeded)
+    })
+    .await;
+    for n in &nodes {
+        let rec = hub.hub.registry.get(n).unwrap().unwrap();
+        let doc = rec
+            .desired
+            .unwrap()
+            .verify(&hub.hub.key.verifying_key())
+            .unwrap();
+        assert_eq!(doc.config.report_interval_ms, 250, "{n}");
+    }
+    let list = c.rollouts().await.unwrap();
+    let phases: Vec<(String, RolloutPhase)> = list.into_iter().map(|r| (r.id, r.phase)).collect();
+    assert_eq!(
+        phases,
+        [
+            ("cfg-r1".to_owned(), RolloutPhase::Superseded),
+            ("cfg-r2".to_owned(), RolloutPhase::Succeeded)
+        ]
+    );
+    for a in agents {
+        a.stop().await.unwrap();
+    }
+    hub.stop().await.unwrap();
+}

@@ -441,3 +441,43 @@ async fn pause_holds_deliveries_and_a_new_put_supersedes_the_running_rollout() {
     }
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_bounded_and_keeps_what_nodes_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path(), |_| {}).await;
+    let c = &hub.client;
+    // Selects no node: every rollout of it finishes at once.
+    let put = |i: u64, rollout: Option<Value>| {
+        let mut d = cfg_deployment(200 + i, rollout);
+        d["selector"] = json!({"match_labels": {"line": "nowhere"}});
+        d
+    };
+    for i in 0..60 {
+        c.put_deployment("cfg", &put(i, None)).await.unwrap();
+    }
+    let h = c.deployment_history("cfg").await.unwrap();
+    assert_eq!(h.len(), cloud_hub::control::rollouts::REVISIONS_KEPT);
+    assert_eq!(h.last().unwrap().revision, 60);
+    assert!(h.last().unwrap().stable);
+    for i in 60..73 {
+        let a = c
+            .put_deployment("cfg", &put(i, Some(waves(&json!([{"percent": 100}]), 0))))
+            .await
+            .unwrap();
+        let id = a.rollout.unwrap();
+        eventually("an empty rollout succeeds", DEADLINE, || {
+            phase_is(c, &id, RolloutPhase::Succeeded)
+        })
+        .await;
+    }
+    let rollouts = c.rollouts().await.unwrap();
+    assert_eq!(
+        rollouts.len(),
+        cloud_hub::control::rollouts::ROLLOUTS_KEPT + 1
+    );
+    assert_eq!(rollouts.iter().map(|r| r.revision).min(), Some(63));
+    let h = c.deployment_history("cfg").await.unwrap();
+    assert_eq!(h.len(), cloud_hub::control::rollouts::REVISIONS_KEPT);
+    hub.stop().await.unwrap();
+}

@@ -55,6 +55,14 @@ use super::store::{DeploymentMeta, Pin, RevisionRecord, RolloutRecord};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
+/// Finished rollouts kept per deployment (with their per-node progress);
+/// older ones are deleted when a new one starts.
+pub const ROLLOUTS_KEPT: usize = 10;
+
+/// Revisions kept per deployment beyond those a node, the stable revision
+/// or a kept rollout still needs; older ones are deleted.
+pub const REVISIONS_KEPT: usize = 50;
+
 /// The id of the rollout of `deployment` at `revision`.
 pub fn rollout_id(deployment: &str, revision: u64) -> String {
     format!("{deployment}-r{revision}")
@@ -138,11 +146,42 @@ pub(crate) fn store_revision(
         hub.control.clear_pins(&d.name)?;
     }
     hub.control.put_meta(&d.name, &m)?;
+    prune(hub, &d.name, &m)?;
     let revision = m.revision;
     metas.insert(d.name.clone(), m);
     hub.control.generation.fetch_add(1, Ordering::SeqCst);
     hub.control.poke.notify_one();
     Ok((revision, id))
+}
+
+/// Bounds what a deployment's history holds: the newest [`ROLLOUTS_KEPT`]
+/// finished rollouts, and revisions that are latest, stable, pinned by a
+/// node, delivered by a kept rollout, or among the newest
+/// [`REVISIONS_KEPT`].
+fn prune(hub: &Hub, name: &str, m: &DeploymentMeta) -> Result<(), ChangeError> {
+    let mut finished: Vec<(u64, String)> = hub
+        .control
+        .rollouts()?
+        .into_values()
+        .filter(|r| r.spec.deployment == name && r.status.phase.is_final())
+        .map(|r| (r.spec.revision, r.id))
+        .collect();
+    finished.sort();
+    let drop = finished.len().saturating_sub(ROLLOUTS_KEPT);
+    for (_, id) in &finished[..drop] {
+        hub.control.delete_rollout(id)?;
+    }
+    let mut keep = hub.control.pinned_revisions(name)?;
+    keep.extend([m.revision, m.stable]);
+    keep.extend(finished[drop..].iter().map(|(r, _)| *r));
+    let revisions = hub.control.revisions(name)?;
+    let old = revisions.len().saturating_sub(REVISIONS_KEPT);
+    for r in &revisions[..old] {
+        if !keep.contains(&r.revision) {
+            hub.control.delete_revision(name, r.revision)?;
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments, reason = "one call site, all needed")]

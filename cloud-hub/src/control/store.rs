@@ -3,7 +3,7 @@
 //! database. Only valid objects are stored (the API validates first), so
 //! everything read back renders.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use protocols::FunctionSpec;
 use protocols::control::{
@@ -433,6 +433,37 @@ impl Control {
     /// Stores one node's health baseline.
     pub fn put_baseline(&self, id: &str, node: &str, view: &NodeView) -> Result<(), StoreError> {
         put(&self.baselines, "control_baselines", &key2(id, node), view)
+    }
+
+    /// Deletes a rollout: its record, progress and baselines.
+    pub fn delete_rollout(&self, id: &str) -> Result<(), StoreError> {
+        self.rollouts.remove(id).map_err(db("remove"))?;
+        remove_prefix(&self.progress, &format!("{id}/"))?;
+        remove_prefix(&self.baselines, &format!("{id}/"))
+    }
+
+    /// Deletes one revision of a deployment.
+    pub fn delete_revision(&self, name: &str, revision: u64) -> Result<(), StoreError> {
+        self.revisions
+            .remove(rev_key(name, revision))
+            .map_err(db("remove"))?;
+        Ok(())
+    }
+
+    /// The revisions of `deployment` some node is pinned on.
+    pub fn pinned_revisions(&self, deployment: &str) -> Result<BTreeSet<u64>, StoreError> {
+        let suffix = format!("/{deployment}");
+        let mut out = BTreeSet::new();
+        for kv in &self.pins {
+            let (k, v) = kv.map_err(db("scan"))?;
+            if k.ends_with(suffix.as_bytes()) {
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let p: Pin = decode("control_pins", &key, &v)?;
+                out.insert(p.revision);
+                out.insert(p.last_healthy);
+            }
+        }
+        Ok(out)
     }
 
     /// Drops a finished rollout's baselines (its progress and status stay

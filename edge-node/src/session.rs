@@ -37,6 +37,12 @@
 //!   the same document: the driver writes it to disk before acting on it, so
 //!   a restart with no link re-applies the last accepted revision.
 //! - The applied revision never goes down.
+//! - `received_revision` in every report is the highest revision that
+//!   verified and was persisted (from the stored document after a restart
+//!   too); it never goes down and is never below the applied revision.
+//! - Every refused document sets `rejected` (revision, reason, time) in the
+//!   reports that follow, and a refusal of a delivered message is followed
+//!   by a report at once.
 //! - No [`Output::Ack`] without a verified, hub-signed ack for this node.
 
 use std::sync::Arc;
@@ -44,8 +50,8 @@ use std::sync::Arc;
 use protocols::codec::encode_json;
 use protocols::signing::{VerifyingKey, key_from_hex, key_to_hex};
 use protocols::{
-    AckError, DesiredState, Event, EventKind, LossWindow, NodeState, NodeStatus, ReportedState,
-    SignedAck, SignedDesired, TopicKind, Topics,
+    AckError, DesiredState, Event, EventKind, LossWindow, NodeState, NodeStatus, Rejection,
+    ReportedState, SignedAck, SignedDesired, TopicKind, Topics,
 };
 
 use crate::metrics::Counters;
@@ -176,6 +182,8 @@ pub struct Session {
     trusted: Option<VerifyingKey>,
     applied: Option<Arc<DesiredState>>,
     previous: Option<Arc<DesiredState>>,
+    received: u64,
+    rejected: Option<Rejection>,
     up: bool,
     offline_since_ms: Option<u64>,
     loss_windows: Vec<LossWindow>,
@@ -199,6 +207,8 @@ impl Session {
             trusted: None,
             applied: None,
             previous: None,
+            received: 0,
+            rejected: None,
             up: false,
             offline_since_ms: Some(now_ms),
             loss_windows: Vec::new(),
@@ -344,6 +354,8 @@ impl Session {
         if let (Some(doc), Some(key)) = (&r.current, self.trusted) {
             match doc.verify(&key) {
                 Ok(desired) => {
+                    // Verified and on disk: delivered, whatever happens next.
+                    self.received = self.received.max(desired.revision);
                     if let Err(reason) = self.policy.check(&desired) {
                         // The gateway's policy was tightened since: the
                         // stored document stays unapplied until the hub
@@ -438,7 +450,17 @@ impl Session {
         }]
     }
 
+    /// A desired document from the hub; a refusal is reported at once (with
+    /// [`ReportedState::rejected`]) so the hub learns fast.
     fn on_desired(&mut self, payload: &[u8], now_ms: u64) -> Vec<Output> {
+        let mut out = self.receive_desired(payload, now_ms);
+        if out.iter().any(|o| matches!(o, Output::Rejected { .. })) {
+            out.push(self.report(now_ms));
+        }
+        out
+    }
+
+    fn receive_desired(&mut self, payload: &[u8], now_ms: u64) -> Vec<Output> {
         if payload.is_empty() {
             return Vec::new(); // a cleared retained message
         }
@@ -492,6 +514,7 @@ impl Session {
         let revision = desired.revision;
         // Persist before acting: a restart re-applies this revision with no link.
         out.push(Output::PersistDesired(doc));
+        self.received = self.received.max(revision);
         out.push(self.apply(desired));
         Counters::add(&self.counters.desired_applied, 1);
         out.push(Output::Applied { revision });
@@ -520,6 +543,11 @@ impl Session {
 
     fn reject(&mut self, revision: Option<u64>, reason: String, now_ms: u64) -> Vec<Output> {
         Counters::add(&self.counters.desired_rejected, 1);
+        self.rejected = Some(Rejection {
+            revision,
+            reason: reason.clone(),
+            at_ms: now_ms,
+        });
         let event = self.event(
             EventKind::DesiredRejected { revision },
             reason.clone(),
@@ -544,6 +572,8 @@ impl Session {
         ReportedState {
             node: self.node.clone(),
             applied_revision: self.applied_revision(),
+            received_revision: self.received.max(self.applied_revision()),
+            rejected: self.rejected.clone(),
             offline_since_ms: self.offline_since_ms,
             counters: self.counters.snapshot(),
             loss_windows: self.loss_windows.clone(),

@@ -162,7 +162,18 @@ fn a_stale_revision_is_refused_and_the_applied_one_stays() {
         event(&out).kind,
         EventKind::DesiredRejected { revision: Some(6) }
     );
-    assert_eq!(out.len(), 2, "no persist or apply: {out:?}");
+    assert_eq!(out.len(), 3, "no persist or apply: {out:?}");
+    let rep = report(&out);
+    assert_eq!(rep.applied_revision, 7);
+    assert_eq!(rep.received_revision, 7);
+    assert_eq!(
+        rep.rejected,
+        Some(Rejection {
+            revision: Some(6),
+            reason: "stale revision 6 (applied 7)".into(),
+            at_ms: 40
+        })
+    );
     assert_eq!(s.applied_revision(), 7);
 }
 
@@ -192,7 +203,12 @@ fn forged_foreign_and_garbage_documents_are_refused() {
             event(&out).kind,
             EventKind::DesiredRejected { revision: rev }
         );
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 3, "rejection, event, report: {out:?}");
+        let rep = report(&out);
+        assert_eq!(rep.received_revision, 0, "nothing verified was received");
+        let rejected = rep.rejected.unwrap();
+        assert_eq!((rejected.revision, rejected.at_ms), (rev, 30));
+        assert!(rejected.reason.contains(why), "{rejected:?}");
     }
     assert_eq!(s.applied_revision(), 0);
     assert_eq!(counter(&s, "desired_rejected"), 4);
@@ -462,4 +478,33 @@ fn a_rejoined_node_refuses_documents_older_than_its_join_floor() {
             .any(|o| matches!(o, Output::Applied { revision: 5 })),
         "{out:?}"
     );
+}
+
+#[test]
+fn received_revision_is_reported_on_accept_and_after_restart() {
+    let hub = key(1);
+    let mut s = session(&hub);
+    assert_eq!(s.reported(1).received_revision, 0);
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 5, &hub), 30);
+    assert_eq!(report(&out).received_revision, 5);
+    assert_eq!(report(&out).rejected, None);
+    // A refusal later does not lower what was received.
+    let out = deliver(&mut s, DESIRED, &doc("n-1", 3, &hub), 40);
+    let rep = report(&out);
+    assert_eq!((rep.received_revision, rep.applied_revision), (5, 5));
+    assert_eq!(rep.rejected.unwrap().revision, Some(3));
+    // After a restart, the stored document counts as received.
+    let restored = Restored {
+        hub_key: Some(key_to_hex(&hub.verifying_key())),
+        current: Some(signed("n-1", 5, &hub)),
+        previous: None,
+        clean_stop: true,
+        last_commit_ms: None,
+        last_commit_lag_ms: 0,
+        loss_windows: Vec::new(),
+    };
+    let mut s = bare();
+    s.handle(Input::Restore(&restored), 100);
+    let rep = s.reported(110);
+    assert_eq!((rep.received_revision, rep.rejected), (5, None));
 }

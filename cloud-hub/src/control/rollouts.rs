@@ -29,6 +29,11 @@
 //! 4. persist the changed per-node progress, the status and baselines, and
 //!    make them durable with one commit.
 //!
+//! # One driver
+//! The loop assumes it is the only one driving rollouts: one standalone hub
+//! process. Several replicas sharing a store need a leader that alone runs
+//! it (the Kubernetes mode's job); two loops would both deliver.
+//!
 //! # Restart safety
 //! State is what was persisted in step 4. A hub killed between a publish
 //! and step 4 plans the same delivery again: the render is unchanged, so

@@ -6,6 +6,7 @@
 //!
 //! | method | path | body / answer |
 //! | --- | --- | --- |
+//! | GET | `/openapi.json` | the OpenAPI 3.1 document of every route here, generated from the code (public; `cloud_hub::openapi`; these types derive its schemas with the `openapi` feature) |
 //! | GET | `/v1/hub` | [`HubInfo`] |
 //! | GET | `/v1/nodes` | `Vec<`[`NodeView`]`>` |
 //! | GET | `/v1/nodes/{node}` | [`NodeView`] |

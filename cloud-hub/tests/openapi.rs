@@ -121,6 +121,59 @@ fn collect_refs(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Every (METHOD, path) the router's source registers: each `.route("…",
+/// …)` call of the three route files and the methods chained in it.
+fn registered() -> BTreeSet<(String, String)> {
+    let sources = [
+        include_str!("../src/api.rs"),
+        include_str!("../src/control/api.rs"),
+        include_str!("../src/control/rollout_api.rs"),
+    ];
+    let mut out = BTreeSet::new();
+    for src in sources {
+        for (at, _) in src.match_indices(".route(") {
+            let rest = &src[at + ".route(".len()..];
+            let rest = rest.trim_start().strip_prefix('"').unwrap();
+            let (path, rest) = rest.split_once('"').unwrap();
+            // The call's arguments: up to the parenthesis closing `.route(`.
+            let mut depth = 1;
+            let end = rest
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '(' => 1,
+                        ')' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .unwrap()
+                .0;
+            let args = &rest[..end];
+            for m in ["get", "put", "post", "delete", "patch"] {
+                let called = args.match_indices(&format!("{m}(")).any(|(i, _)| {
+                    i == 0 || !args[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_')
+                });
+                if called {
+                    out.insert((m.to_uppercase(), path.to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn routes_is_what_the_router_source_registers() {
+    let listed: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+        .collect();
+    let found = registered();
+    assert!(found.len() > 30, "{found:?}");
+    assert_eq!(found, listed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_lists_exactly_the_routes_the_router_serves() {
     let (_dir, hub) = start().await;

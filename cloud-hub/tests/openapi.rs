@@ -163,6 +163,51 @@ fn registered() -> BTreeSet<(String, String)> {
     out
 }
 
+/// One operation: its path parameters are exactly its `{…}` segments, it
+/// answers the error body, and its access is what the guard enforces.
+fn check_operation(doc: &Value, method: &str, path: &str) {
+    let op = &doc["paths"][path][method.to_lowercase()];
+    // Path parameters are exactly the {…} segments.
+    let segments: BTreeSet<&str> = path
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .collect();
+    let params = op["parameters"].as_array().cloned().unwrap_or_default();
+    let in_path: BTreeSet<&str> = params
+        .iter()
+        .filter(|p| p["in"] == "path")
+        .map(|p| {
+            assert_eq!(p["required"], true, "{method} {path}: {p}");
+            p["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(in_path, segments, "{method} {path}");
+    // The error body (the document itself cannot fail), and the access
+    // the guard enforces.
+    if path != "/openapi.json" {
+        assert_eq!(
+            op["responses"]["default"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ErrorBody",
+            "{method} {path}"
+        );
+    }
+    let access = op["description"].as_str().unwrap_or_default();
+    let security = op["security"].as_array().unwrap();
+    match required(method, path) {
+        Need::Public => {
+            assert!(access.contains("public"), "{method} {path}: {access}");
+            assert_eq!(security, &vec![serde_json::json!({})], "{method} {path}");
+        }
+        Need::Role(r) => {
+            let role = format!("{r:?}").to_lowercase();
+            assert!(access.contains(&role), "{method} {path}: {access}");
+            assert!(security[0].get("bearer").is_some(), "{method} {path}");
+        }
+        Need::Node => assert!(security[0].get("node_mtls").is_some(), "{method} {path}"),
+        Need::ArtifactRead => assert_eq!(security.len(), 2, "{method} {path}"),
+    }
+}
+
 #[test]
 fn routes_is_what_the_router_source_registers() {
     let listed: BTreeSet<(String, String)> = ROUTES
@@ -255,46 +300,7 @@ async fn parameters_schemas_access_and_errors_are_documented() {
     let error = &doc["components"]["schemas"]["ErrorBody"];
     assert!(error["properties"]["error"].is_object(), "{error}");
     for (method, path) in operations(&doc) {
-        let op = &doc["paths"][&path][method.to_lowercase()];
-        // Path parameters are exactly the {…} segments.
-        let segments: BTreeSet<&str> = path
-            .split('/')
-            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .collect();
-        let params = op["parameters"].as_array().cloned().unwrap_or_default();
-        let in_path: BTreeSet<&str> = params
-            .iter()
-            .filter(|p| p["in"] == "path")
-            .map(|p| {
-                assert_eq!(p["required"], true, "{method} {path}: {p}");
-                p["name"].as_str().unwrap()
-            })
-            .collect();
-        assert_eq!(in_path, segments, "{method} {path}");
-        // The error body (the document itself cannot fail), and the access
-        // the guard enforces.
-        if path != "/openapi.json" {
-            assert_eq!(
-                op["responses"]["default"]["content"]["application/json"]["schema"]["$ref"],
-                "#/components/schemas/ErrorBody",
-                "{method} {path}"
-            );
-        }
-        let access = op["description"].as_str().unwrap_or_default();
-        let security = op["security"].as_array().unwrap();
-        match required(&method, &path) {
-            Need::Public => {
-                assert!(access.contains("public"), "{method} {path}: {access}");
-                assert_eq!(security, &vec![serde_json::json!({})], "{method} {path}");
-            }
-            Need::Role(r) => {
-                let role = format!("{r:?}").to_lowercase();
-                assert!(access.contains(&role), "{method} {path}: {access}");
-                assert!(security[0].get("bearer").is_some(), "{method} {path}");
-            }
-            Need::Node => assert!(security[0].get("node_mtls").is_some(), "{method} {path}"),
-            Need::ArtifactRead => assert_eq!(security.len(), 2, "{method} {path}"),
-        }
+        check_operation(&doc, &method, &path);
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     assert_eq!(

@@ -3,6 +3,7 @@
 //! | method | path | what |
 //! | --- | --- | --- |
 //! | GET | `/healthz` | liveness |
+//! | GET | `/openapi.json` | the OpenAPI 3.1 document of this API, generated from the code ([`crate::openapi`]); public |
 //! | GET | `/readyz` | 200 once the MQTT session is subscribed and desired state republished, else 503 |
 //! | GET | `/metrics` | Prometheus text |
 //! | GET | `/v1/hub` | hub public key and topic root |
@@ -30,7 +31,7 @@
 //! refused 409 naming the deployments: deployments own the nodes they
 //! select ([`crate::control`]).
 //!
-//! Every route but `/healthz`, `/readyz` and `/v1/join` needs a credential
+//! Every route but `/healthz`, `/readyz`, `/openapi.json` and `/v1/join` needs a credential
 //! ([`crate::auth`]): none, unknown, expired or revoked → 401; a credential
 //! without the role → 403. Every PUT/POST/DELETE that reaches a route is
 //! audited ([`crate::audit`]), refused ones included.
@@ -66,7 +67,8 @@ use crate::sink::StreamStats;
 /// Builds the router.
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(crate::openapi::serve))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/hub", get(hub_info))
@@ -93,6 +95,34 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(hub.clone(), guard))
         .with_state(hub)
 }
+
+/// The OpenAPI description of the routes of [`router`] defined here.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    healthz,
+    readyz,
+    metrics,
+    hub_info,
+    list_nodes,
+    get_node,
+    put_desired,
+    streams,
+    samples,
+    events,
+    bootstrap,
+    revoke,
+    create_token,
+    list_tokens,
+    delete_token,
+    join,
+    renew,
+    audit,
+    delete_artifact,
+    gc_artifacts,
+    put_artifact,
+    get_artifact
+))]
+pub(crate) struct ApiDoc;
 
 /// Authenticates and authorizes every routed request, and audits changes.
 async fn guard(State(hub): State<Arc<Hub>>, mut req: Request, next: Next) -> Response {
@@ -243,6 +273,12 @@ fn checked_name(what: &str, name: &str) -> Result<(), ApiError> {
     c.finish().map_err(|e| ApiError::bad(e.to_string()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    request_body = TokenRequest,
+    responses((status = 200, description = "the token; its secret is shown only here", body = TokenIssued), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn create_token(
     State(hub): State<Arc<Hub>>,
     body: Result<Json<TokenRequest>, axum::extract::rejection::JsonRejection>,
@@ -263,10 +299,21 @@ async fn create_token(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    responses((status = 200, description = "every token, without secrets", body = Vec<TokenView>), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn list_tokens(State(hub): State<Arc<Hub>>) -> Json<Vec<TokenView>> {
     Json(hub.auth.list())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    params(("id" = String, Path, description = "the `id` path segment")),
+    responses((status = 204, description = "deleted"), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn delete_token(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
@@ -281,6 +328,12 @@ async fn delete_token(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/bootstrap",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    responses((status = 200, description = "a one-time join token", body = BootstrapIssued), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn bootstrap(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -297,6 +350,12 @@ async fn bootstrap(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{node}/revoke",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    responses((status = 200, description = "`{node, revoked: true}`", body = serde_json::Value), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn revoke(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -309,6 +368,12 @@ async fn revoke(
     Ok(Json(serde_json::json!({"node": node, "revoked": true})))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/join",
+    request_body = JoinRequest,
+    responses((status = 200, description = "node certificate, CA, hub key", body = JoinAnswer), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn join(
     State(hub): State<Arc<Hub>>,
     body: Result<Json<JoinRequest>, axum::extract::rejection::JsonRejection>,
@@ -355,6 +420,12 @@ async fn join(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/renew",
+    request_body = RenewRequest,
+    responses((status = 200, description = "a new certificate", body = RenewAnswer), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn renew(
     State(hub): State<Arc<Hub>>,
     Extension(principal): Extension<Principal>,
@@ -382,11 +453,19 @@ async fn renew(
     Ok(Json(RenewAnswer { cert_pem }))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
+    /// At most this many records (default 100, 1..=10000).
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    params(AuditQuery),
+    responses((status = 200, description = "newest audit records", body = Vec<AuditRecord>), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn audit(
     State(hub): State<Arc<Hub>>,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
@@ -439,6 +518,20 @@ impl From<NodeTelemetry> for NodeTelemetryView {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    responses((status = 200, description = "alive", body = String, content_type = "text/plain"), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses((status = 200, description = "ready", body = String, content_type = "text/plain"), (status = 503, description = "not ready", body = String, content_type = "text/plain"), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, &'static str) {
     if hub.mqtt_ready() {
         (StatusCode::OK, "ready")
@@ -450,10 +543,20 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, &'static str) {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    responses((status = 200, description = "Prometheus text", body = String, content_type = "text/plain"), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn metrics(State(hub): State<Arc<Hub>>) -> String {
     hub.metrics.render()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/hub",
+    responses((status = 200, description = "hub public key and topic root", body = HubInfo), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn hub_info(State(hub): State<Arc<Hub>>) -> Json<HubInfo> {
     Json(HubInfo {
         public_key: protocols::signing::key_to_hex(&hub.key.verifying_key()),
@@ -471,6 +574,11 @@ fn view(hub: &Hub, node: String, rec: crate::registry::NodeRecord) -> NodeView {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    responses((status = 200, description = "every node", body = Vec<NodeView>), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn list_nodes(State(hub): State<Arc<Hub>>) -> Result<Json<Vec<NodeView>>, ApiError> {
     let all = hub.registry.all().map_err(ApiError::internal)?;
     Ok(Json(
@@ -478,6 +586,12 @@ async fn list_nodes(State(hub): State<Arc<Hub>>) -> Result<Json<Vec<NodeView>>, 
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    responses((status = 200, description = "one node", body = NodeView), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn get_node(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -512,6 +626,13 @@ fn decode_put_desired(body: &[u8]) -> Result<protocols::DesiredState, String> {
     Ok(d)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/nodes/{node}/desired",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    request_body = protocols::DesiredState,
+    responses((status = 200, description = "accepted: the signed revision", body = serde_json::Value), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn put_desired(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -583,6 +704,12 @@ pub(crate) fn grant_after_publish(
     hub.auth.grant_artifacts(node, &grant)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}/streams",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    responses((status = 200, description = "per-stream watermark, duplicates, drops", body = BTreeMap<String, StreamStats>), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn streams(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -590,6 +717,12 @@ async fn streams(
     Json(hub.sink.streams(&node))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}/streams/{stream}/samples",
+    params(("node" = String, Path, description = "the `node` path segment"), ("stream" = String, Path, description = "the `stream` path segment"), SampleQuery),
+    responses((status = 200, description = "stored samples", body = SamplePage), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn samples(
     State(hub): State<Arc<Hub>>,
     Path((node, stream)): Path<(String, String)>,
@@ -618,6 +751,12 @@ async fn samples(
     Ok(Json(SamplePage { samples, next_seq }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}/events",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    responses((status = 200, description = "the most recent events", body = Vec<Event>), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn events(State(hub): State<Arc<Hub>>, Path(node): Path<String>) -> Json<Vec<Event>> {
     Json(hub.events.recent(&node))
 }
@@ -647,6 +786,12 @@ where
         .with_state(store)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/artifacts",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "stored (idempotent)", body = ArtifactInfo), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn put_artifact(
     State(store): State<Arc<ArtifactStore>>,
     principal: Option<Extension<Principal>>,
@@ -669,6 +814,12 @@ async fn put_artifact(
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/artifacts/{sha256}",
+    params(("sha256" = String, Path, description = "the `sha256` path segment")),
+    responses((status = 204, description = "deleted"), (status = 409, description = "a desired state references it", body = ErrorBody), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn delete_artifact(
     State(hub): State<Arc<Hub>>,
     Path(sha256): Path<String>,
@@ -683,6 +834,11 @@ async fn delete_artifact(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/artifacts/gc",
+    responses((status = 200, description = "`{deleted: [...]}`", body = serde_json::Value), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn gc_artifacts(State(hub): State<Arc<Hub>>) -> Result<Json<serde_json::Value>, ApiError> {
     let referenced = referenced_artifacts(&hub)?;
     let store = hub.artifacts.clone();
@@ -703,6 +859,12 @@ fn referenced_artifacts(hub: &Hub) -> Result<std::collections::BTreeSet<String>,
     Ok(out)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/artifacts/{sha256}",
+    params(("sha256" = String, Path, description = "the `sha256` path segment"), ("Range" = Option<String>, Header, description = "`bytes=N-` or `bytes=N-M`")),
+    responses((status = 200, description = "the blob", body = Vec<u8>, content_type = "application/octet-stream"), (status = 206, description = "the requested range, with `Content-Range`", body = Vec<u8>, content_type = "application/octet-stream"), (status = "default", description = "an error naming the field", body = ErrorBody))
+)]
 async fn get_artifact(
     State(store): State<Arc<ArtifactStore>>,
     Path(sha256): Path<String>,

@@ -96,7 +96,7 @@ impl std::fmt::Display for Principal {
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// Anyone (health, readiness, join).
+    /// Anyone (health, readiness, join, the OpenAPI document).
     Public,
     /// An operator token with at least this role.
     Role(Role),
@@ -110,7 +110,7 @@ pub enum Need {
 /// What `method` on the route pattern `route` needs.
 pub fn required(method: &str, route: &str) -> Need {
     match (method, route) {
-        ("GET", "/healthz" | "/readyz") | ("POST", "/v1/join") => Need::Public,
+        ("GET", "/healthz" | "/readyz" | "/openapi.json") | ("POST", "/v1/join") => Need::Public,
         ("POST", "/v1/renew") => Need::Node,
         ("GET", "/v1/artifacts/{sha256}") => Need::ArtifactRead,
         ("GET", "/v1/tokens" | "/v1/audit")
@@ -439,6 +439,7 @@ mod tests {
     fn the_route_policy() {
         assert_eq!(required("GET", "/healthz"), Need::Public);
         assert_eq!(required("POST", "/v1/join"), Need::Public);
+        assert_eq!(required("GET", "/openapi.json"), Need::Public);
         assert_eq!(required("GET", "/v1/nodes"), Need::Role(Role::Viewer));
         assert_eq!(
             required("PUT", "/v1/nodes/{node}/desired"),

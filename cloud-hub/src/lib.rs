@@ -29,6 +29,7 @@ pub mod hub;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;
+pub mod openapi;
 pub mod registry;
 pub mod session;
 pub mod sink;

@@ -20,6 +20,7 @@ use crate::signing::{SigningKey, VerifyingKey};
 /// durable. Acks are cumulative and idempotent: an older ack arriving late
 /// changes nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Ack {
     /// Stream name.
@@ -30,6 +31,7 @@ pub struct Ack {
 
 /// What the hub signs: an [`Ack`] bound to the node it is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AckClaim {
     /// The node whose outbox the ack is for.
@@ -42,6 +44,7 @@ pub struct AckClaim {
 
 /// An ack as published on a node's `ack` topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignedAck {
     /// The [`AckClaim`] as JSON text. Signed byte for byte.

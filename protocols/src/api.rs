@@ -6,6 +6,7 @@
 //!
 //! | method | path | body / answer |
 //! | --- | --- | --- |
+//! | GET | `/openapi.json` | the OpenAPI 3.1 document of every route here, generated from the code (public; `cloud_hub::openapi`; these types derive its schemas with the `openapi` feature) |
 //! | GET | `/v1/hub` | [`HubInfo`] |
 //! | GET | `/v1/nodes` | `Vec<`[`NodeView`]`>` |
 //! | GET | `/v1/nodes/{node}` | [`NodeView`] |
@@ -44,6 +45,7 @@ use crate::{NodeStatus, Quality, ReportedState, Sample};
 
 /// What `GET /v1/hub` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HubInfo {
     /// The hub's Ed25519 public key (hex), which nodes pin.
     pub public_key: String,
@@ -53,6 +55,7 @@ pub struct HubInfo {
 
 /// One node as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeView {
     /// Node name.
     pub node: String,
@@ -68,6 +71,7 @@ pub struct NodeView {
 
 /// A node's telemetry counters since the hub started.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeTelemetryView {
     /// Batches received.
     pub batches: u64,
@@ -81,6 +85,7 @@ pub struct NodeTelemetryView {
 
 /// What `PUT /v1/nodes/{node}/desired` answers when the document was taken.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredAccepted {
     /// The node it is for.
     pub node: String,
@@ -90,6 +95,7 @@ pub struct DesiredAccepted {
 
 /// Counters and watermark of one (node, stream).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StreamStats {
     /// Every sequence number up to here is stored or declared dropped.
     pub contiguous: u64,
@@ -114,6 +120,7 @@ pub struct StreamStats {
 
 /// A stored sample with its sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StoredSample {
     /// Sequence number.
     pub seq: u64,
@@ -141,6 +148,7 @@ impl StoredSample {
 
 /// Query of `/samples`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema, utoipa::IntoParams), into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct SampleQuery {
     /// First sequence number (default 1).
@@ -167,6 +175,7 @@ impl SampleQuery {
 
 /// Response of `/samples`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SamplePage {
     /// The samples, in sequence order.
     pub samples: Vec<StoredSample>,
@@ -176,6 +185,7 @@ pub struct SamplePage {
 
 /// What `PUT /v1/artifacts` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactInfo {
     /// sha256 of the bytes, lower-case hex.
     pub sha256: String,
@@ -185,6 +195,7 @@ pub struct ArtifactInfo {
 
 /// Every error answer of the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// What was wrong; names the offending field where there is one.
     pub error: String,
@@ -192,6 +203,7 @@ pub struct ErrorBody {
 
 /// What an operator token may do (each role includes the ones before it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read (GET) every operator route.
@@ -204,6 +216,7 @@ pub enum Role {
 
 /// An operator token as the hub lists it (never with its secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenView {
     /// Id (the part before the `.` of the bearer string).
     pub id: String,
@@ -219,6 +232,7 @@ pub struct TokenView {
 
 /// `POST /v1/tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// Name (1..=64 characters of `[A-Za-z0-9_.-]`).
@@ -232,6 +246,7 @@ pub struct TokenRequest {
 
 /// What `POST /v1/tokens` answers: the secret, this once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenIssued {
     /// The stored token.
     pub token: TokenView,
@@ -241,6 +256,7 @@ pub struct TokenIssued {
 
 /// What `POST /v1/nodes/{node}/bootstrap` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BootstrapIssued {
     /// The node it admits.
     pub node: String,
@@ -252,6 +268,7 @@ pub struct BootstrapIssued {
 
 /// `POST /v1/join`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     /// The join token.
@@ -262,6 +279,7 @@ pub struct JoinRequest {
 
 /// What `POST /v1/join` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JoinAnswer {
     /// The node's name (the certificate's CN).
     pub node: String,
@@ -282,6 +300,7 @@ pub struct JoinAnswer {
 
 /// `POST /v1/renew`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// CSR (PEM) of the node's (new or current) key.
@@ -290,6 +309,7 @@ pub struct RenewRequest {
 
 /// What `POST /v1/renew` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RenewAnswer {
     /// The new client certificate (PEM).
     pub cert_pem: String,
@@ -297,6 +317,7 @@ pub struct RenewAnswer {
 
 /// One entry of the audit log (`GET /v1/audit`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditRecord {
     /// Sequence number (increasing).
     pub seq: u64,

@@ -95,6 +95,7 @@ pub fn decode_desired(bytes: &[u8]) -> Result<DesiredState, CodecError> {
 }
 
 #[derive(Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct WireBatch<'a> {
     stream: &'a str,
     first_seq: u64,

@@ -16,6 +16,7 @@ use crate::validate::{Collector, Path, ValidationErrors, check_name};
 
 /// Everything an edge node should run, at one revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DesiredState {
     /// The node this document is for.
@@ -38,6 +39,7 @@ pub struct DesiredState {
 
 /// A WASM device function to run on the node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FunctionSpec {
     /// Unique per node.
@@ -66,6 +68,7 @@ pub struct FunctionSpec {
 
 /// Per-instance resource limits of a device function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct FunctionLimits {
     /// Linear memory cap in bytes.
@@ -89,6 +92,7 @@ impl Default for FunctionLimits {
 
 /// A model blob named by digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelRef {
     /// Name functions use to read it.
@@ -101,6 +105,7 @@ pub struct ModelRef {
 
 /// Node-wide settings that travel with desired state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// Largest telemetry batch, in samples.

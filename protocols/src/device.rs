@@ -13,6 +13,7 @@ use crate::validate::{Collector, Path, check_name};
 
 /// A device attached to an edge node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Device {
     /// Unique per node; `[A-Za-z0-9._-]{1,64}`.
@@ -25,6 +26,7 @@ pub struct Device {
 
 /// Transport and addressing of a device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum DeviceProtocol {
     /// Modbus TCP.
@@ -136,6 +138,7 @@ fn default_mqtt_qos() -> u8 {
 /// (a value printed with enough digits, e.g. Rust's or JavaScript's shortest
 /// round-trip form, arrives as the same `f64`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MqttDevicePayload {
     /// Device timestamp, ms since the Unix epoch.
@@ -157,6 +160,7 @@ fn default_baud() -> u32 {
 
 /// OPC UA message security.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum OpcUaSecurity {
     /// No signing, no encryption.
@@ -170,6 +174,7 @@ pub enum OpcUaSecurity {
 
 /// Points sampled together at one interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PointGroup {
     /// Group name, unique within the device.
@@ -182,6 +187,7 @@ pub struct PointGroup {
 
 /// One measured value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Point {
     /// Node-wide point number used in telemetry; unique per node.
@@ -210,6 +216,7 @@ fn one() -> f64 {
 
 /// Low and high engineering limits.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EngineeringRange {
     /// Lower limit.
@@ -220,6 +227,7 @@ pub struct EngineeringRange {
 
 /// Where a point's raw value lives on its device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum PointAddress {
     /// A Modbus coil/discrete input/register range.
@@ -262,6 +270,7 @@ pub enum PointAddress {
 
 /// Modbus data tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum ModbusTable {
     /// Read/write single bits (function 1).
@@ -283,6 +292,7 @@ impl ModbusTable {
 
 /// Value encodings of Modbus registers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DataType {
     /// One bit (coils, discrete inputs) or a register that is non-zero.
@@ -317,6 +327,7 @@ impl DataType {
 
 /// Byte order inside a 16-bit register.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum ByteOrder {
     /// High byte first (the Modbus standard).
@@ -328,6 +339,7 @@ pub enum ByteOrder {
 
 /// Register order of multi-register values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum WordOrder {
     /// Most significant register first.
@@ -339,6 +351,7 @@ pub enum WordOrder {
 
 /// Synthetic signal shapes (seeded, reproducible).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "shape", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Signal {
     /// `offset + amplitude · sin(2π t / period)` plus uniform noise of ±`noise`.

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// Published (QoS 1, not retained) on the node's `events` topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Event {
     /// The node.
@@ -18,6 +19,7 @@ pub struct Event {
 
 /// Kinds of events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum EventKind {
     /// A desired-state document was refused (stale, unsigned, invalid).

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// Published retained on the node's `reported` topic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReportedState {
     /// The node.
@@ -53,6 +54,7 @@ pub struct ReportedState {
 
 /// A desired document the node refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Rejection {
     /// The revision it claimed, if it could be read.
@@ -67,6 +69,7 @@ pub struct Rejection {
 /// A time range in which samples may have been lost because the agent
 /// stopped without a clean shutdown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LossWindow {
     /// Samples timestamped at or after this (ms since epoch) and not yet
@@ -79,6 +82,7 @@ pub struct LossWindow {
 
 /// Status of one device function.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FunctionStatus {
     /// sha256 of the module running.
@@ -100,6 +104,7 @@ pub struct FunctionStatus {
 
 /// A node-level rollback of one function.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FunctionRollback {
     /// The desired module that failed.
@@ -118,6 +123,7 @@ pub struct FunctionRollback {
 /// since these documents are `deny_unknown_fields`): a new state is a
 /// protocol change, not something to guess at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum FunctionState {
     /// An instance of the function is live and takes input (while a new
@@ -137,6 +143,7 @@ pub enum FunctionState {
 
 /// Status of one device connection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DeviceStatus {
     /// Whether the driver is connected.
@@ -157,6 +164,7 @@ pub struct DeviceStatus {
 
 /// Outbox backlog.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Backlog {
     /// Samples not yet acknowledged.

@@ -15,6 +15,7 @@ use crate::desired::DesiredState;
 
 /// A desired-state document with its signature, as published on `desired`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignedDesired {
     /// The desired state, as JSON text. Signed byte for byte.
@@ -116,6 +117,7 @@ impl SignedDesired {
     /// about refused documents).
     pub fn claimed_revision(&self) -> Option<u64> {
         #[derive(Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         struct Rev {
             revision: u64,
         }

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// Whether a node's agent is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     /// Connected.
@@ -14,6 +15,7 @@ pub enum NodeState {
 
 /// Published retained on the node's `status` topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NodeStatus {
     /// The node.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// `0` is good; `0x40..=0x7f` uncertain; `0x80..` bad. The low bits carry a
 /// reason so drivers can say why a value is bad without strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct Quality(pub u8);
 
@@ -49,6 +50,7 @@ impl Quality {
 
 /// One sample of one point.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Sample {
     /// Node-wide point index ([`crate::device::Point::index`]).
     pub point: u32,
@@ -62,6 +64,7 @@ pub struct Sample {
 
 /// Consecutive samples of one stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TelemetryBatch {
     /// Stream name (a topic-safe name, see [`crate::validate::check_name`]).
     pub stream: String,

@@ -50,12 +50,38 @@ pub fn routes() -> Router<Arc<Hub>> {
         .merge(super::rollout_api::routes())
 }
 
+/// The OpenAPI description of [`routes`] (but the rollout routes).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(
+    put_labels,
+    get_rendered,
+    list_deployments,
+    get_deployment,
+    put_deployment,
+    delete_deployment
+))]
+pub(crate) struct ControlDoc;
+
+/// The body of `PUT /v1/deployments/{name}` (documentation only: the
+/// handler decodes the [`Deployment`] and the rollout itself). `name` may
+/// be left out but, if present, must be the one in the path.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentPut {
+    /// The deployment.
+    #[serde(flatten)]
+    pub deployment: Deployment,
+    /// Roll the new revision out in waves (absent: apply to every node at
+    /// once). `deployment` and `revision` are set by the hub: leave them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<protocols::control::RolloutSpec>,
+}
+
 /// The answer of a change: every node it affected and, for a put, the
 /// deployment's revision and the rollout it started.
 pub type ChangeAnswer = Applied;
 
 /// `GET /v1/nodes/{node}/rendered`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RenderedView {
     /// Labels, annotations, paused.
     pub node: Node,
@@ -115,6 +141,13 @@ pub(crate) fn invalid(hub: &Hub, e: &protocols::validate::ValidationErrors) -> A
     ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/nodes/{node}/labels",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    request_body = Node,
+    responses((status = 200, description = "every node the change affected", body = ChangeAnswer), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn put_labels(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -128,6 +161,12 @@ async fn put_labels(
     Ok(Json(answer))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{node}/rendered",
+    params(("node" = String, Path, description = "the `node` path segment")),
+    responses((status = 200, description = "labels and what was last rendered", body = RenderedView), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn get_rendered(
     State(hub): State<Arc<Hub>>,
     Path(node): Path<String>,
@@ -146,11 +185,22 @@ async fn get_rendered(
     Ok(Json(RenderedView { node: n, rendered }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/deployments",
+    responses((status = 200, description = "every deployment", body = Vec<Deployment>), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn list_deployments(State(hub): State<Arc<Hub>>) -> Result<Json<Vec<Deployment>>, ApiError> {
     let all = hub.control.deployments().map_err(ApiError::internal)?;
     Ok(Json(all.into_values().collect()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/deployments/{name}",
+    params(("name" = String, Path, description = "the `name` path segment")),
+    responses((status = 200, description = "one deployment", body = Deployment), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn get_deployment(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
@@ -167,6 +217,13 @@ async fn get_deployment(
         })
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/deployments/{name}",
+    params(("name" = String, Path, description = "the `name` path segment")),
+    request_body = DeploymentPut,
+    responses((status = 200, description = "the affected nodes, the new revision and the rollout it started", body = ChangeAnswer), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn put_deployment(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
@@ -200,6 +257,12 @@ async fn put_deployment(
     Ok(Json(answer))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/deployments/{name}",
+    params(("name" = String, Path, description = "the `name` path segment")),
+    responses((status = 200, description = "every node the change affected", body = ChangeAnswer), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn delete_deployment(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,

@@ -128,7 +128,7 @@ pub struct Plan {
 }
 
 /// What a change did to one node.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct NodeOutcome {
     /// The node.
     pub node: String,
@@ -302,7 +302,9 @@ pub fn plan(
 }
 
 /// What a change did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct Applied {
     /// Every affected node.
     pub nodes: Vec<NodeOutcome>,

@@ -35,6 +35,11 @@ use crate::metrics::Metrics;
 /// Most per-node entries one `GET …/nodes` answers.
 pub const MAX_NODES_PAGE: usize = 10_000;
 
+/// The OpenAPI description of [`routes`].
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(list, one, nodes, watch, operator, history, undo))]
+pub(crate) struct RolloutDoc;
+
 /// The rollout routes.
 pub fn routes() -> Router<Arc<Hub>> {
     Router::new()
@@ -79,7 +84,7 @@ pub(crate) fn decode_spec(
 }
 
 /// One line of `GET /v1/rollouts`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutSummary {
     /// `{deployment}-r{revision}`.
     pub id: String,
@@ -99,6 +104,11 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("id: no rollout {id:?}"))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts",
+    responses((status = 200, description = "every rollout", body = Vec<RolloutSummary>), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn list(State(hub): State<Arc<Hub>>) -> Result<Json<Vec<RolloutSummary>>, ApiError> {
     let all = hub.control.rollouts().map_err(ApiError::internal)?;
     Ok(Json(
@@ -115,6 +125,12 @@ async fn list(State(hub): State<Arc<Hub>>) -> Result<Json<Vec<RolloutSummary>>, 
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts/{id}",
+    params(("id" = String, Path, description = "the `id` path segment")),
+    responses((status = 200, description = "one rollout", body = RolloutRecord), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn one(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
@@ -127,7 +143,8 @@ async fn one(
 }
 
 /// Query of `GET /v1/rollouts/{id}/nodes`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct NodesQuery {
     /// Only nodes in this state (`pending`, `delivering`, …, `failed`).
@@ -139,7 +156,7 @@ pub struct NodesQuery {
 }
 
 /// One node of `GET /v1/rollouts/{id}/nodes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeEntry {
     /// The node.
     pub node: String,
@@ -148,6 +165,12 @@ pub struct NodeEntry {
     pub progress: NodeProgress,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts/{id}/nodes",
+    params(("id" = String, Path, description = "the `id` path segment"), NodesQuery),
+    responses((status = 200, description = "per-node progress", body = Vec<NodeEntry>), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn nodes(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
@@ -180,6 +203,12 @@ async fn nodes(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/rollouts/{id}/{command}",
+    params(("id" = String, Path, description = "the `id` path segment"), ("command" = String, Path, description = "`pause`, `resume` or `cancel`")),
+    responses((status = 200, description = "the rollout after the command", body = RolloutRecord), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn operator(
     State(hub): State<Arc<Hub>>,
     Path((id, command)): Path<(String, String)>,
@@ -201,6 +230,12 @@ async fn operator(
         .map_err(|e| change_error(&hub, &e))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/rollouts/{id}/watch",
+    params(("id" = String, Path, description = "the `id` path segment")),
+    responses((status = 200, description = "server-sent events: the rollout status on every change, until it ends", body = String, content_type = "text/event-stream"), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn watch(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
@@ -246,7 +281,7 @@ fn event(r: &RolloutRecord) -> Event {
 }
 
 /// One revision in `GET /v1/deployments/{name}/history`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     /// The revision.
     pub revision: u64,
@@ -265,6 +300,12 @@ pub struct HistoryEntry {
     pub stable: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/deployments/{name}/history",
+    params(("name" = String, Path, description = "the `name` path segment")),
+    responses((status = 200, description = "every stored revision", body = Vec<HistoryEntry>), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn history(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,
@@ -303,7 +344,7 @@ async fn history(
 }
 
 /// Body of `POST /v1/deployments/{name}/undo` (all optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UndoRequest {
     /// The revision whose content to re-issue (default: the one before the
@@ -318,6 +359,13 @@ pub struct UndoRequest {
     pub immediate: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/deployments/{name}/undo",
+    params(("name" = String, Path, description = "the `name` path segment")),
+    request_body = UndoRequest,
+    responses((status = 200, description = "the re-issued revision and its rollout", body = ChangeAnswer), (status = "default", description = "an error naming the field", body = protocols::api::ErrorBody))
+)]
 async fn undo(
     State(hub): State<Arc<Hub>>,
     Path(name): Path<String>,

@@ -37,7 +37,7 @@ pub enum StoreError {
 }
 
 /// What was last rendered and published to one node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RenderedRecord {
     /// Content digest of the published render ([`protocols::control::Rendered::digest`]).
     pub digest: String,
@@ -51,7 +51,7 @@ pub struct RenderedRecord {
 }
 
 /// Revision bookkeeping of one deployment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeploymentMeta {
     /// The latest revision (what `GET /v1/deployments/{name}` shows).
     pub revision: u64,
@@ -66,7 +66,7 @@ pub struct DeploymentMeta {
 }
 
 /// One stored revision of a deployment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevisionRecord {
     /// The revision number, from 1.
     pub revision: u64,
@@ -84,7 +84,7 @@ pub struct RevisionRecord {
 
 /// Which revision of one deployment one node renders, when a rollout
 /// decided it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Pin {
     /// The revision rendered for the node (0: the deployment gives it
     /// nothing).
@@ -96,7 +96,7 @@ pub struct Pin {
 
 /// One rollout as stored: what was asked and where it stands. Per-node
 /// progress is stored per node beside it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutRecord {
     /// `{deployment}-r{revision}`.
     pub id: String,

@@ -21,6 +21,7 @@ pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1_000_000..=1_000_000
 /// A named group of desired-state items, sent to every node its selector
 /// matches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Deployment {
     /// Unique at the hub; `[A-Za-z0-9._-]{1,64}`.
@@ -38,6 +39,7 @@ pub struct Deployment {
 
 /// A fragment of desired state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Template {
     /// Functions, by name.
@@ -57,6 +59,7 @@ pub struct Template {
 /// Node-config overrides: each `Some` field is one item of the merge, keyed
 /// by its field name; unset keys keep [`NodeConfig::default`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfigPatch {
     /// Overrides [`NodeConfig::batch_max_samples`].

@@ -8,6 +8,7 @@ use crate::reported::FunctionState;
 
 /// The outcome of judging one node.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "verdict", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HealthVerdict {
     /// Every check passed.

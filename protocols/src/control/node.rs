@@ -20,6 +20,7 @@ pub const MAX_NODE_LABELS: usize = 64;
 
 /// An edge node registered at the hub.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     /// The node's name (its MQTT topic level).
@@ -72,6 +73,7 @@ impl Node {
 /// What the hub knows about a node's health, derived from what it reported.
 /// This is what health gates judge and what the planner reads.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NodeView {
     /// The node.
@@ -111,6 +113,7 @@ pub struct NodeView {
 
 /// One function's health in a [`NodeView`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FunctionHealth {
     /// sha256 of the module running.

@@ -46,6 +46,7 @@ use super::rollout::{
 
 /// What the planner asks the hub to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
     /// Start wave `wave` with the next `size` nodes (in name order).
@@ -110,6 +111,7 @@ pub enum Action {
 
 /// What the hub learned about a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "observed", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Observation {
     /// The node acknowledged the delivered revision.
@@ -159,6 +161,7 @@ pub enum Observation {
 /// `resume`, `cancel`) serde cannot refuse them (internally tagged unit
 /// variants), so the REST layer should check the body has only `command`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// Stop sending until resumed.

@@ -32,6 +32,7 @@ use crate::validate::{FieldError, ValidationErrors};
 
 /// One node's merged content.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Rendered {
     /// Functions, sorted by name.
     pub functions: Vec<FunctionSpec>,

@@ -36,6 +36,7 @@ pub const MAX_ABORT_CRITERIA: usize = 8;
 
 /// One rollout of a deployment revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
     /// The deployment being rolled out.
@@ -89,6 +90,7 @@ fn default_abort() -> Vec<AbortCriterion> {
 
 /// How the rollout grows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Strategy {
     /// Fixed waves; each entry is the cumulative share of the targeted nodes
@@ -115,6 +117,7 @@ pub enum Strategy {
 
 /// The cumulative size of a wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum WaveSize {
     /// This many nodes in all (at most every node).
@@ -140,6 +143,7 @@ impl WaveSize {
 /// What a node must show after applying to count as healthy. Judged by
 /// [`super::gate::judge`] after `bake_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthGate {
     /// How long a node runs the revision before it is judged.
@@ -170,6 +174,7 @@ impl Default for HealthGate {
 
 /// Why a node failed its part of a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// The node refused or could not apply the revision.
@@ -185,6 +190,7 @@ pub enum FailureKind {
 
 /// Abort the rollout once this share of executed nodes failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AbortCriterion {
     /// Count only failures of this kind (absent: every kind).
@@ -198,6 +204,7 @@ pub struct AbortCriterion {
 
 /// What an abort does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnAbort {
     /// Stop sending; reached nodes keep what they have (phase `failed`).
@@ -211,6 +218,7 @@ pub enum OnAbort {
 /// What happens to a node that is offline (or never acknowledges) when its
 /// turn comes. Offline never counts as failed unless this says `fail`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OfflinePolicy {
     /// Mark it skipped and move on; deliver when it comes back (even after
@@ -228,6 +236,7 @@ pub enum OfflinePolicy {
 
 /// Where a rollout stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutPhase {
     /// Waves are running.
@@ -262,6 +271,7 @@ impl RolloutPhase {
 
 /// The bounded summary of a rollout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RolloutStatus {
     /// Where it stands.
@@ -296,6 +306,7 @@ pub struct RolloutStatus {
 /// nodes that reached that point in this rollout; the others count nodes in
 /// that state now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutCounts {
     /// Nodes the rollout covers.
@@ -322,6 +333,7 @@ pub struct RolloutCounts {
 
 /// Failed nodes by [`FailureKind`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct FailureCounts {
     /// [`FailureKind::ApplyFailed`].
@@ -393,6 +405,7 @@ impl RolloutCounts {
 
 /// One failure, as kept in the status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct FailureRecord {
     /// The node.
@@ -411,6 +424,7 @@ pub type RolloutProgress = BTreeMap<String, NodeProgress>;
 
 /// Where one node stands in a rollout.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NodeProgress {
     /// The wave the node belongs to (`None`: not reached yet).
@@ -441,6 +455,7 @@ pub struct NodeProgress {
 
 /// The state of one node in a rollout.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NodeRolloutState {
     /// Not sent yet.

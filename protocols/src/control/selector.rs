@@ -26,6 +26,7 @@ use crate::validate::{Collector, Path, ValidationErrors};
 
 /// Which nodes a deployment targets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LabelSelector {
     /// Labels that must be present with exactly these values.
@@ -38,6 +39,7 @@ pub struct LabelSelector {
 
 /// One `match_expressions` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SelectorRequirement {
     /// The label key.
@@ -54,6 +56,7 @@ pub struct SelectorRequirement {
 /// `does-not-exist`; the Kubernetes spellings (`In`, `NotIn`, `Exists`,
 /// `DoesNotExist`) are accepted too, so a CRD's selector decodes unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum SelectorOperator {
     /// The value is one of `values`.

@@ -209,12 +209,15 @@ async fn get_deployment(
         .deployment(&name)
         .map_err(ApiError::internal)?
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("name: no deployment {name:?}"),
-            )
-        })
+        .ok_or_else(|| no_deployment(&name))
+}
+
+/// 404 naming the deployment that does not exist.
+pub(crate) fn no_deployment(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("name: no deployment {name:?}"),
+    )
 }
 
 #[utoipa::path(

@@ -420,7 +420,7 @@ pub async fn apply(hub: &Hub, change: Change) -> Result<Applied, ChangeError> {
             out.rollout = id;
         }
         Change::DeleteDeployment(name) => {
-            super::rollouts::cancel_for(hub, name, "the deployment was deleted")?;
+            super::rollouts::cancel_for(hub, name)?;
             hub.control.delete_deployment(name)?;
             hub.control.forget_deployment(name)?;
         }

@@ -24,7 +24,7 @@ use futures::Stream;
 use protocols::control::{Command, NodeProgress, NodeRolloutState, RolloutPhase, RolloutSpec};
 use serde::{Deserialize, Serialize};
 
-use super::api::{ChangeAnswer, change_error, invalid};
+use super::api::{ChangeAnswer, change_error, invalid, no_deployment};
 use super::change::{self, Change};
 use super::rollouts;
 use super::store::{RevisionRecord, RolloutRecord};
@@ -314,12 +314,7 @@ async fn history(
         .control
         .meta(&name)
         .map_err(ApiError::internal)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("name: no deployment {name:?}"),
-            )
-        })?;
+        .ok_or_else(|| no_deployment(&name))?;
     let revs = hub.control.revisions(&name).map_err(ApiError::internal)?;
     let mut out = Vec::with_capacity(revs.len());
     for r in revs {
@@ -378,10 +373,7 @@ async fn undo(
     };
     let revs = hub.control.revisions(&name).map_err(ApiError::internal)?;
     let Some(latest) = revs.last().cloned() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("name: no deployment {name:?}"),
-        ));
+        return Err(no_deployment(&name));
     };
     let to = req.to_revision.unwrap_or(latest.revision.saturating_sub(1));
     let Some(target) = revs.iter().find(|r| r.revision == to) else {

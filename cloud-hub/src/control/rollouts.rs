@@ -255,13 +255,7 @@ pub(crate) fn end(hub: &Hub, id: &str, c: &Command, now: u64) -> Result<bool, Ch
         hub.control.put_rollout(&rec)?;
         if rec.status.phase.is_final() {
             hub.control.drop_baselines(id)?;
-            let d = &rec.spec.deployment;
-            if let Some(mut m) = hub.control.meta(d)?
-                && m.rollout.as_deref() == Some(id)
-            {
-                m.rollout = None;
-                hub.control.put_meta(d, &m)?;
-            }
+            clear_active(hub, &rec.spec.deployment, id)?;
         }
         hub.control.generation.fetch_add(1, Ordering::SeqCst);
         hub.control.notify(&rec);
@@ -269,8 +263,19 @@ pub(crate) fn end(hub: &Hub, id: &str, c: &Command, now: u64) -> Result<bool, Ch
     Ok(changed)
 }
 
+/// Clears the deployment's active rollout if it is `id`.
+fn clear_active(hub: &Hub, deployment: &str, id: &str) -> Result<(), ChangeError> {
+    if let Some(mut m) = hub.control.meta(deployment)?
+        && m.rollout.as_deref() == Some(id)
+    {
+        m.rollout = None;
+        hub.control.put_meta(deployment, &m)?;
+    }
+    Ok(())
+}
+
 /// Cancels the running rollout of `deployment`, if any.
-pub(crate) fn cancel_for(hub: &Hub, deployment: &str, _why: &str) -> Result<(), ChangeError> {
+pub(crate) fn cancel_for(hub: &Hub, deployment: &str) -> Result<(), ChangeError> {
     if let Some(id) = hub.control.meta(deployment)?.and_then(|m| m.rollout) {
         end(hub, &id, &Command::Cancel, now_ms())?;
     }
@@ -412,13 +417,7 @@ impl Engine {
 
 fn finished(hub: &Hub, live: &Live) -> Result<(), ChangeError> {
     hub.control.drop_baselines(&live.rec.id)?;
-    let d = &live.rec.spec.deployment;
-    if let Some(mut m) = hub.control.meta(d)?
-        && m.rollout.as_deref() == Some(live.rec.id.as_str())
-    {
-        m.rollout = None;
-        hub.control.put_meta(d, &m)?;
-    }
+    clear_active(hub, &live.rec.spec.deployment, &live.rec.id)?;
     info!(rollout = %live.rec.id, phase = ?live.rec.status.phase, "rollout finished");
     Ok(())
 }
